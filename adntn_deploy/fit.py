@@ -1,0 +1,111 @@
+"""Fit a generator's cores to a given dense weight (used by ``compress`` and the main job).
+
+The loss is the squared relative Frobenius error ||G(cores) - W||^2 / ||W||^2. Fitting is seeded and
+deterministic on CPU (torch's deterministic algorithms, one thread order), so the same call gives the
+same cores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from adntn_deploy.ir.executors import generate_torch
+from adntn_deploy.ir.program import GeneratorError, GeneratorIR
+
+METHODS = ("adam", "lbfgs")
+
+
+@dataclass
+class FitResult:
+    """Fitted cores (float32 numpy, keyed by core name), the final relative error and the error history."""
+
+    cores: dict[str, np.ndarray]
+    relative_error: float
+    initial_relative_error: float
+    history: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+def relative_error(ir: GeneratorIR, cores: Mapping[str, np.ndarray], target: np.ndarray) -> float:
+    """||G(cores) - target||_F / ||target||_F computed in float64."""
+    with torch.no_grad():
+        w = generate_torch(ir, {k: torch.as_tensor(np.asarray(v), dtype=torch.float64) for k, v in cores.items()})
+    t = torch.as_tensor(np.asarray(target), dtype=torch.float64)
+    return float(torch.linalg.norm(w - t) / torch.linalg.norm(t))
+
+
+def fit(
+    ir: GeneratorIR,
+    cores: Mapping[str, np.ndarray],
+    target: np.ndarray,
+    *,
+    steps: int = 500,
+    method: str = "adam",
+    lr: float | None = None,
+    seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Fit ``cores`` so the generator reproduces ``target`` (shape ``ir.weight_shape``).
+
+    Args:
+        steps: optimizer steps (Adam) or iterations (L-BFGS).
+        method: "adam" (robust, default lr 1e-2 with cosine decay) or "lbfgs" (fast on small generators, lr 1).
+        lr: learning rate; None picks the method's default.
+        seed: seeds torch for anything random in the optimizer.
+        callback: called as ``callback(step, relative_error)`` after every step (progress bars).
+
+    Raises:
+        GeneratorError: the target's shape differs from the generator's weight shape, or is all zeros.
+    """
+    if method not in METHODS:
+        raise GeneratorError(f"unknown fit method {method!r}: use one of {', '.join(METHODS)}")
+    target = np.asarray(target)
+    if tuple(target.shape) != ir.weight_shape:
+        raise GeneratorError(f"target has shape {tuple(target.shape)}, the generator makes {ir.weight_shape}")
+    torch.manual_seed(seed)
+    t = torch.as_tensor(target, dtype=torch.float32)
+    norm2 = float((t.double() ** 2).sum())
+    if norm2 == 0.0:
+        raise GeneratorError("the target weight is all zeros; there is nothing to fit")
+    params = {k: torch.tensor(np.asarray(v), dtype=torch.float32, requires_grad=True) for k, v in cores.items()}
+
+    def loss_fn() -> torch.Tensor:
+        return ((generate_torch(ir, params) - t) ** 2).sum() / norm2
+
+    initial = math.sqrt(float(loss_fn().detach()))
+    history: list[float] = []
+    if method == "adam":
+        opt = torch.optim.Adam(params.values(), lr=lr or 1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append(math.sqrt(float(loss.detach())))
+            if callback:
+                callback(step, history[-1])
+    else:
+        opt_l = torch.optim.LBFGS(params.values(), lr=lr or 1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+        for step in range(steps):
+            def closure() -> torch.Tensor:
+                opt_l.zero_grad(set_to_none=True)
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            loss = opt_l.step(closure)
+            history.append(math.sqrt(float(loss.detach())))
+            if callback:
+                callback(step, history[-1])
+    fitted = {k: v.detach().numpy().copy() for k, v in params.items()}
+    final = math.sqrt(float(loss_fn().detach()))
+    if not math.isfinite(final):
+        raise GeneratorError("fitting diverged (non-finite error); lower the learning rate")
+    return FitResult(fitted, final, initial, history, steps)
