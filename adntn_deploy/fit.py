@@ -22,7 +22,7 @@ METHODS = ("adam", "lbfgs")
 
 @dataclass
 class FitResult:
-    """Fitted cores (float32 numpy, keyed by core name), the final relative error and the error history."""
+    """The best cores seen (float32 numpy, keyed by core name), their relative error, and the error history."""
 
     cores: dict[str, np.ndarray]
     relative_error: float
@@ -79,6 +79,13 @@ def fit(
 
     initial = math.sqrt(float(loss_fn().detach()))
     history: list[float] = []
+    # Adam's first steps can overshoot a good (SVD) start: keep the best cores seen, evaluated before each step
+    best = (initial, {k: v.detach().clone() for k, v in params.items()})
+
+    def remember(err: float) -> None:
+        nonlocal best
+        if err < best[0]:
+            best = (err, {k: v.detach().clone() for k, v in params.items()})
     if method == "adam":
         opt = torch.optim.Adam(params.values(), lr=lr or 1e-2)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -86,9 +93,10 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
+            history.append(math.sqrt(float(loss.detach())))
+            remember(history[-1])
             opt.step()
             sched.step()
-            history.append(math.sqrt(float(loss.detach())))
             if callback:
                 callback(step, history[-1])
     else:
@@ -102,10 +110,12 @@ def fit(
 
             loss = opt_l.step(closure)
             history.append(math.sqrt(float(loss.detach())))
+            remember(history[-1])
             if callback:
                 callback(step, history[-1])
-    fitted = {k: v.detach().numpy().copy() for k, v in params.items()}
-    final = math.sqrt(float(loss_fn().detach()))
+    with torch.no_grad():
+        remember(math.sqrt(float(loss_fn())))
+    final, fitted_tensors = best
     if not math.isfinite(final):
         raise GeneratorError("fitting diverged (non-finite error); lower the learning rate")
-    return FitResult(fitted, final, initial, history, steps)
+    return FitResult({k: v.numpy().copy() for k, v in fitted_tensors.items()}, final, initial, history, steps)

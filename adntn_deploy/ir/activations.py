@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from adntn_deploy.errors import GeneratorError
+
 #: Slope of ``leaky_relu`` for negative inputs (PyTorch's default), fixed so IR files stay portable.
 LEAKY_RELU_SLOPE = 0.01
 
@@ -56,10 +58,10 @@ def get_activation(name: str) -> Activation:
     """Return the registered activation called ``name``.
 
     Raises:
-        ValueError: if ``name`` is not registered; the message lists the known names.
+        GeneratorError: if ``name`` is not registered; the message lists the known names.
     """
     try:
         return ACTIVATIONS[name]
     except KeyError:
         known = ", ".join(sorted(ACTIVATIONS))
-        raise ValueError(f"unknown activation {name!r}: use one of {known}") from None
+        raise GeneratorError(f"unknown activation {name!r}: use one of {known}") from None

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import opt_einsum
 
+from adntn_deploy.errors import GeneratorError
+
 Indices = tuple[str, ...]
 SSAPath = list[tuple[int, int]]
 PathOptimizer = Callable[[Sequence[Indices], Indices, dict[str, int]], SSAPath]
@@ -111,8 +113,8 @@ PATH_OPTIMIZERS: dict[str, PathOptimizer] = {
 
 
 def get_path_optimizer(name: str) -> PathOptimizer:
-    """Return the registered path optimizer ``name``; ValueError listing the known ones otherwise."""
+    """Return the registered path optimizer ``name``; GeneratorError listing the known ones otherwise."""
     try:
         return PATH_OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown planner {name!r}: use one of {', '.join(PATH_OPTIMIZERS)}") from None
+        raise GeneratorError(f"unknown planner {name!r}: use one of {', '.join(PATH_OPTIMIZERS)}") from None

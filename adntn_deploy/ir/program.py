@@ -15,17 +15,16 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
+from adntn_deploy.errors import GeneratorError
 from adntn_deploy.ir.activations import get_activation
+
+__all__ = ["Core", "GeneratorError", "GeneratorIR", "GeneratorReport", "Step"]
 
 IR_FORMAT = "adntn-generator-ir"
 IR_VERSION = 1
 CORE_ROLES = ("leaf", "node", "top", "disentangler", "isometry", "mixer")
 _EQUATION = re.compile(r"^([a-zA-Z]*),([a-zA-Z]*)->([a-zA-Z]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-
-
-class GeneratorError(ValueError):
-    """A generator program or configuration is invalid; the message says what and how to fix it."""
 
 
 @dataclass(frozen=True)
