@@ -67,14 +67,14 @@ def run_demo(fit_steps: int = 300, seed: int = 0, checkpoint: Path | None = None
     rng = np.random.default_rng(seed)
     target = (clean + 0.05 * clean.std() * rng.standard_normal(clean.shape)).astype(np.float32)
     student = build_generator(spec, (1024, 1024), target=target)  # hierarchical-SVD start, then Adam
-    bar = tqdm(total=fit_steps, desc="fit ttn 1024x1024", disable=quiet, leave=False)
+    bar = tqdm(total=fit_steps, desc="fit ttn 1024x1024", disable=True if quiet else None, leave=False)
 
     def progress(step: int, err: float) -> None:
         bar.update(1)
         bar.set_postfix(rel_err=f"{err:.4f}")
 
     start = time.perf_counter()
-    fitted = fit(student.ir, student.cores, target, steps=fit_steps, lr=3e-3, seed=seed, callback=progress)
+    fitted = fit(student.ir, student.cores, target, steps=fit_steps, seed=seed, callback=progress)
     bar.close()
     results["fit"] = {
         "weight_shape": [1024, 1024], "params": student.ir.params, "ratio": student.ir.report().compression_ratio,

@@ -54,8 +54,9 @@ def fit(
 
     Args:
         steps: optimizer steps (Adam) or iterations (L-BFGS).
-        method: "adam" (robust, default lr 1e-2 with cosine decay) or "lbfgs" (fast on small generators, lr 1).
-        lr: learning rate; None picks the method's default.
+        method: "adam" (robust; cosine decay) or "lbfgs" (fast on small generators).
+        lr: learning rate; None picks the method's default. For Adam it is relative: each core's step is
+            ``lr`` times that core's initial RMS (default 1e-2); for L-BFGS it is absolute (default 1).
         seed: seeds torch for anything random in the optimizer.
         callback: called as ``callback(step, relative_error)`` after every step (progress bars).
 
@@ -87,7 +88,11 @@ def fit(
         if err < best[0]:
             best = (err, {k: v.detach().clone() for k, v in params.items()})
     if method == "adam":
-        opt = torch.optim.Adam(params.values(), lr=lr or 1e-2)
+        # one group per core, its learning rate relative to the core's RMS: cores span orders of magnitude
+        # (the SVD start scales some by 0.05, others by 1/0.05) and one absolute step size fits none of them
+        base = lr or 1e-2
+        groups = [{"params": [p], "lr": base * max(float(p.detach().pow(2).mean().sqrt()), 1e-6)} for p in params.values()]
+        opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
