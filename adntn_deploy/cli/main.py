@@ -66,7 +66,7 @@ def presets(as_json: bool, model: str | None) -> None:
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(targets: tuple[str, ...], as_json: bool) -> None:
-    """Report generators of presets (names or glob patterns such as 'vgg16-*') or checkpoint files."""
+    """Report generators of presets (names or glob patterns such as 'vgg16-*'), checkpoints or .onnx files."""
     from adntn_deploy.generators import build_structure
     from adntn_deploy.inspection import describe
     from adntn_deploy.presets import PRESETS
@@ -92,10 +92,31 @@ def _inspect_file(path: Path) -> list[dict]:
     from adntn_deploy.checkpoint import read_checkpoint
     from adntn_deploy.inspection import describe
 
+    if path.suffix.lower() == ".onnx":
+        return _inspect_onnx(path)
     info = read_checkpoint(path)
     if not info.generators:
         click.echo(f"{path}: no generated layers", err=True)
     return [dict(describe(name, ir), source=str(path)) for name, ir in info.generators.items()]
+
+
+def _inspect_onnx(path: Path) -> list[dict]:
+    from adntn_deploy.inspection import describe
+    from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
+
+    model = load_onnx(path)
+    generators = find_generators(model)
+    if generators:
+        return [dict(describe(g.layer, g.ir), source=str(path), op=f"ai.adntn::{g.op_type}") for g in generators]
+    summary = generator_summary(model)  # the standard-ops form keeps only the summary
+    if not summary:
+        click.echo(f"{path}: no generated layers", err=True)
+    return [
+        {"name": s["layer"], "family": s["family"], "weight_shape": [], "out_modes": [], "in_modes": [],
+         "bond_dim": None, "params": s["params"], "dense_params": s["dense_params"], "ratio": s["ratio"],
+         "flops": 0, "peak_bytes": 0, "source": str(path), "op": "inlined (standard ops)"}
+        for s in summary.values()
+    ]
 
 
 @cli.command()
@@ -111,6 +132,16 @@ def demo(as_json: bool, fit_steps: int, seed: int, output: Path | None) -> None:
     result = run_demo(fit_steps=fit_steps, seed=seed, checkpoint=output, quiet=as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+
+
+def _register() -> None:
+    from adntn_deploy.cli.onnx_commands import export_command, run_command
+
+    cli.add_command(export_command)
+    cli.add_command(run_command)
+
+
+_register()
 
 
 def main() -> None:

@@ -91,6 +91,15 @@ class ADNTNLinear(_GeneratedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the generated weight (a copy; the cores are not touched)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_generator())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -137,6 +146,18 @@ class ADNTNConv2d(_GeneratedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` holding the generated weight (a copy; the cores are not touched)."""
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, bias=self.bias is not None,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_generator())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,154 @@
+"""CLI commands of the ONNX stage: ``export`` and ``run``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``NAME:1,3,32,32`` (TVMC's syntax; ``NAME:[1,3,32,32]`` too) into (name, shape)."""
+    name, sep, dims = text.rpartition(":")
+    dims = dims.strip().strip("[]")
+    try:
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"{text!r} is not NAME:D1,D2,... with positive dimensions (e.g. input:1,1,28,28)")
+    return name, shape
+
+
+def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    if given:
+        return [parse_input_shape(g) for g in given]
+    stored = info.extra.get("inputs")
+    if not stored:
+        raise click.ClickException(
+            f"{info.path} records no input shape: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)"
+        )
+    return [(i["name"], tuple(i["shape"])) for i in stored]
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
+              help="Input name and shape (repeat per input); default: the shapes the checkpoint records.")
+@click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input symbolic.")
+@click.option("--opset", default=18, show_default=True, help="Default-domain ONNX opset (13..23).")
+@click.option("--standard-ops", is_flag=True, help="Inline the generators: standard ONNX ops only, no ai.adntn domain.")
+@click.option("--output-name", "output_names", multiple=True, help="Graph output name(s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, standard_ops, output_names, as_json):
+    """Export a checkpoint's model to ONNX; generated layers become ai.adntn nodes holding only the cores."""
+    import torch
+
+    from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint
+    from adntn_deploy.onnx_export import export_onnx
+
+    info = read_checkpoint(checkpoint)
+    inputs = _checkpoint_inputs(info, input_shapes)
+    model = load_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _, shape in inputs:
+        if dynamic_batch and shape[0] < 2:
+            shape = (2,) + shape[1:]  # torch specialises a batch of 1; the exported axis is symbolic anyway
+        examples.append(torch.randn(shape, generator=generator))
+    start = time.perf_counter()
+    result = export_onnx(
+        model, examples, output, input_names=[n for n, _ in inputs], output_names=list(output_names) or None,
+        dynamic_batch=dynamic_batch, opset=opset, standard_ops=standard_ops,
+    )
+    dense_bytes = sum(4 * g["dense_params"] for g in result.generators.values())
+    summary = {
+        "path": str(result.path), "bytes": result.bytes, "generators": result.generators,
+        "standard_ops": standard_ops, "seconds": time.perf_counter() - start,
+        "dense_weight_bytes_replaced": dense_bytes,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        from adntn_deploy.cli.tables import human_bytes
+
+        click.echo(
+            f"wrote {result.path} ({human_bytes(result.bytes)}; {len(result.generators)} generated layer(s) "
+            f"standing in for {human_bytes(dense_bytes)} of dense weights) in {summary['seconds']:.1f} s"
+        )
+
+
+def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarray]:
+    if path is None:
+        rng = np.random.default_rng(seed)
+        return {
+            i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(i.dtype)
+            for i in predictor.inputs
+        }
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise click.ClickException(f"cannot read inputs from {path}: {exc} (write them with numpy.savez)") from None
+    if len(arrays) == 1 and len(predictor.inputs) == 1:  # a single unnamed array (arr_0) feeds the only input
+        arrays = {predictor.inputs[0].name: next(iter(arrays.values()))}
+    return arrays
+
+
+@click.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=".npz with one array per input name (default: random normal inputs, batch 1).")
+@click.option("--outputs", "outputs_path", type=click.Path(dir_okay=False, path_type=Path), help="Write outputs to this .npz.")
+@click.option("--backend", type=click.Choice(["ort"]), default=None, help="Runtime (default: by file type).")
+@click.option("--repeat", default=1, show_default=True, help="Timed calls; > 1 prints latency statistics.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed calls before timing.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: usable CPUs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print outputs' shapes and latency as JSON.")
+def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
+    """Run MODEL (an .onnx file) on inputs from an .npz and report outputs and latency."""
+    from adntn_deploy.runtime import load
+
+    options = {"intra_op_threads": threads} if threads else {}
+    start = time.perf_counter()
+    predictor = load(model, backend=backend, **options)
+    load_seconds = time.perf_counter() - start
+    feeds = _load_inputs(predictor, inputs_path, seed)
+    for _ in range(max(0, warmup)):
+        predictor.run(feeds)
+    times, outputs = [], {}
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        outputs = predictor.run(feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if outputs_path:
+        np.savez(outputs_path, **outputs)
+    ms = np.array(times)
+    report = {
+        "model": str(model), "backend": predictor.backend, "load_seconds": load_seconds,
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
+        "latency_ms": {
+            "calls": len(times), "mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
+            "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)), "min": float(ms.min()),
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{model} on {predictor.backend} (loaded in {load_seconds:.2f} s)")
+    for name, out in outputs.items():
+        click.echo(f"  output {name}: shape {tuple(out.shape)} {out.dtype}")
+    lat = report["latency_ms"]
+    if len(times) > 1:
+        click.echo(f"  latency over {len(times)} calls: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
+                   f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, min {lat['min']:.3f}")
+    else:
+        click.echo(f"  latency: {lat['mean']:.3f} ms")
+    if outputs_path:
+        click.echo(f"  wrote {outputs_path}")

@@ -1,0 +1,112 @@
+"""Lower a generator IR to standard ONNX ops (the body of an ai.adntn function).
+
+Every two-operand contraction becomes Transpose -> Reshape -> MatMul -> Reshape -> Transpose (the batched
+matrix-product form every runtime and the TVM importer handle well; never a multi-operand Einsum, which
+ONNX Runtime contracts slowly). Identity transposes and reshapes are skipped. Activations map to ONNX ops
+(GELU as its exact erf form, valid from opset 13 on).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE
+from adntn_deploy.ir.program import GeneratorIR, Step
+
+
+class _Emitter:
+    """Collects nodes with unique value names inside one function body."""
+
+    def __init__(self, prefix: str) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.prefix = prefix
+        self.nodes: list = []
+        self.counter = 0
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{self.prefix}{hint}_{self.counter}"
+
+    def node(self, op: str, inputs: Sequence[str], hint: str, **attrs) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(self.helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        out = self.fresh(hint)
+        self.nodes.append(self.helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(value)))
+        return out
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        return x if list(perm) == sorted(perm) else self.node("Transpose", [x], "tr", perm=list(perm))
+
+    def reshape(self, x: str, shape: Sequence[int], current: Sequence[int]) -> str:
+        if list(shape) == list(current):
+            return x
+        return self.node("Reshape", [x, self.const(np.array(shape, dtype=np.int64), "shape")], "rs")
+
+
+def _contract(em: _Emitter, step: Step, lhs: str, rhs: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    a, b, out = step.subscripts
+    size = dict(zip(a, shapes[step.lhs]))
+    size.update(zip(b, shapes[step.rhs]))
+    operands = []
+    for name, subs, other in ((lhs, a, b), (rhs, b, a)):
+        summed_alone = [k for k, s in enumerate(subs) if s not in other and s not in out]
+        if summed_alone:  # an index only this operand has and the output drops: sum it first
+            axes = em.const(np.array(summed_alone, dtype=np.int64), "axes")
+            name = em.node("ReduceSum", [name, axes], "sum", keepdims=0)
+            subs = "".join(s for k, s in enumerate(subs) if k not in summed_alone)
+        operands.append((name, subs))
+    (lhs, a), (rhs, b) = operands
+    batch = [s for s in a if s in b and s in out]
+    contracted = [s for s in a if s in b and s not in out]
+    left = [s for s in a if s not in b]
+    right = [s for s in b if s not in a]
+    dims = lambda idx: [size[s] for s in idx]  # noqa: E731
+    B, L, K, R = (math.prod(dims(x)) for x in (batch, left, contracted, right))
+    lhs_m = em.reshape(em.transpose(lhs, [a.index(s) for s in batch + left + contracted]), [B, L, K], dims(batch + left + contracted))
+    rhs_m = em.reshape(em.transpose(rhs, [b.index(s) for s in batch + contracted + right]), [B, K, R], dims(batch + contracted + right))
+    product = em.node("MatMul", [lhs_m, rhs_m], "mm")
+    order = batch + left + right
+    product = em.reshape(product, dims(order), [B, L, R])
+    return em.transpose(product, [order.index(s) for s in out])
+
+
+def _activate(em: _Emitter, x: str, name: str) -> str:
+    if name == "identity":
+        return x
+    if name == "gelu":
+        scaled = em.node("Mul", [x, em.const(np.array(1 / math.sqrt(2), np.float32), "c")], "gelu_s")
+        erf = em.node("Erf", [scaled], "gelu_erf")
+        one = em.node("Add", [erf, em.const(np.array(1.0, np.float32), "c")], "gelu_1")
+        half = em.node("Mul", [x, em.const(np.array(0.5, np.float32), "c")], "gelu_h")
+        return em.node("Mul", [half, one], "gelu")
+    if name == "leaky_relu":
+        return em.node("LeakyRelu", [x], "lrelu", alpha=LEAKY_RELU_SLOPE)
+    op = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "sin": "Sin"}[name]
+    return em.node(op, [x], name)
+
+
+def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, prefix: str = "") -> list:
+    """ONNX NodeProtos computing ``output`` (the weight, float32) from ``core_inputs`` (IR core order)."""
+    em = _Emitter(prefix)
+    env = dict(zip(ir.core_names, core_inputs))
+    shapes = {name: ir.shape_of(name) for name in ir.core_names}
+    for step in ir.steps:
+        shapes[step.output] = ir.shape_of(step.output)
+        value = _contract(em, step, env[step.lhs], env[step.rhs], shapes)
+        env[step.output] = _activate(em, value, step.activation)
+    result = em.transpose(env[ir.result], ir.output_permutation)
+    permuted = [ir.shape_of(ir.result)[p] for p in ir.output_permutation]
+    result = em.reshape(result, ir.weight_shape, permuted)
+    scale = em.const(np.array(ir.output_scale, dtype=np.float32), "scale")
+    em.nodes.append(em.helper.make_node("Mul", [result, scale], [output], name=f"{prefix}scale_out"))
+    return em.nodes

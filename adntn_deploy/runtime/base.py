@@ -1,0 +1,60 @@
+"""What every predictor shares: tensor descriptions and input validation with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from adntn_deploy.errors import GeneratorError
+
+
+class InputError(GeneratorError):
+    """Inputs given to a predictor do not match the model (names, shapes or dtypes)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: name, shape (None or a name for a symbolic axis) and numpy dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": str(np.dtype(self.dtype))}
+
+
+def validate_feeds(inputs: tuple[TensorInfo, ...], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check ``feeds`` against ``inputs`` and return them as contiguous numpy arrays.
+
+    Raises:
+        InputError: a missing or unknown input name, a wrong rank, a static dimension that differs, or a
+            dtype that differs from the model's (no silent casts).
+    """
+    expected = {i.name: i for i in inputs}
+    unknown = sorted(set(feeds) - set(expected))
+    missing = sorted(set(expected) - set(feeds))
+    if unknown or missing:
+        raise InputError(
+            f"inputs do not match the model: unknown {unknown}, missing {missing}; the model takes {sorted(expected)}"
+        )
+    out = {}
+    for name, value in feeds.items():
+        info = expected[name]
+        array = np.ascontiguousarray(value)
+        if array.dtype != info.dtype:
+            raise InputError(f"input {name!r} has dtype {array.dtype}, the model expects {np.dtype(info.dtype)}")
+        if array.ndim != len(info.shape):
+            raise InputError(f"input {name!r} has shape {array.shape}, the model expects rank {len(info.shape)} {_fmt(info.shape)}")
+        for axis, (got, want) in enumerate(zip(array.shape, info.shape)):
+            if isinstance(want, int) and got != want:
+                raise InputError(f"input {name!r} has shape {array.shape}, the model expects {_fmt(info.shape)} (axis {axis})")
+        out[name] = array
+    return out
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + ")"
