@@ -60,8 +60,13 @@ def _torch_activation(name: str):
     }[name]
 
 
-def generate_torch(ir: GeneratorIR, cores: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
+def generate_torch(ir: GeneratorIR, cores: Mapping[str, "torch.Tensor"], precise: bool = False) -> "torch.Tensor":
     """Generate the weight with torch (differentiable w.r.t. the cores), in the cores' dtype and device.
+
+    ``precise=True`` runs every step but the last in float64 and the last (the one that writes the big
+    weight) in the cores' dtype: the weight is then within a few float32 ulps of exact, which is what the
+    ONNX and TVM lowerings compute too (see :mod:`adntn_deploy.onnx_export.lowering`), at no extra memory
+    for the weight itself. Used for inference; training keeps one dtype throughout.
 
     Raises:
         GeneratorError: a core is missing or has the wrong shape.
@@ -69,9 +74,16 @@ def generate_torch(ir: GeneratorIR, cores: Mapping[str, "torch.Tensor"]) -> "tor
     import torch
 
     _check_cores(ir, cores)
-    env: dict[str, torch.Tensor] = {name: cores[name] for name in ir.core_names}
+    out_dtype = next(iter(cores.values())).dtype if cores else torch.float32
+    env: dict[str, torch.Tensor] = {
+        name: cores[name].to(torch.float64) if precise else cores[name] for name in ir.core_names
+    }
+    last = len(ir.steps) - 1
     for i, step in enumerate(ir.steps):
-        out = torch.einsum(step.equation, env[step.lhs], env[step.rhs])
+        lhs, rhs = env[step.lhs], env[step.rhs]
+        if precise and i == last:
+            lhs, rhs = lhs.to(out_dtype), rhs.to(out_dtype)
+        out = torch.einsum(step.equation, lhs, rhs)
         env[step.output] = _torch_activation(step.activation)(out)
         for name in (step.lhs, step.rhs):
             if ir.last_use[name] == i and name not in cores:

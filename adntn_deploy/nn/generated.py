@@ -62,9 +62,14 @@ class GeneratedWeight(nn.Module):
         if self._cache is None or self._cache_key != key:
             # inference_mode(False): a cache made inside inference mode could not be used by autograd later
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = generate_torch(self.ir, self.core_tensors())
+                self._cache = self.generate_precise()
             self._cache_key = key
         return self._cache
+
+    def generate_precise(self) -> torch.Tensor:
+        """The weight generated with float64 intermediates (no autograd): what inference and export use."""
+        with torch.no_grad():
+            return generate_torch(self.ir, self.core_tensors(), precise=True)
 
     def report(self) -> GeneratorReport:
         """Parameter counts, compression ratio and generation costs of this generator."""

@@ -95,7 +95,7 @@ class ADNTNLinear(_GeneratedLayer):
         """An ``nn.Linear`` holding the generated weight (a copy; the cores are not touched)."""
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
-            dense.weight.copy_(self.weight_generator())
+            dense.weight.copy_(self.weight_generator.generate_precise())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
@@ -154,7 +154,7 @@ class ADNTNConv2d(_GeneratedLayer):
             self.groups, bias=self.bias is not None,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.weight_generator())
+            dense.weight.copy_(self.weight_generator.generate_precise())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense

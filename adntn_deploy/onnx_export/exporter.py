@@ -82,9 +82,13 @@ def _torch_export(model, example_inputs, input_names, output_names, dynamic_batc
                 output_names=list(output_names) if output_names else None, opset_version=opset,
                 dynamic_shapes=dynamic_shapes, verbose=False, report=False,
             )
-    except Exception as exc:  # torch raises many types; the first line is the useful part
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch could not export the model: {first}") from None
+    except Exception as exc:  # torch wraps the real reason; report the innermost cause's first line
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        text = str(root).strip()
+        first = text.splitlines()[0] if text else ""
+        raise ExportError(f"torch could not export the model ({type(root).__name__}: {first}); check the input shapes") from None
     finally:
         quiet.setLevel(level)
     return program.model_proto

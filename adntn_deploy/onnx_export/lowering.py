@@ -37,6 +37,9 @@ class _Emitter:
         self.nodes.append(self.helper.make_node(op, list(inputs), [out], name=out, **attrs))
         return out
 
+    def cast(self, x: str, to: int) -> str:
+        return self.node("Cast", [x], "cast", to=to)
+
     def const(self, value: np.ndarray, hint: str) -> str:
         from onnx import numpy_helper
 
@@ -80,14 +83,19 @@ def _contract(em: _Emitter, step: Step, lhs: str, rhs: str, shapes: dict[str, tu
     return em.transpose(product, [order.index(s) for s in out])
 
 
-def _activate(em: _Emitter, x: str, name: str) -> str:
+def _activate(em: _Emitter, x: str, name: str, dtype: type) -> str:
     if name == "identity":
         return x
     if name == "gelu":
-        scaled = em.node("Mul", [x, em.const(np.array(1 / math.sqrt(2), np.float32), "c")], "gelu_s")
-        erf = em.node("Erf", [scaled], "gelu_erf")
-        one = em.node("Add", [erf, em.const(np.array(1.0, np.float32), "c")], "gelu_1")
-        half = em.node("Mul", [x, em.const(np.array(0.5, np.float32), "c")], "gelu_h")
+        from onnx import TensorProto
+
+        scaled = em.node("Mul", [x, em.const(np.array(1 / math.sqrt(2), dtype), "c")], "gelu_s")
+        if dtype == np.float64:  # ONNX Runtime has no double Erf kernel: erf in float32 (error ~1e-7)
+            erf = em.cast(em.node("Erf", [em.cast(scaled, TensorProto.FLOAT)], "gelu_erf"), TensorProto.DOUBLE)
+        else:
+            erf = em.node("Erf", [scaled], "gelu_erf")
+        one = em.node("Add", [erf, em.const(np.array(1.0, dtype), "c")], "gelu_1")
+        half = em.node("Mul", [x, em.const(np.array(0.5, dtype), "c")], "gelu_h")
         return em.node("Mul", [half, one], "gelu")
     if name == "leaky_relu":
         return em.node("LeakyRelu", [x], "lrelu", alpha=LEAKY_RELU_SLOPE)
@@ -96,14 +104,25 @@ def _activate(em: _Emitter, x: str, name: str) -> str:
 
 
 def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, prefix: str = "") -> list:
-    """ONNX NodeProtos computing ``output`` (the weight, float32) from ``core_inputs`` (IR core order)."""
+    """ONNX NodeProtos computing ``output`` (the weight, float32) from float32 ``core_inputs`` (IR core order).
+
+    Every step but the last runs in float64 (cores are cast up); the last step, which writes the big
+    weight, runs in float32 on its two small operands. This matches ``generate_torch(precise=True)`` to a
+    few ulps and keeps the load-time memory of the weight at float32.
+    """
+    from onnx import TensorProto
+
     em = _Emitter(prefix)
-    env = dict(zip(ir.core_names, core_inputs))
+    env = {name: em.cast(value, TensorProto.DOUBLE) for name, value in zip(ir.core_names, core_inputs)}
     shapes = {name: ir.shape_of(name) for name in ir.core_names}
-    for step in ir.steps:
+    last = len(ir.steps) - 1
+    for i, step in enumerate(ir.steps):
         shapes[step.output] = ir.shape_of(step.output)
-        value = _contract(em, step, env[step.lhs], env[step.rhs], shapes)
-        env[step.output] = _activate(em, value, step.activation)
+        lhs, rhs, dtype = env[step.lhs], env[step.rhs], np.float64
+        if i == last:
+            lhs, rhs, dtype = em.cast(lhs, TensorProto.FLOAT), em.cast(rhs, TensorProto.FLOAT), np.float32
+        value = _contract(em, step, lhs, rhs, shapes)
+        env[step.output] = _activate(em, value, step.activation, dtype)
     result = em.transpose(env[ir.result], ir.output_permutation)
     permuted = [ir.shape_of(ir.result)[p] for p in ir.output_permutation]
     result = em.reshape(result, ir.weight_shape, permuted)

@@ -1,0 +1,126 @@
+"""ONNX export: torch == ONNX Runtime for every family and layer kind, in both forms; files hold cores only."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear, ADNTNMultiheadAttention
+from adntn_deploy.onnx_export import DOMAIN, export_onnx, to_standard_ops
+from adntn_deploy.onnx_export.reader import find_generators, load_onnx
+from adntn_deploy.runtime import load
+
+FAMILIES = ["ttn", "attn", "mera"]
+
+
+def linear_model(family):
+    return nn.Sequential(ADNTNLinear(48, 64, family=family, bond_dim=3), nn.Tanh(), ADNTNLinear(64, 10, family=family))
+
+
+def conv_model(family):
+    return nn.Sequential(
+        ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2), nn.ReLU(), nn.MaxPool2d(2),
+        ADNTNConv2d(8, 8, 3, stride=2, family=family), nn.Flatten(), ADNTNLinear(8 * 2 * 2, 5, family=family),
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, family):
+        super().__init__()
+        self.attn = ADNTNMultiheadAttention(32, 4, family=family, bond_dim=2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x).mean(dim=1))
+
+
+KINDS = {"linear": (linear_model, (48,)), "conv": (conv_model, (3, 12, 12)), "attention": (Attention, (6, 32))}
+
+
+def _relative(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _ort_outputs(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_torch_equals_onnxruntime(tmp_path, family, kind):
+    make, shape = KINDS[kind]
+    torch.manual_seed(0)
+    model = make(family).eval()
+    checks = []
+    dynamic = export_onnx(model, [torch.randn(2, *shape)], tmp_path / "dyn.onnx", input_names=["input"], dynamic_batch=True)
+    standard = tmp_path / "dyn_std.onnx"
+    onnx.save(to_standard_ops(onnx.load(dynamic.path)), standard)
+    for batch in (1, 8):
+        checks += [(dynamic.path, batch), (standard, batch)]
+        static = export_onnx(model, [torch.randn(batch, *shape)], tmp_path / f"b{batch}.onnx", input_names=["input"])
+        static_std = export_onnx(model, [torch.randn(batch, *shape)], tmp_path / f"b{batch}_std.onnx",
+                                 input_names=["input"], standard_ops=True)
+        checks += [(static.path, batch), (static_std.path, batch)]
+    for path, batch in checks:
+        x = torch.randn(batch, *shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert _relative(_ort_outputs(path, x), expected) < 1e-5, (path.name, batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_file_holds_cores_not_dense_weights(tmp_path, family):
+    model = nn.Sequential(ADNTNLinear(1024, 512, family=family, bias=False)).eval()
+    result = export_onnx(model, [torch.randn(1, 1024)], tmp_path / "m.onnx", input_names=["input"])
+    proto = load_onnx(result.path)
+    params = model[0].generator.params
+    assert result.bytes < 4 * params + 64_000  # cores plus the program text and graph overhead
+    assert result.bytes * 20 < 4 * 1024 * 512
+    assert all(tuple(i.dims) != (512, 1024) and tuple(i.dims) != (1024, 512) for i in proto.graph.initializer)
+    (gen,) = find_generators(proto)
+    assert gen.ir == model[0].generator
+    assert any(o.domain == DOMAIN for o in proto.opset_import)
+    onnx.checker.check_model(proto, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    assert shapes[gen.weight] == [512, 1024]
+
+
+def test_onnxruntime_folds_generators_at_session_creation(tmp_path):
+    model = nn.Sequential(ADNTNLinear(256, 128, family="mera"), nn.ReLU(), ADNTNLinear(128, 10, family="attn")).eval()
+    result = export_onnx(model, [torch.randn(1, 256)], tmp_path / "m.onnx", input_names=["input"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    cores = {i.name for i in onnx.load(result.path).graph.initializer if ".adntn." in i.name}
+    used = {name for node in optimized.graph.node for name in node.input}
+    assert cores and not (cores & used), "generator subgraphs survived session creation"
+    folded = {tuple(i.dims) for i in optimized.graph.initializer}
+    for shape in ((128, 256), (10, 128)):  # the dense weights now exist as constants (maybe transposed)
+        assert shape in folded or shape[::-1] in folded
+
+
+def test_predictor_interface_and_threads(tmp_path):
+    model = linear_model("ttn").eval()
+    result = export_onnx(model, [torch.randn(2, 48)], tmp_path / "m.onnx", input_names=["input"],
+                         output_names=["logits"], dynamic_batch=True)
+    predictor = load(result.path, intra_op_threads=1)
+    assert [i.name for i in predictor.inputs] == ["input"]
+    assert predictor.inputs[0].shape[1] == 48 and not isinstance(predictor.inputs[0].shape[0], int)
+    assert [o.name for o in predictor.outputs] == ["logits"]
+    x = np.random.default_rng(0).standard_normal((3, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    out = predictor.run({"input": x})
+    assert _relative(out["logits"], expected) < 1e-5
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: predictor.run({"input": x})["logits"], range(16)))
+    assert all(np.array_equal(r, results[0]) for r in results)
