@@ -71,10 +71,9 @@ def _torch_export(model, example_inputs, input_names, output_names, dynamic_batc
     if dynamic_batch:
         dynamic_shapes = tuple({0: torch.export.Dim("batch", min=1, max=65536)} for _ in example_inputs)
     sink = io.StringIO()
-    # torch logs a warning per missing torchvision op and prints progress; neither helps the user here
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # torch logs warnings (missing torchvision ops) and, on failure, whole tracebacks through handlers
+    # bound to the real stderr; our one-line error says what matters, so silence logging meanwhile
+    logging.disable(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), torch.no_grad():
             program = torch.onnx.export(
@@ -90,7 +89,7 @@ def _torch_export(model, example_inputs, input_names, output_names, dynamic_batc
         first = text.splitlines()[0] if text else ""
         raise ExportError(f"torch could not export the model ({type(root).__name__}: {first}); check the input shapes") from None
     finally:
-        quiet.setLevel(level)
+        logging.disable(logging.NOTSET)
     return program.model_proto
 
 

@@ -28,10 +28,14 @@ class OnnxGenerator:
 
 
 def load_onnx(path: str | os.PathLike, check: bool = True):
-    """Load an ONNX model and run the ONNX checker.
+    """Load an ONNX model, validate its ai.adntn nodes, then run the ONNX checker.
+
+    The ai.adntn validation runs first because its messages name the real problem (a missing core, an
+    unknown op) where the generic checker would only report an unsorted or dangling graph.
 
     Raises:
-        OnnxModelError: missing file, truncated or non-ONNX bytes, or a model the checker rejects.
+        OnnxModelError: missing file, truncated or non-ONNX bytes, an invalid ai.adntn node (see
+            :func:`find_generators`), or a model the checker rejects.
     """
     import onnx
 
@@ -44,6 +48,7 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
         raise OnnxModelError(f"{path} is not a valid ONNX file ({type(exc).__name__}); re-export it") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxModelError(f"{path} holds no graph (empty or truncated file); re-export it")
+    find_generators(model)
     if check:
         from adntn_deploy.onnx_export.schema import register_schemas
 
