@@ -127,5 +127,5 @@ def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, pref
     permuted = [ir.shape_of(ir.result)[p] for p in ir.output_permutation]
     result = em.reshape(result, ir.weight_shape, permuted)
     scale = em.const(np.array(ir.output_scale, dtype=np.float32), "scale")
-    em.nodes.append(em.helper.make_node("Mul", [result, scale], [output], name=f"{prefix}scale_out"))
+    em.nodes.append(em.helper.make_node("Mul", [result, scale], [output]))
     return em.nodes
