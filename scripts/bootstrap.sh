@@ -29,6 +29,8 @@ apt_install() {
 if ! python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 10)' >/dev/null 2>&1; then
     apt_install python3 python3-venv python3-pip
 fi
+# Cross toolchains and qemu: compile for ARM / RISC-V boards and check the aarch64 artifacts here.
+apt_install g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf g++-riscv64-linux-gnu qemu-user
 
 PY=python3
 managed=$(python3 -c 'import os, sysconfig; print(int(os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')
@@ -40,6 +42,8 @@ fi
 extras="all"
 echo "bootstrap: pip install -e .[$extras] (torch is pinned to 2.13.0, CPU build where one is available)" >&2
 "$PY" -m pip install -q -e ".[$extras]"
+# TVM runtime libraries for aarch64 boards (from the official PyPI wheels; fetched once, at install time)
+PYTHON="$PY" bash scripts/fetch_edge_runtime.sh aarch64 >&2
 
 case "$mode" in
     demo) exec "$PY" -m adntn_deploy.cli.main demo "$@" ;;

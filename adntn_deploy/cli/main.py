@@ -136,9 +136,10 @@ def demo(as_json: bool, fit_steps: int, seed: int, output: Path | None) -> None:
 
 def _register() -> None:
     from adntn_deploy.cli.onnx_commands import export_command, run_command
+    from adntn_deploy.cli.tvm_commands import bundle_command, compile_command, targets_command
 
-    cli.add_command(export_command)
-    cli.add_command(run_command)
+    for command in (export_command, run_command, targets_command, compile_command, bundle_command):
+        cli.add_command(command)
 
 
 _register()

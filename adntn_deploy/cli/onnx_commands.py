@@ -104,17 +104,18 @@ def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarra
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
               help=".npz with one array per input name (default: random normal inputs, batch 1).")
 @click.option("--outputs", "outputs_path", type=click.Path(dir_okay=False, path_type=Path), help="Write outputs to this .npz.")
-@click.option("--backend", type=click.Choice(["ort"]), default=None, help="Runtime (default: by file type).")
+@click.option("--backend", type=click.Choice(["ort", "tvm"]), default=None,
+              help="Runtime (default: ort for .onnx files, tvm for compiled artifact folders).")
 @click.option("--repeat", default=1, show_default=True, help="Timed calls; > 1 prints latency statistics.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls before timing.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: usable CPUs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs' shapes and latency as JSON.")
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
-    """Run MODEL (an .onnx file) on inputs from an .npz and report outputs and latency."""
+    """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
     from adntn_deploy.runtime import load
 
-    options = {"intra_op_threads": threads} if threads else {}
+    options = {"intra_op_threads": threads} if threads and (backend == "ort" or str(model).endswith(".onnx")) else {}
     start = time.perf_counter()
     predictor = load(model, backend=backend, **options)
     load_seconds = time.perf_counter() - start

@@ -8,14 +8,15 @@ from pathlib import Path
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.runtime.base import InputError, TensorInfo, validate_feeds
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "tvm")
 
 
 def load(path: str | os.PathLike, backend: str | None = None, **options):
     """Open ``path`` with the right runtime and return a predictor.
 
-    ``backend`` None picks by file: ``.onnx`` -> ONNX Runtime. Options go to the predictor
-    (e.g. ``providers``, ``intra_op_threads`` for ONNX Runtime).
+    ``backend`` None picks by file: ``.onnx`` -> ONNX Runtime, a compiled artifact folder (with
+    manifest.json) -> TVM. Options go to the predictor (``providers``, ``intra_op_threads`` for ONNX
+    Runtime; ``device_id`` for TVM).
 
     Raises:
         GeneratorError: unknown backend, or a file no backend can open.
@@ -24,12 +25,18 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
     if backend is None:
         if path.suffix.lower() == ".onnx":
             backend = "ort"
+        elif path.is_dir() and (path / "manifest.json").exists():
+            backend = "tvm"
         else:
             raise GeneratorError(f"cannot tell which runtime opens {path}: pass backend= one of {', '.join(BACKENDS)}")
     if backend == "ort":
         from adntn_deploy.runtime.ort import OrtPredictor
 
         return OrtPredictor(path, **options)
+    if backend == "tvm":
+        from adntn_deploy.compiler.tvm_runtime import TvmPredictor
+
+        return TvmPredictor(path, **options)
     raise GeneratorError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

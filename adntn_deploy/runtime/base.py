@@ -44,7 +44,7 @@ def validate_feeds(inputs: tuple[TensorInfo, ...], feeds: Mapping[str, np.ndarra
     out = {}
     for name, value in feeds.items():
         info = expected[name]
-        array = np.ascontiguousarray(value)
+        array = np.require(value, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
         if array.dtype != info.dtype:
             raise InputError(f"input {name!r} has dtype {array.dtype}, the model expects {np.dtype(info.dtype)}")
         if array.ndim != len(info.shape):

@@ -1,0 +1,274 @@
+"""Compile an ONNX model (with ai.adntn generators) into a deployable TVM artifact for a device profile.
+
+Pipeline: validate the ONNX file -> inline the ai.adntn function bodies (the TVM importer dispatches on
+op type only) -> Relax import with parameters kept as inputs -> ``--weights load``: LiftTransformParams
+moves everything that depends only on parameters (the generators, and any other weight-only work) into
+``main_transform_params``, run once on the device at load; ``--weights fold``: parameters are bound and
+constant-folded at compile time (dense weights inside the library) -> tvm.compile with the target's
+default Relax pipeline -> export (cross-linked for other architectures) -> artifact folder.
+
+Artifact folder (``manifest.json`` describes it; the sha256 of every file is recorded):
+    model.so | model.tar     the compiled Relax VM executable
+    params.safetensors       parameters in the order main_transform_params takes them (keys p0000, ...):
+                             the cores and the model's other (dense) tensors, never a generated weight
+    manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from adntn_deploy import __version__
+from adntn_deploy.compiler.profiles import DeviceProfile, ProfileError, host_arch, require_cross_compiler, resolve_target
+from adntn_deploy.errors import GeneratorError
+
+ARTIFACT_FORMAT = "adntn-artifact"
+ARTIFACT_VERSION = 1
+WEIGHT_MODES = ("load", "fold")
+
+
+class CompileError(GeneratorError):
+    """The model could not be compiled for the target; the message says why."""
+
+
+@dataclass
+class Artifact:
+    """A compiled artifact on disk and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bytes(self) -> int:
+        """Total size of the artifact's files."""
+        return sum(f["bytes"] for f in self.manifest["files"].values())
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tvm_target(profile: DeviceProfile):
+    """The tvm.target.Target of a profile, with ``mcpu: native`` and missing ``num-cores`` filled in."""
+    import tvm
+
+    from adntn_deploy.runtime.ort import default_threads
+
+    def fill(target: dict[str, Any]) -> dict[str, Any]:
+        target = dict(target)
+        if target.get("kind") == "llvm":
+            if target.get("mcpu") == "native":
+                target["mcpu"] = str(tvm.target.codegen.llvm_get_system_cpu())
+            if profile.arch in ("native", host_arch()):
+                target.setdefault("num-cores", default_threads())
+        if isinstance(target.get("host"), dict):
+            target["host"] = fill(target["host"])
+        return target
+
+    try:
+        return tvm.target.Target(fill(profile.target))
+    except Exception as exc:
+        raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {str(exc).splitlines()[0]}") from None
+
+
+def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if inp.name in overrides:
+            given = list(overrides[inp.name])
+            if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
+                raise CompileError(f"--input-shape {inp.name}:{given} does not fit the model's input shape {dims}")
+            dims = given
+        shapes[inp.name] = [d if d is not None else 1 for d in dims]  # symbolic axes (batch) default to 1
+    unknown = sorted(set(overrides) - set(shapes))
+    if unknown:
+        raise CompileError(f"--input-shape names {unknown}, but the model's inputs are {sorted(shapes)}")
+    return shapes
+
+
+_ONNX_DTYPES = {1: "float32", 11: "float64", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
+
+
+def _fix_input_shapes(model, shapes: Mapping[str, list[int]]) -> list[dict[str, Any]]:
+    """Set the inputs' shapes in ``model`` (in place) and infer the outputs' shapes and dtypes."""
+    import onnx
+
+    for inp in model.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, value in zip(dims, shapes[inp.name]):
+                d.ClearField("dim_param")
+                d.dim_value = value
+    inferred = onnx.shape_inference.infer_shapes(model)
+    outputs = []
+    for out in inferred.graph.output:
+        tensor = out.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        outputs.append({"name": out.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tensor.elem_type, "float32")})
+    return outputs
+
+
+def compile_model(
+    onnx_path: str | os.PathLike,
+    target: str,
+    output: str | os.PathLike,
+    *,
+    weights: str = "load",
+    cross_compiler: str | None = None,
+    opt_level: int = 3,
+    dump_ir: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile ``onnx_path`` for ``target`` (profile name, TVM tag or JSON dict) into the folder ``output``.
+
+    Args:
+        weights: "load" (generate weights once on the device at load; the artifact holds the cores) or
+            "fold" (dense weights baked in at compile time; bigger artifact, no load-time work).
+        cross_compiler: g++ used to link the library (default: the profile's, for other architectures).
+        opt_level: TVM PassContext opt level (0-3).
+        dump_ir: folder to write the Relax IR before and after lifting (for debugging).
+        input_shapes: fixed shapes for inputs with symbolic axes (default: symbolic axes become 1).
+        progress: called with a short message at each stage.
+
+    Raises:
+        ProfileError: unknown target, invalid target, missing cross compiler (names the Debian package).
+        OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
+    """
+    import onnx.inliner
+
+    from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
+
+    say = progress or (lambda message: None)
+    if weights not in WEIGHT_MODES:
+        raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    if not 0 <= opt_level <= 3:
+        raise CompileError(f"--opt-level must be 0..3, not {opt_level}")
+    profile = resolve_target(target)
+    compiler = require_cross_compiler(profile, cross_compiler)
+    say("validate ONNX")
+    model = load_onnx(onnx_path)
+    generators = find_generators(model)
+    summary = generator_summary(model)
+    shapes = _graph_inputs(model, dict(input_shapes or {}))
+    inlined = onnx.inliner.inline_local_functions(model)
+    outputs = _fix_input_shapes(inlined, shapes)
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    tvm_tgt = tvm_target(profile)
+    say("import into Relax")
+    try:
+        mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=(weights == "load"))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "; run it with ONNX Runtime (--backend ort) or re-export without that op" if "not supported" in first else ""
+        raise CompileError(f"TVM cannot import the model: {type(exc).__name__}: {first}{hint}") from None
+    params: list[np.ndarray] = []
+    param_names: list[str] = []
+    if weights == "load":
+        mod, detached = relax.frontend.detach_params(mod)
+        main_params = list(mod["main"].params)
+        num_inputs = len(shapes)
+        param_names = [str(v.name_hint) if hasattr(v, "name_hint") else str(v) for v in main_params[num_inputs:]]
+        params = [np.asarray(t.numpy()) for t in detached.get("main", [])]
+    dump = Path(dump_ir) if dump_ir else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / "01_imported.py").write_text(mod.script())
+    with tvm.transform.PassContext(opt_level=opt_level):
+        if weights == "load":
+            mod = relax.transform.LiftTransformParams()(mod)
+        else:
+            mod = relax.transform.FoldConstant()(mod)
+        if dump:
+            (dump / "02_lifted.py" if weights == "load" else dump / "02_folded.py").write_text(mod.script())
+        say(f"build for {profile.name}")
+        start = time.perf_counter()
+        try:
+            executable = tvm.compile(mod, tvm_tgt, relax_pipeline=relax.get_default_pipeline(tvm_tgt))
+        except Exception as exc:
+            raise CompileError(f"TVM failed to build for {profile.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+        build_seconds = time.perf_counter() - start
+    out = Path(output)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    try:
+        say("export")
+        library = "model.tar" if profile.export_format == "tar" else "model.so"
+        _export(executable, staging / library, compiler)
+        files = [library]
+        if weights == "load":
+            from safetensors.numpy import save_file
+
+            save_file({f"p{k:04d}": np.array(a, order="C", copy=True) for k, a in enumerate(params)}, str(staging / "params.safetensors"))
+            files.append("params.safetensors")
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "version": ARTIFACT_VERSION,
+            "model": Path(onnx_path).stem,
+            "source": str(Path(onnx_path).name),
+            "profile": profile.name,
+            "arch": host_arch() if profile.arch == "native" else profile.arch,
+            "device": profile.device,
+            "target": str(tvm_tgt),
+            "weights": weights,
+            "library": library,
+            "params_file": "params.safetensors" if weights == "load" else None,
+            "params": [f"p{k:04d}" for k in range(len(params))],
+            "param_sources": param_names,
+            "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in shapes.items()],
+            "outputs": outputs,
+            "generators": summary or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators},
+            "runtime_libs": list(profile.runtime_libs),
+            "versions": {"adntn_deploy": __version__, "tvm": tvm.__version__},
+            "build_seconds": build_seconds,
+            "files": {f: {"sha256": sha256_file(staging / f), "bytes": (staging / f).stat().st_size} for f in files},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes 0700 folders and files; an artifact is meant to be shared
+        for f in staging.iterdir():
+            f.chmod(0o644 if f.suffix != ".so" else 0o755)
+        if out.exists():
+            if not (out / "manifest.json").exists():
+                raise CompileError(f"{out} exists and is not an adntn artifact; choose another -o")
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return Artifact(out, manifest)
+
+
+def _export(executable, path: Path, compiler: str | None) -> None:
+    import tvm
+
+    try:
+        if path.suffix == ".tar":
+            executable.export_library(str(path), fcompile=tvm.support.tar.tar)
+        elif compiler:
+            executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(compiler))
+        else:
+            executable.export_library(str(path))
+    except Exception as exc:
+        raise CompileError(f"exporting the library failed: {str(exc).strip().splitlines()[0]}") from None

@@ -1,0 +1,111 @@
+"""TVM runtime predictor for compiled artifacts (same interface as the ONNX Runtime predictor).
+
+Loading verifies the manifest and every file's sha256, refuses artifacts built for another CPU
+architecture or a device this machine lacks, then runs ``main_transform_params`` once (the generators
+produce their dense weights on this device) and keeps the results for every call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from adntn_deploy.compiler.build import ARTIFACT_FORMAT, ARTIFACT_VERSION, sha256_file
+from adntn_deploy.compiler.profiles import host_arch
+from adntn_deploy.errors import GeneratorError
+from adntn_deploy.runtime.base import InputError, TensorInfo, validate_feeds
+
+
+class ArtifactError(GeneratorError):
+    """An artifact is missing, tampered with, or built for another machine."""
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
+    """Read ``ARTIFACT/manifest.json`` and (by default) check every file's sha256.
+
+    Raises:
+        ArtifactError: no manifest, malformed or newer manifest, a missing file, or a hash mismatch.
+    """
+    folder = Path(path)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{folder} is not a compiled artifact (no manifest.json); build one with adntn-deploy compile")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); rebuild the artifact") from None
+    if manifest.get("format") != ARTIFACT_FORMAT or not 1 <= int(manifest.get("version", 0)) <= ARTIFACT_VERSION:
+        raise ArtifactError(f"{folder} has an unknown artifact format/version; rebuild it with this adntn-deploy")
+    if verify:
+        for name, info in manifest.get("files", {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise ArtifactError(f"artifact file {file} is missing; rebuild the artifact")
+            if sha256_file(file) != info["sha256"]:
+                raise ArtifactError(f"artifact file {file} was modified (sha256 mismatch); rebuild it with adntn-deploy compile")
+    return manifest
+
+
+class TvmPredictor:
+    """Run a compiled artifact with the TVM runtime. ``run`` is thread-safe (calls are serialised).
+
+    Raises:
+        ArtifactError: see :func:`read_manifest`; an artifact for another architecture or a missing GPU.
+    """
+
+    backend = "tvm"
+
+    def __init__(self, path: str | os.PathLike, device_id: int = 0) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        arch = self.manifest["arch"]
+        if arch != host_arch():
+            raise ArtifactError(
+                f"{self.path} was built for {arch} ({self.manifest['profile']}); this machine is {host_arch()}: copy it to "
+                "the device and run it there (adntn_deploy/compiler/runner/README.md)"
+            )
+        import tvm
+        from tvm import relax
+
+        kind = self.manifest.get("device", "cpu")
+        self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[kind](device_id)
+        if not self.device.exist:
+            raise ArtifactError(f"{self.path} needs a {kind} device, and this machine has none")
+        module = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        self.vm = relax.VirtualMachine(module, self.device)
+        self.inputs = tuple(TensorInfo(i["name"], tuple(i["shape"]), np.dtype(i["dtype"])) for i in self.manifest["inputs"])
+        self.outputs = tuple(TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"])) for o in self.manifest["outputs"])
+        self._lock = threading.Lock()
+        self._weights: list = []
+        if self.manifest["weights"] == "load":
+            from safetensors.numpy import load_file
+
+            stored = load_file(str(self.path / self.manifest["params_file"]))
+            params = [tvm.runtime.tensor(stored[name], self.device) for name in self.manifest["params"]]
+            self._weights = list(self.vm["main_transform_params"](params))  # generators run here, once
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` ({input name: array}); returns {output name: array}.
+
+        Raises:
+            InputError: names, shapes or dtypes that do not match :attr:`inputs`, or unknown output names.
+        """
+        import tvm
+
+        arrays = validate_feeds(self.inputs, feeds)
+        names = [o.name for o in self.outputs]
+        wanted = list(outputs) if outputs else names
+        bad = sorted(set(wanted) - set(names))
+        if bad:
+            raise InputError(f"unknown output(s) {bad}; the model has {names}")
+        args = [tvm.runtime.tensor(arrays[i.name], self.device) for i in self.inputs]
+        with self._lock:
+            result = self.vm["main"](*args, *self._weights)
+        values = [result] if hasattr(result, "numpy") else list(result)
+        produced = {name: v.numpy() for name, v in zip(names, values)}
+        return {name: produced[name] for name in wanted}

@@ -1,0 +1,216 @@
+"""TVM stage: profiles, compiling for the host and for edge targets, the TVM predictor, bad input."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+import onnx  # noqa: E402
+import torch  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from torch import nn  # noqa: E402
+
+from adntn_deploy.compiler.build import CompileError, compile_model  # noqa: E402
+from adntn_deploy.compiler.profiles import ProfileError, list_profiles, resolve_target  # noqa: E402
+from adntn_deploy.compiler.tvm_runtime import ArtifactError  # noqa: E402
+from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear  # noqa: E402
+from adntn_deploy.onnx_export import export_onnx  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
+
+FAMILIES = ["ttn", "attn", "mera"]
+ELF_MACHINE = {"x86_64": 62, "aarch64": 183, "armv7l": 40, "riscv64": 243}
+
+
+def elf_machine(path):
+    with open(path, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return struct.unpack("<H", header[18:20])[0]
+
+
+def models(family):
+    torch.manual_seed(0)
+    linear = nn.Sequential(ADNTNLinear(64, 32, family=family, bond_dim=3), nn.GELU(), ADNTNLinear(32, 10, family=family))
+    conv = nn.Sequential(ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), ADNTNLinear(8 * 4 * 4, 6, family=family))
+    return {"linear": (linear.eval(), (1, 64)), "conv": (conv.eval(), (1, 3, 8, 8))}
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    model, shape = models("mera")["linear"]
+    path = tmp_path_factory.mktemp("c") / "small.onnx"
+    export_onnx(model, [torch.randn(2, 64)], path, input_names=["input"], dynamic_batch=True)
+    return path
+
+
+def _relative(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize(
+    "spec, arch, device",
+    [("host", "native", "cpu"), ("rpi4", "aarch64", "cpu"), ("raspberry-pi/4b-aarch64", "aarch64", "cpu"),
+     ('{"kind": "llvm", "mtriple": "riscv64-unknown-linux-gnu", "mcpu": "sifive-u74"}', "riscv64", "cpu"),
+     ("nvidia/jetson-agx-orin-64gb", "aarch64", "cuda"), ("cuda-sm90", "x86_64", "cuda")],
+)
+def test_target_resolution(spec, arch, device):
+    profile = resolve_target(spec)
+    assert (profile.arch, profile.device) == (arch, device)
+
+
+def test_required_profiles_exist():
+    names = {p.name for p in list_profiles()}
+    assert {"host", "x86-64-avx2", "aarch64", "rpi4", "rpi5", "armv7-neon-hf", "riscv64", "cuda-sm80", "cuda-sm90",
+            "jetson-orin", "opencl-adreno"} <= names
+    orin = resolve_target("jetson-orin")
+    assert orin.target["arch"] == "sm_87" and orin.target["host"]["mcpu"] == "cortex-a78"
+
+
+@pytest.mark.parametrize("spec, message", [("no-such-board", "unknown target"), ("{bad json", "invalid"),
+                                           ('{"mcpu": "x"}', "'kind'")])
+def test_bad_targets(spec, message):
+    with pytest.raises(ProfileError, match=message):
+        resolve_target(spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("weights", ["load", "fold"])
+def test_tvm_matches_onnxruntime_and_torch(tmp_path, family, kind, weights):
+    model, shape = models(family)[kind]
+    path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(*shape)], path, input_names=["input"])
+    artifact = compile_model(path, "host", tmp_path / "art", weights=weights)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    tvm_out = load(artifact.path).run({"input": x})
+    ort_out = load(path).run({"input": x})
+    (name,) = tvm_out
+    assert _relative(tvm_out[name], expected) < 1e-5
+    assert _relative(tvm_out[name], ort_out[name]) < 1e-5
+
+
+def test_load_artifact_holds_cores_and_fold_holds_dense(tmp_path):
+    model = nn.Sequential(ADNTNLinear(512, 512, family="ttn", bias=False)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(1, 512)], path, input_names=["input"])
+    load_art = compile_model(path, "host", tmp_path / "load", weights="load")
+    fold_art = compile_model(path, "host", tmp_path / "fold", weights="fold")
+    params = load_art.manifest["files"]["params.safetensors"]["bytes"]
+    assert params < 4 * model[0].generator.params + 4096
+    assert fold_art.manifest["files"]["model.so"]["bytes"] > 4 * 512 * 512
+    assert load_art.manifest["files"]["model.so"]["bytes"] < 4 * 512 * 512
+
+
+CROSS = [p.name for p in list_profiles() if p.is_cross and p.device == "cpu"]
+
+
+@pytest.mark.parametrize("profile", CROSS)
+def test_cross_compile_links_for_the_board(tmp_path, small_onnx, profile):
+    target = resolve_target(profile)
+    if shutil.which(target.cross_compiler) is None:
+        pytest.skip(f"{target.cross_compiler} missing: apt-get install {target.cross_compiler_package}")
+    artifact = compile_model(small_onnx, profile, tmp_path / "art")
+    assert elf_machine(artifact.path / "model.so") == ELF_MACHINE[target.arch]
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    assert manifest["arch"] == target.arch and manifest["weights"] == "load"
+    with pytest.raises(ArtifactError, match=f"built for {target.arch}"):
+        load(artifact.path)
+
+
+@pytest.mark.parametrize("profile", ["cuda-sm80", "cuda-sm90", "jetson-orin", "opencl-adreno"])
+def test_gpu_profiles_compile_and_export(tmp_path, small_onnx, profile):
+    target = resolve_target(profile)
+    if target.cross_compiler and shutil.which(target.cross_compiler) is None:
+        pytest.skip(f"{target.cross_compiler} missing: apt-get install {target.cross_compiler_package}")
+    artifact = compile_model(small_onnx, profile, tmp_path / "art")
+    host = "x86_64" if target.arch == "x86_64" else target.arch
+    assert elf_machine(artifact.path / "model.so") == ELF_MACHINE[host]
+    assert artifact.manifest["device"] == target.device
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_87", "sm_90"])
+def test_generated_cuda_source_compiles_with_nvcc(small_onnx, arch):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: install the CUDA toolkit to check generated CUDA code")
+    import onnx.inliner
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = onnx.inliner.inline_local_functions(onnx.load(small_onnx))
+    mod = from_onnx(model, shape_dict={"input": [1, 64]}, keep_params_in_input=True)
+    mod, _ = relax.frontend.detach_params(mod)
+    mod = relax.transform.LiftTransformParams()(mod)
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    executable = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
+    cuda = next(m for m in executable.mod._collect_from_import_tree(lambda m: True) if m.kind == "cuda")
+    ptx = tvm.support.nvcc.compile_cuda(cuda.inspect_source("cuda"), target_format="ptx", arch=arch)
+    assert b".target " + arch.encode() in ptx
+
+
+def test_tampered_artifact_is_refused(tmp_path, small_onnx):
+    artifact = compile_model(small_onnx, "host", tmp_path / "art")
+    params = artifact.path / "params.safetensors"
+    data = bytearray(params.read_bytes())
+    data[-1] ^= 0xFF
+    params.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load(artifact.path)
+    (artifact.path / "params.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load(artifact.path)
+
+
+def test_missing_toolchain_names_the_package(tmp_path, small_onnx):
+    with pytest.raises(ProfileError, match="apt-get install g\\+\\+-aarch64-linux-gnu|not found"):
+        compile_model(small_onnx, "rpi4", tmp_path / "art", cross_compiler="no-such-g++")
+
+
+def test_unsupported_op_is_one_clear_error(tmp_path):
+    node = helper.make_node("DFT", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2])])
+    path = tmp_path / "dft.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    with pytest.raises(CompileError, match="DFT"):
+        compile_model(path, "host", tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
+def test_cli_compile_and_run(tmp_path, small_onnx):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+
+    proc = cli("compile", small_onnx, "--target", "host", "-o", tmp_path / "art", "--input-shape", "input:4,64",
+               "--dump-ir", tmp_path / "ir")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ir" / "02_lifted.py").exists()
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", input=x)
+    proc = cli("run", tmp_path / "art", "--inputs", tmp_path / "x.npz", "--outputs", tmp_path / "y.npz", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "tvm"
+    expected = load(small_onnx).run({"input": x})
+    got = np.load(tmp_path / "y.npz")
+    (name,) = expected
+    assert _relative(got[name], expected[name]) < 1e-5
+    for args, message in [
+        (("compile", small_onnx, "--target", "nope", "-o", tmp_path / "x"), "unknown target"),
+        (("compile", small_onnx, "--target", "host", "-o", tmp_path / "x", "--input-shape", "wrong:1,64"), "inputs are"),
+        (("run", tmp_path / "art", "--inputs", tmp_path / "bad.npz"), "cannot read inputs"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    targets = json.loads(cli("targets", "--json").stdout)
+    assert any(t["name"] == "rpi4" and t["tag"] == "raspberry-pi/4b-aarch64" for t in targets)

@@ -1,0 +1,213 @@
+"""adntn-runner, the native C++ runner for compiled artifacts: natively on x86 and under qemu-aarch64.
+
+Each test makes a tiny artifact (a two-output MLP) with plain TVM following the artifact contract
+(manifest.json + model.so + params.safetensors, weights "load"), runs the runner on it and compares the
+outputs with TVM's Python Relax VM on x86.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Checked without importing (importing tvm takes seconds): tvm is imported lazily inside the tests.
+if importlib.util.find_spec("tvm") is None or importlib.util.find_spec("onnx") is None:
+    pytest.skip("needs TVM and onnx: pip install -e '.[tvm,onnx]'", allow_module_level=True)
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from adntn_deploy.compiler.runner import build_runner, run_with_qemu, runtime_libs_dir  # noqa: E402
+from adntn_deploy.errors import GeneratorError  # noqa: E402
+
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+IN_DIM, HIDDEN, OUT_DIM = 16, 32, 10
+
+
+def _mlp_onnx(rng):
+    """input [1,16] -> Gemm(transB) -> Relu ("hidden") -> Gemm(transB) -> "logits"; two outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((HIDDEN, IN_DIM)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(HIDDEN).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((OUT_DIM, HIDDEN)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal(OUT_DIM).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["hidden"]),
+        helper.make_node("Gemm", ["hidden", "w2", "b2"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, IN_DIM])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, OUT_DIM]),
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, HIDDEN]),
+        ],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _make_artifact(folder: Path, target: dict, rng) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Compile the MLP for ``target`` into an artifact folder; return (params, input, x86 reference outputs)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(_mlp_onnx(rng), shape_dict={"input": [1, IN_DIM]}, keep_params_in_input=True)
+    mod, params = relax.frontend.detach_params(mod)
+    mod = relax.transform.LiftTransformParams()(mod)
+    params = [p.numpy() for p in params["main"]]
+    x = rng.standard_normal((1, IN_DIM)).astype(np.float32)
+
+    folder.mkdir(parents=True)
+    tgt = tvm.target.Target(target)
+    ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    if target.get("mtriple", "").startswith("aarch64"):
+        ex.export_library(str(folder / "model.so"), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    else:
+        ex.export_library(str(folder / "model.so"))
+    names = [f"p{i:04d}" for i in range(len(params))]
+    save_file(dict(zip(names, params)), str(folder / "params.safetensors"))
+    manifest = {
+        "format": "adntn-artifact",
+        "version": 1,
+        "library": "model.so",
+        "params_file": "params.safetensors",
+        "weights": "load",
+        "params": names,
+        "inputs": [{"name": "input", "shape": [1, IN_DIM], "dtype": "float32"}],
+        "outputs": [
+            {"name": "output0", "shape": [1, OUT_DIM], "dtype": "float32"},
+            {"name": "output1", "shape": [1, HIDDEN], "dtype": "float32"},
+        ],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return params, x, _x86_reference(mod, params, x)
+
+
+def _x86_reference(mod, params: list[np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """Outputs of TVM's Python Relax VM on x86 for the same module, params and input."""
+    import tvm
+    from tvm import relax
+
+    tgt = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt)), tvm.cpu())
+    t = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in params])
+    out = vm["main"](tvm.runtime.tensor(x), *t)
+    outs = [out] if hasattr(out, "numpy") else list(out)
+    return [o.numpy() for o in outs]
+
+
+def _check_outputs(path: Path, ref: list[np.ndarray]) -> None:
+    got = load_file(str(path))
+    assert sorted(got) == ["output0", "output1"]
+    for name, want in zip(["output0", "output1"], ref):
+        assert got[name].shape == want.shape and got[name].dtype == want.dtype
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_runner_x86_native(tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("needs a host C++ compiler: apt-get install g++")
+    rng = np.random.default_rng(0)
+    art = tmp_path / "artifact"
+    _, x, ref = _make_artifact(art, {"kind": "llvm"}, rng)
+    binary = build_runner("x86_64", tmp_path / "bin")
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+
+    proc = subprocess.run(
+        [str(binary), str(art), str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "--repeat", "3"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mean latency of main" in proc.stdout and "3 run" in proc.stdout
+    _check_outputs(tmp_path / "out.safetensors", ref)
+
+    # Errors: one line on stderr, exit code 1.
+    def fails(args, needle):
+        p = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True)
+        assert p.returncode == 1 and needle in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+    fails([art, tmp_path / "in.safetensors"], "usage")
+    fails([tmp_path / "nowhere", tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "manifest.json")
+    fails([art, tmp_path / "missing.safetensors", tmp_path / "o.safetensors"], "missing.safetensors")
+    save_file({"input": np.zeros((1, IN_DIM + 1), np.float32)}, str(tmp_path / "bad_shape.safetensors"))
+    fails([art, tmp_path / "bad_shape.safetensors", tmp_path / "o.safetensors"], "shape [1, 17]")
+    save_file({"input": np.zeros((1, IN_DIM), np.float64)}, str(tmp_path / "bad_dtype.safetensors"))
+    fails([art, tmp_path / "bad_dtype.safetensors", tmp_path / "o.safetensors"], "dtype float64")
+    save_file({"x": x}, str(tmp_path / "bad_name.safetensors"))
+    fails([art, tmp_path / "bad_name.safetensors", tmp_path / "o.safetensors"], "no tensor 'input'")
+    bad = tmp_path / "bad_manifest"
+    shutil.copytree(art, bad)
+    (bad / "manifest.json").write_text('{"format": "adntn-artifact", "inputs": [')
+    fails([bad, tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "invalid JSON")
+
+
+def test_runner_aarch64_qemu(tmp_path):
+    missing = [tool for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found: apt-get install qemu-user g++-aarch64-linux-gnu")
+    try:
+        runtime_libs_dir("aarch64")
+    except GeneratorError as err:
+        pytest.skip(str(err))
+    rng = np.random.default_rng(0)
+    art = tmp_path / "artifact"
+    _, x, ref = _make_artifact(art, AARCH64_TARGET, rng)
+    binary = build_runner("aarch64", tmp_path / "bin")
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+
+    proc = run_with_qemu(binary, [art, tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
+    assert proc.returncode == 0, proc.stderr
+    assert "mean latency of main" in proc.stdout
+    _check_outputs(tmp_path / "out.safetensors", ref)
+
+
+def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADNTN_EDGE_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(GeneratorError, match="scripts/fetch_edge_runtime.sh aarch64"):
+        runtime_libs_dir("aarch64")
+
+
+def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path):
+    """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86."""
+    missing = [tool for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found: apt-get install qemu-user g++-aarch64-linux-gnu")
+    try:
+        runtime_libs_dir("aarch64")
+    except GeneratorError as err:
+        pytest.skip(str(err))
+    import torch
+    from torch import nn
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.bundle import make_bundle
+    from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear
+    from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.runtime import load
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2), nn.ReLU(), nn.Flatten(),
+                          ADNTNLinear(4 * 6 * 6, 8, family="mera"), nn.Tanh(), ADNTNLinear(8, 3, family="ttn")).eval()
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(1, 1, 6, 6)], onnx_path, input_names=["input"], output_names=["logits"])
+    host = compile_model(onnx_path, "host", tmp_path / "host")
+    board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4")
+    bundle = make_bundle(board.path, tmp_path / "bundle")
+    x = np.random.default_rng(3).standard_normal((1, 1, 6, 6)).astype(np.float32)
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+    proc = run_with_qemu(bundle / "adntn-runner", [bundle / "artifact", tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
+    assert proc.returncode == 0, proc.stderr
+    on_board = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    on_x86 = load(host.path).run({"input": x})["logits"]
+    assert np.abs(on_board - on_x86).max() / np.abs(on_x86).max() < 1e-5
