@@ -147,14 +147,18 @@ def test_generated_cuda_source_compiles_with_nvcc(small_onnx, arch):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from adntn_deploy.compiler.build import _sanitize_initializer_names
+
     model = onnx.inliner.inline_local_functions(onnx.load(small_onnx))
+    _sanitize_initializer_names(model)  # what compile_model does; torch's "0.bias" is no C identifier
     mod = from_onnx(model, shape_dict={"input": [1, 64]}, keep_params_in_input=True)
     mod, _ = relax.frontend.detach_params(mod)
     mod = relax.transform.LiftTransformParams()(mod)
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
     executable = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
     cuda = next(m for m in executable.mod._collect_from_import_tree(lambda m: True) if m.kind == "cuda")
-    ptx = tvm.support.nvcc.compile_cuda(cuda.inspect_source("cuda"), target_format="ptx", arch=arch)
+    with target:  # nvcc helpers read the arch from the current target
+        ptx = tvm.support.nvcc.compile_cuda(cuda.inspect_source("cuda"), target_format="ptx", arch=arch, compiler="nvcc")
     assert b".target " + arch.encode() in ptx
 
 

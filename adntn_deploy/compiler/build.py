@@ -86,6 +86,26 @@ def tvm_target(profile: DeviceProfile):
         raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {str(exc).splitlines()[0]}") from None
 
 
+def _sanitize_initializer_names(model) -> None:
+    """Prefix initializer names that do not start with a letter (torch names them "0.bias").
+
+    TVM turns parameter names into C identifiers in generated GPU source without fixing a leading digit,
+    which nvcc rejects; renaming here (in the inlined copy, not the user's file) avoids that.
+    """
+    renames = {i.name: f"w_{i.name}" for i in model.graph.initializer if not i.name[:1].isalpha()}
+    if not renames:
+        return
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+    for inp in model.graph.input:
+        if inp.name in renames:
+            inp.name = renames[inp.name]
+
+
 def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
     inits = {i.name for i in model.graph.initializer}
     shapes = {}
@@ -171,6 +191,7 @@ def compile_model(
     summary = generator_summary(model)
     shapes = _graph_inputs(model, dict(input_shapes or {}))
     inlined = onnx.inliner.inline_local_functions(model)
+    _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
 
     import tvm
