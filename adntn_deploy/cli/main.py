@@ -136,9 +136,11 @@ def demo(as_json: bool, fit_steps: int, seed: int, output: Path | None) -> None:
 
 def _register() -> None:
     from adntn_deploy.cli.onnx_commands import export_command, run_command
+    from adntn_deploy.cli.serving_commands import package_command, serve_command
     from adntn_deploy.cli.tvm_commands import bundle_command, compile_command, targets_command
 
-    for command in (export_command, run_command, targets_command, compile_command, bundle_command):
+    for command in (export_command, run_command, targets_command, compile_command, bundle_command,
+                    serve_command, package_command):
         cli.add_command(command)
 
 
