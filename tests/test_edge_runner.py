@@ -152,7 +152,8 @@ def test_runner_x86_native(tmp_path):
     fails([bad, tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "invalid JSON")
 
 
-def test_runner_aarch64_qemu(tmp_path):
+def _require_aarch64_tools() -> None:
+    """Skip (saying how to get them) unless the cross g++, qemu-aarch64 and the aarch64 libs are here."""
     missing = [tool for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not found: apt-get install qemu-user g++-aarch64-linux-gnu")
@@ -160,6 +161,10 @@ def test_runner_aarch64_qemu(tmp_path):
         runtime_libs_dir("aarch64")
     except GeneratorError as err:
         pytest.skip(str(err))
+
+
+def test_runner_aarch64_qemu(tmp_path):
+    _require_aarch64_tools()
     rng = np.random.default_rng(0)
     art = tmp_path / "artifact"
     _, x, ref = _make_artifact(art, AARCH64_TARGET, rng)
@@ -180,13 +185,7 @@ def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
 
 def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path):
     """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86."""
-    missing = [tool for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not found: apt-get install qemu-user g++-aarch64-linux-gnu")
-    try:
-        runtime_libs_dir("aarch64")
-    except GeneratorError as err:
-        pytest.skip(str(err))
+    _require_aarch64_tools()
     import torch
     from torch import nn
 
