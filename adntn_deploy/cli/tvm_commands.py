@@ -36,15 +36,17 @@ def targets_command(as_json: bool) -> None:
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the Relax IR here.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
               help="Fix an input's shape (symbolic axes default to 1).")
+@click.option("--tuning-records", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="MetaSchedule database to apply (default: schedules/<profile>/ when it matches the target).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, as_json):
+def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, tuning_records, as_json):
     """Compile an ONNX model (ai.adntn or standard ops) with TVM into a deployable artifact folder."""
     from tqdm import tqdm
 
     from adntn_deploy.cli.tables import human_bytes
     from adntn_deploy.compiler.build import compile_model
 
-    stages = ["validate ONNX", "import into Relax", "build", "export"]
+    stages = ["validate and import", "apply tuning records", "build", "export"]
     bar = tqdm(total=len(stages), desc="compile", disable=None if not as_json else True, leave=False)
 
     def progress(message: str) -> None:
@@ -54,7 +56,8 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     try:
         artifact = compile_model(
             model, target, output, weights=weights, cross_compiler=cross_compiler, opt_level=opt_level,
-            dump_ir=dump_ir, input_shapes=dict(parse_input_shape(s) for s in input_shapes), progress=progress,
+            dump_ir=dump_ir, input_shapes=dict(parse_input_shape(s) for s in input_shapes),
+            tuning_records=tuning_records, progress=progress,
         )
     finally:
         bar.close()
@@ -63,8 +66,11 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
         return
     m = artifact.manifest
     files = ", ".join(f"{name} {human_bytes(info['bytes'])}" for name, info in m["files"].items())
+    tuned = m["tuning"]
+    tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned from {tuned['records']}"
+              if tuned["records"] else "untuned (no records for this target: adntn-deploy tune)")
     click.echo(f"wrote {artifact.path} for {m['profile']} ({m['arch']}, {m['device']}), weights={m['weights']}: "
-               f"{human_bytes(artifact.bytes)} ({files}); built in {m['build_seconds']:.1f} s")
+               f"{human_bytes(artifact.bytes)} ({files}); {tuning}; built in {m['build_seconds']:.1f} s")
 
 
 @click.command("bundle")
@@ -77,3 +83,99 @@ def bundle_command(artifact, output, cross_compiler):
 
     out = make_bundle(artifact, output, cross_compiler=cross_compiler)
     click.echo(f"wrote {out}: copy it to the board and run ./run.sh inputs.safetensors outputs.safetensors")
+
+
+@click.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", required=True, help="Device profile, TVM tag or JSON target dict.")
+@click.option("--tuning-records", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Database folder to create or continue (compile --tuning-records reads it).")
+@click.option("--trials", default=64, show_default=True, type=click.IntRange(1), help="Measured candidates in all.")
+@click.option("--trials-per-task", default=None, type=click.IntRange(1), help="Cap per kernel.")
+@click.option("--rpc-tracker", default=None, metavar="HOST:PORT", help="Measure on boards registered with this tracker.")
+@click.option("--rpc-key", default=None, help="Device key the board's RPC server registered with.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds a candidate may take to build or run.")
+@click.option("--cross-compiler", default=None, help="g++ that links candidates for the board.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tracker, rpc_key, timeout,
+                 cross_compiler, input_shapes, as_json):
+    """Tune every kernel (inference and load-time generators) with MetaSchedule; resumable and crash-safe."""
+    import time as _time
+
+    from tqdm import tqdm
+
+    from adntn_deploy.compiler.tuning import tune_model
+
+    bar = tqdm(total=trials, desc="tune", unit="trial", disable=True if as_json else None)
+    start = _time.perf_counter()
+
+    def on_batch(done: int, total: int, task: str, best: float | None) -> None:
+        bar.update(done - bar.n)
+        left = (_time.perf_counter() - start) / max(done, 1) * max(total - done, 0)
+        bar.set_postfix_str(f"{task[:28]} best {best * 1e6:.1f} us, ~{left:.0f} s left" if best else task[:28])
+
+    try:
+        report = tune_model(model, target, tuning_records, trials=trials, trials_per_task=trials_per_task,
+                            rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout=timeout, cross_compiler=cross_compiler,
+                            input_shapes=dict(parse_input_shape(s) for s in input_shapes), on_batch=on_batch)
+    finally:
+        bar.close()
+    summary = {"records": str(report.records), "tasks": report.tasks, "trials": report.trials,
+               "seconds": report.seconds, "best_us": {k: v * 1e6 for k, v in report.best.items()}}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"tuned {report.tasks} tasks with {report.trials} trials in {report.seconds:.0f} s; "
+                   f"records in {report.records} (apply: adntn-deploy compile --tuning-records {report.records})")
+
+
+@click.command("schedules")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules_command(as_json):
+    """List the tuning databases shipped in schedules/, per device profile."""
+    from adntn_deploy.cli.tables import render_table
+    from adntn_deploy.compiler.tuning import list_schedules
+
+    rows = list_schedules()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no tuning databases shipped (schedules/ is empty)")
+        return
+    click.echo(render_table(["profile", "workloads", "records", "trials", "models", "target"],
+                            [[r["profile"], r["workloads"], r["records"], r["trials"], ", ".join(r["models"]), r["target"]]
+                             for r in rows]))
+
+
+@click.group("rpc")
+def rpc_group():
+    """TVM RPC tracker and board server (for tuning on remote boards)."""
+
+
+@rpc_group.command("tracker")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9190, show_default=True, type=click.IntRange(1, 65535))
+def rpc_tracker_command(host, port):
+    """Run a TVM RPC tracker (boards register with it; tune --rpc-tracker finds them through it)."""
+    import os
+    import sys
+
+    # TVM searches [port, port-end) and its default end (9199) is below most chosen ports: give the end
+    os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+                              "--port-end", str(port + 1)])
+
+
+@rpc_group.command("server")
+@click.option("--tracker", required=True, metavar="HOST:PORT", help="The tracker to register with.")
+@click.option("--key", required=True, help="Device key, e.g. rpi4 (tune --rpc-key uses it).")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=9090, show_default=True, type=click.IntRange(1, 65535))
+def rpc_server_command(tracker, key, host, port):
+    """Run a TVM RPC server on this board that registers with the tracker (needs the TVM runtime)."""
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
+                              "--host", host, "--port", str(port), "--port-end", str(port + 1)])

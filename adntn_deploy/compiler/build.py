@@ -147,59 +147,47 @@ def _fix_input_shapes(model, shapes: Mapping[str, list[int]]) -> list[dict[str, 
     return outputs
 
 
-def compile_model(
+@dataclass
+class ImportedModel:
+    """An ONNX model imported into Relax: lifted (weights "load") or folded, with its I/O and parameters."""
+
+    mod: Any
+    params: list[np.ndarray]
+    param_names: list[str]
+    shapes: dict[str, list[int]]
+    outputs: list[dict[str, Any]]
+    generators: dict[str, Any]
+
+
+def import_model(
     onnx_path: str | os.PathLike,
-    target: str,
-    output: str | os.PathLike,
-    *,
     weights: str = "load",
-    cross_compiler: str | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     opt_level: int = 3,
     dump_ir: str | os.PathLike | None = None,
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Artifact:
-    """Compile ``onnx_path`` for ``target`` (profile name, TVM tag or JSON dict) into the folder ``output``.
+) -> ImportedModel:
+    """Validate an ONNX file, inline its ai.adntn functions and import it into Relax.
 
-    Args:
-        weights: "load" (generate weights once on the device at load; the artifact holds the cores) or
-            "fold" (dense weights baked in at compile time; bigger artifact, no load-time work).
-        cross_compiler: g++ used to link the library (default: the profile's, for other architectures).
-        opt_level: TVM PassContext opt level (0-3).
-        dump_ir: folder to write the Relax IR before and after lifting (for debugging).
-        input_shapes: fixed shapes for inputs with symbolic axes (default: symbolic axes become 1).
-        progress: called with a short message at each stage.
+    With ``weights="load"`` parameters stay inputs and every weight-only computation is lifted into
+    ``main_transform_params``; with ``"fold"`` they are constants and folded.
 
     Raises:
-        ProfileError: unknown target, invalid target, missing cross compiler (names the Debian package).
-        OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
+        OnnxModelError: an invalid ONNX file. CompileError: TVM cannot import it (an unsupported op...).
     """
     import onnx.inliner
-
-    from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
-
-    say = progress or (lambda message: None)
-    if weights not in WEIGHT_MODES:
-        raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
-    if not 0 <= opt_level <= 3:
-        raise CompileError(f"--opt-level must be 0..3, not {opt_level}")
-    profile = resolve_target(target)
-    compiler = require_cross_compiler(profile, cross_compiler)
-    say("validate ONNX")
-    model = load_onnx(onnx_path)
-    generators = find_generators(model)
-    summary = generator_summary(model)
-    shapes = _graph_inputs(model, dict(input_shapes or {}))
-    inlined = onnx.inliner.inline_local_functions(model)
-    _sanitize_initializer_names(inlined)
-    outputs = _fix_input_shapes(inlined, shapes)
-
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    tvm_tgt = tvm_target(profile)
-    say("import into Relax")
+    from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
+
+    model = load_onnx(onnx_path)
+    generators = find_generators(model)
+    summary = generator_summary(model) or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators}
+    shapes = _graph_inputs(model, dict(input_shapes or {}))
+    inlined = onnx.inliner.inline_local_functions(model)
+    _sanitize_initializer_names(inlined)
+    outputs = _fix_input_shapes(inlined, shapes)
     try:
         mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=(weights == "load"))
     except Exception as exc:
@@ -211,8 +199,7 @@ def compile_model(
     if weights == "load":
         mod, detached = relax.frontend.detach_params(mod)
         main_params = list(mod["main"].params)
-        num_inputs = len(shapes)
-        param_names = [str(v.name_hint) if hasattr(v, "name_hint") else str(v) for v in main_params[num_inputs:]]
+        param_names = [str(v.name_hint) if hasattr(v, "name_hint") else str(v) for v in main_params[len(shapes):]]
         params = [np.asarray(t.numpy()) for t in detached.get("main", [])]
     dump = Path(dump_ir) if dump_ir else None
     if dump:
@@ -223,8 +210,65 @@ def compile_model(
             mod = relax.transform.LiftTransformParams()(mod)
         else:
             mod = relax.transform.FoldConstant()(mod)
-        if dump:
-            (dump / "02_lifted.py" if weights == "load" else dump / "02_folded.py").write_text(mod.script())
+    if dump:
+        (dump / ("02_lifted.py" if weights == "load" else "02_folded.py")).write_text(mod.script())
+    return ImportedModel(mod, params, param_names, shapes, outputs, summary)
+
+
+def compile_model(
+    onnx_path: str | os.PathLike,
+    target: str,
+    output: str | os.PathLike,
+    *,
+    weights: str = "load",
+    cross_compiler: str | None = None,
+    opt_level: int = 3,
+    dump_ir: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    tuning_records: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile ``onnx_path`` for ``target`` (profile name, TVM tag or JSON dict) into the folder ``output``.
+
+    Args:
+        weights: "load" (generate weights once on the device at load; the artifact holds the cores) or
+            "fold" (dense weights baked in at compile time; bigger artifact, no load-time work).
+        cross_compiler: g++ used to link the library (default: the profile's, for other architectures).
+        opt_level: TVM PassContext opt level (0-3).
+        dump_ir: folder to write the Relax IR before and after lifting (for debugging).
+        input_shapes: fixed shapes for inputs with symbolic axes (default: symbolic axes become 1).
+        tuning_records: a MetaSchedule database folder to apply; default: the one shipped in schedules/
+            for this profile and target, if any (records apply only to kernels whose workload hash matches).
+        progress: called with a short message at each stage.
+
+    Raises:
+        ProfileError: unknown target, invalid target, missing cross compiler (names the Debian package).
+        OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
+    """
+    import onnx.inliner
+
+    say = progress or (lambda message: None)
+    if weights not in WEIGHT_MODES:
+        raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+    if not 0 <= opt_level <= 3:
+        raise CompileError(f"--opt-level must be 0..3, not {opt_level}")
+    profile = resolve_target(target)
+    compiler = require_cross_compiler(profile, cross_compiler)
+    import tvm
+    from tvm import relax
+
+    from adntn_deploy.compiler.tuning import apply_records, default_records
+
+    tvm_tgt = tvm_target(profile)
+    say("validate and import")
+    imported = import_model(onnx_path, weights, input_shapes, opt_level, dump_ir)
+    mod, params, shapes, outputs = imported.mod, imported.params, imported.shapes, imported.outputs
+    records = Path(tuning_records) if tuning_records else default_records(profile, tvm_tgt)
+    tuned = {"records": str(records) if records else None, "scheduled_kernels": 0, "kernels": 0}
+    with tvm.transform.PassContext(opt_level=opt_level):
+        if records is not None:
+            say("apply tuning records")
+            mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
         say(f"build for {profile.name}")
         start = time.perf_counter()
         try:
@@ -257,10 +301,11 @@ def compile_model(
             "library": library,
             "params_file": "params.safetensors" if weights == "load" else None,
             "params": [f"p{k:04d}" for k in range(len(params))],
-            "param_sources": param_names,
+            "param_sources": imported.param_names,
+            "tuning": tuned,
             "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in shapes.items()],
             "outputs": outputs,
-            "generators": summary or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators},
+            "generators": imported.generators,
             "runtime_libs": list(profile.runtime_libs),
             "versions": {"adntn_deploy": __version__, "tvm": tvm.__version__},
             "build_seconds": build_seconds,

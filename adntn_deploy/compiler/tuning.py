@@ -1,0 +1,272 @@
+"""Auto-tuning with MetaSchedule: tune every kernel of a model, store and apply tuning databases.
+
+Tuning works on the module exactly as the build sees it: the lifted model (``main`` and
+``main_transform_params``, so both the inference kernels and the load-time generator kernels are tasks)
+after inference decomposition, legalisation and fusion. A database is a MetaSchedule JSON work dir:
+``database_workload.json`` + ``database_tuning_record.json`` (one JSON record per line).
+
+Crash safety: MetaSchedule writes into a private staging folder; after every measured batch the two
+files are published to the records folder by write-to-temp-and-rename, with any incomplete last line
+dropped, so the records folder always holds a database that loads, even after ``kill -9``. Running
+again continues: the staging folder starts from the published records, which seed the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from adntn_deploy.compiler.profiles import DeviceProfile, require_cross_compiler, resolve_target
+from adntn_deploy.errors import GeneratorError
+
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+SCHEDULES_ENV = "ADNTN_SCHEDULES_DIR"
+
+
+class TuningError(GeneratorError):
+    """Tuning could not run (bad options, unreachable tracker, broken database)."""
+
+
+def schedules_dir() -> Path:
+    """The shipped tuning databases: $ADNTN_SCHEDULES_DIR or the repository's schedules/ folder."""
+    env = os.environ.get(SCHEDULES_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "schedules"
+
+
+def _tuning_passes():
+    import tvm
+    from tvm.relax import transform
+    from tvm.relax.pipeline import zero_pipeline
+
+    return tvm.transform.Sequential([transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(), zero_pipeline()])
+
+
+def prepare_for_tuning(mod, target):
+    """The module as tasks are extracted from it: decomposed, legalised and fused, within ``target``."""
+    with target:
+        return _tuning_passes()(mod)
+
+
+def _count_scheduled(mod) -> tuple[int, int]:
+    """(kernels that carry a schedule from the database, all kernels) in a fused module."""
+    funcs = [f for _, f in mod.functions.items() if type(f).__name__ == "PrimFunc"]
+    scheduled = 0
+    for f in funcs:
+        attrs = f.attrs or {}
+        # the attribute's namespace moved between TVM releases (tir. -> tirx. / s_tir.)
+        if any(k.endswith("is_scheduled") and bool(attrs[k]) for k in attrs.keys()):
+            scheduled += 1
+    return scheduled, len(funcs)
+
+
+def clean_database(folder: Path) -> None:
+    """Drop incomplete trailing lines from a JSON database (what an interrupted writer leaves)."""
+    for name in DB_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        lines = path.read_bytes().split(b"\n")
+        good = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break  # everything after a broken line was written after it: drop it too
+            good.append(line)
+        data = b"\n".join(good) + (b"\n" if good else b"")
+        if data != path.read_bytes():
+            path.write_bytes(data)
+
+
+def apply_records(mod, target, records: Path) -> tuple[Any, int, int]:
+    """Apply the database in ``records`` to ``mod``; returns (module, kernels scheduled, kernels in all).
+
+    Raises:
+        TuningError: the folder is not a tuning database.
+    """
+    from tvm import relax
+
+    records = Path(records)
+    if not all((records / f).exists() for f in DB_FILES):
+        raise TuningError(f"{records} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    clean_database(records)
+    fused = prepare_for_tuning(mod, target)
+    with target:
+        applied = relax.transform.MetaScheduleApplyDatabase(str(records))(fused)
+    scheduled, total = _count_scheduled(applied)
+    return applied, scheduled, total
+
+
+def default_records(profile: DeviceProfile, target) -> Path | None:
+    """The shipped database for this profile, if schedules/<profile>/ exists and was tuned for ``target``."""
+    folder = schedules_dir() / profile.name
+    meta = folder / "adntn_schedule.json"
+    if not meta.exists() or not all((folder / f).exists() for f in DB_FILES):
+        return None
+    info = json.loads(meta.read_text())
+    return folder if info.get("target") == str(target) else None
+
+
+def list_schedules() -> list[dict[str, Any]]:
+    """What schedules/ ships: per profile folder, the target, models, workloads and records."""
+    rows = []
+    root = schedules_dir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        meta_path = folder / "adntn_schedule.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        counts = {f: sum(1 for line in (folder / f).read_text().splitlines() if line.strip()) if (folder / f).exists() else 0
+                  for f in DB_FILES}
+        rows.append({"profile": folder.name, "target": meta.get("target"), "models": meta.get("models", []),
+                     "trials": meta.get("trials"), "workloads": counts[DB_FILES[0]], "records": counts[DB_FILES[1]]})
+    return rows
+
+
+def _publish(staging: Path, records: Path) -> None:
+    """Copy the staging database to ``records`` atomically (temp file + rename per file)."""
+    records.mkdir(parents=True, exist_ok=True)
+    for name in DB_FILES:
+        source = staging / name
+        if not source.exists():
+            continue
+        data = source.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+        fd, tmp = tempfile.mkstemp(prefix=name, suffix=".tmp", dir=records)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, records / name)
+
+
+def _export_with(compiler: str, mod, path_hint: str | None = None) -> str:
+    """MetaSchedule f_export: link a candidate with the host's cross compiler (boards may lack one)."""
+    import tvm
+
+    folder = tempfile.mkdtemp(prefix="adntn-ms-")
+    path = os.path.join(folder, "candidate.so")
+    mod.export_library(path, fcompile=tvm.support.cc.cross_compiler(compiler))
+    return path
+
+
+@dataclass
+class TuneReport:
+    """What a tuning run did: tasks, trials, best latency per task (seconds), wall time, records folder."""
+
+    records: Path
+    tasks: int
+    trials: int
+    seconds: float
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def tune_model(
+    onnx_path: str | os.PathLike,
+    target: str,
+    records: str | os.PathLike,
+    *,
+    trials: int = 64,
+    trials_per_task: int | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    timeout: float = 300.0,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    cross_compiler: str | None = None,
+    on_batch: Callable[[int, int, str, float | None], None] | None = None,
+) -> TuneReport:
+    """Tune every kernel of ``onnx_path`` for ``target``; the database goes to (or grows in) ``records``.
+
+    Args:
+        trials: total measured candidates across all tasks; trials_per_task caps one task.
+        rpc_tracker / rpc_key: measure on a board registered with a TVM RPC tracker ("host:port").
+        timeout: seconds a candidate may take to build (2-core machines need minutes) and to run.
+        on_batch: called after every measured batch as (trials done, trials total, task name, best
+            seconds of that task so far or None).
+
+    Raises:
+        TuningError: bad options or an unreachable tracker. ProfileError / CompileError as for compile.
+    """
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from adntn_deploy.compiler.build import import_model, tvm_target
+
+    if trials < 1:
+        raise TuningError("--trials must be at least 1")
+    if bool(rpc_tracker) != bool(rpc_key):
+        raise TuningError("--rpc-tracker and --rpc-key go together")
+    profile = resolve_target(target)
+    compiler = require_cross_compiler(profile, cross_compiler)
+    if compiler and not rpc_tracker:
+        raise TuningError(f"{profile.name} runs on {profile.arch}: tune on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
+    tvm_tgt = tvm_target(profile)
+    imported = import_model(onnx_path, "load", input_shapes)
+    fused = prepare_for_tuning(imported.mod, tvm_tgt)
+    records = Path(records)
+    staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
+    if all((records / f).exists() for f in DB_FILES):  # resume: start from what was published
+        clean_database(records)
+        for name in DB_FILES:
+            shutil.copy(records / name, staging / name)
+    builder = ms.builder.LocalBuilder(
+        timeout_sec=timeout, f_export=partial(_export_with, compiler) if compiler else None,
+    )
+    if rpc_tracker:
+        host, _, port = rpc_tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise TuningError(f"--rpc-tracker must be HOST:PORT, not {rpc_tracker!r}")
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+                                     session_timeout_sec=int(timeout))
+        runner = ms.runner.RPCRunner(config, max_workers=1)  # one server serves one session at a time
+    else:
+        runner = ms.runner.LocalRunner(timeout_sec=timeout)
+    state = {"done": 0, "best": {}}
+
+    @tvm.ir.utils.derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            name = str(task_scheduler.tasks_[task_id].ctx.task_name) if hasattr(task_scheduler, "tasks_") else str(task_id)
+            times = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results if r.run_secs and r.error_msg is None]
+            if times:
+                state["best"][name] = min(times + ([state["best"][name]] if name in state["best"] else []))
+            state["done"] += len(runner_results)
+            _publish(staging, records)
+            if on_batch:
+                on_batch(state["done"], trials, name, state["best"].get(name))
+
+    # MetaSchedule prints every batch and a task table to stdout at INFO; its per-task logs still go to
+    # files. Our progress callback is the user-facing report.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+        logging.DEBUG if os.environ.get("ADNTN_TUNE_VERBOSE") else logging.WARNING)
+    start = time.perf_counter()
+    try:
+        tasks = ms.relax_integration.extract_tasks(fused, tvm_tgt)
+        ms.relax_integration.tune_relax(
+            fused, {}, tvm_tgt, str(staging), max_trials_global=trials, max_trials_per_task=trials_per_task,
+            num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
+        )
+        _publish(staging, records)
+    except GeneratorError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuningError(f"tuning failed: {first}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    meta = records / "adntn_schedule.json"
+    info = json.loads(meta.read_text()) if meta.exists() else {"models": [], "trials": 0}
+    info.update(target=str(tvm_tgt), profile=profile.name, trials=int(info.get("trials", 0)) + state["done"])
+    info["models"] = sorted(set(info["models"]) | {Path(onnx_path).name})
+    meta.write_text(json.dumps(info, indent=2) + "\n")
+    return TuneReport(records, len(tasks), state["done"], time.perf_counter() - start, dict(state["best"]))

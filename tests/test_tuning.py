@@ -1,0 +1,154 @@
+"""Auto-tuning: tune, apply, resume, survive kill -9, tune through a real RPC tracker and server."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from adntn_deploy.compiler.build import compile_model  # noqa: E402
+from adntn_deploy.compiler.tuning import DB_FILES, TuningError, clean_database, list_schedules, tune_model  # noqa: E402
+from adntn_deploy.nn import ADNTNLinear  # noqa: E402
+from adntn_deploy.onnx_export import export_onnx  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
+
+CLI = [sys.executable, "-m", "adntn_deploy.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(ADNTNLinear(16, 8, family="ttn", bond_dim=2), nn.ReLU()).eval()
+    path = tmp_path_factory.mktemp("tune") / "tiny.onnx"
+    export_onnx(model, [torch.randn(1, 16)], path, input_names=["input"])
+    return path
+
+
+def records_in(folder: Path) -> int:
+    path = folder / "database_tuning_record.json"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        proc.wait(30)
+
+
+def test_tune_survives_kill_resumes_and_applies(tmp_path, tiny):
+    records = tmp_path / "records"
+    proc = subprocess.Popen([*CLI, "tune", str(tiny), "--target", "host", "--tuning-records", str(records),
+                             "--trials", "24", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and records_in(records) == 0:
+            time.sleep(0.5)
+        assert records_in(records) > 0, "no record was published"
+    finally:
+        kill_group(proc)  # kill -9 in the middle of tuning
+    clean_database(records)
+    before = records_in(records)
+    artifact = compile_model(tiny, "host", tmp_path / "art", tuning_records=records)
+    assert artifact.manifest["tuning"]["scheduled_kernels"] >= 1
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    expected = load(tiny).run({"input": x})
+    got = load(artifact.path).run({"input": x})
+    (name,) = expected
+    assert np.abs(got[name] - expected[name]).max() / np.abs(expected[name]).max() < 1e-5
+
+    report = tune_model(tiny, "host", records, trials=4)  # resume: starts from the published records
+    assert report.trials >= 4 and records_in(records) >= before + 1
+    meta = json.loads((records / "adntn_schedule.json").read_text())
+    assert meta["models"] == ["tiny.onnx"] and meta["trials"] >= 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, tiny):
+    tracker_port, server_port = free_port(), free_port()
+    tracker = subprocess.Popen([*CLI, "rpc", "tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = None
+    try:
+        time.sleep(2)
+        server = subprocess.Popen([*CLI, "rpc", "server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", "loopback",
+                                   "--host", "127.0.0.1", "--port", str(server_port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        from tvm import rpc
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if "loopback" in rpc.connect_tracker("127.0.0.1", tracker_port).summary().get("queue_info", {}):
+                    break
+            except Exception:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the RPC server never registered with the tracker")
+        records = tmp_path / "rpc-records"
+        report = tune_model(tiny, "host", records, trials=4, rpc_tracker=f"127.0.0.1:{tracker_port}", rpc_key="loopback")
+        assert report.trials >= 4 and records_in(records) >= 1
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                kill_group(proc, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"trials": 0}, "at least 1"),
+    ({"rpc_tracker": "127.0.0.1:9190"}, "go together"),
+    ({"rpc_tracker": "nohost", "rpc_key": "k"}, "HOST:PORT"),
+])
+def test_bad_tuning_options(tmp_path, tiny, kwargs, message):
+    with pytest.raises(TuningError, match=message):
+        tune_model(tiny, "host", tmp_path / "r", **kwargs)
+
+
+def test_cross_target_needs_a_board(tmp_path, tiny):
+    with pytest.raises(TuningError, match="--rpc-tracker"):
+        tune_model(tiny, "rpi4", tmp_path / "r", trials=2)
+
+
+def test_applying_something_that_is_not_a_database(tmp_path, tiny):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TuningError, match="not a tuning database"):
+        compile_model(tiny, "host", tmp_path / "art", tuning_records=tmp_path / "empty")
+
+
+def test_clean_database_drops_incomplete_lines(tmp_path):
+    good = json.dumps({"a": 1})
+    for name in DB_FILES:
+        (tmp_path / name).write_text(f"{good}\n{good}\n{{\"half\": ")
+    clean_database(tmp_path)
+    for name in DB_FILES:
+        assert (tmp_path / name).read_text() == f"{good}\n{good}\n"
+
+
+def test_schedules_listing(tmp_path, monkeypatch):
+    folder = tmp_path / "host"
+    folder.mkdir()
+    for name, lines in zip(DB_FILES, (2, 5)):
+        (folder / name).write_text("".join(json.dumps({"k": k}) + "\n" for k in range(lines)))
+    (folder / "adntn_schedule.json").write_text(json.dumps({"target": "llvm -x", "models": ["m.onnx"], "trials": 64}))
+    monkeypatch.setenv("ADNTN_SCHEDULES_DIR", str(tmp_path))
+    (row,) = list_schedules()
+    assert row == {"profile": "host", "target": "llvm -x", "models": ["m.onnx"], "trials": 64, "workloads": 2, "records": 5}
+    proc = subprocess.run([*CLI, "schedules", "--json"], capture_output=True, text=True, env={**os.environ})
+    assert json.loads(proc.stdout)[0]["records"] == 5
