@@ -12,3 +12,14 @@ def load(path, backend=None, **options):
     from adntn_deploy.runtime import load as _load
 
     return _load(path, backend=backend, **options)
+
+
+def export_onnx(model, example_inputs, path, **options):
+    """Export a model with generated layers to ONNX (ai.adntn nodes holding only the cores).
+
+    See :func:`adntn_deploy.onnx_export.export_onnx` for the options (input_names, output_names,
+    dynamic_batch, opset, standard_ops) and errors.
+    """
+    from adntn_deploy.onnx_export import export_onnx as _export
+
+    return _export(model, example_inputs, path, **options)

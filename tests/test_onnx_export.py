@@ -106,10 +106,12 @@ def test_onnxruntime_folds_generators_at_session_creation(tmp_path):
 
 
 def test_predictor_interface_and_threads(tmp_path):
+    import adntn_deploy
+
     model = linear_model("ttn").eval()
-    result = export_onnx(model, [torch.randn(2, 48)], tmp_path / "m.onnx", input_names=["input"],
-                         output_names=["logits"], dynamic_batch=True)
-    predictor = load(result.path, intra_op_threads=1)
+    result = adntn_deploy.export_onnx(model, [torch.randn(2, 48)], tmp_path / "m.onnx", input_names=["input"],
+                                      output_names=["logits"], dynamic_batch=True)
+    predictor = adntn_deploy.load(result.path, intra_op_threads=1)
     assert [i.name for i in predictor.inputs] == ["input"]
     assert predictor.inputs[0].shape[1] == 48 and not isinstance(predictor.inputs[0].shape[0], int)
     assert [o.name for o in predictor.outputs] == ["logits"]

@@ -1,0 +1,105 @@
+"""Benchmark auto-tuning on the host: untuned TVM vs tuned TVM vs ONNX Runtime, same models, one run.
+
+python benchmarks/tuning.py [--trials 256] [--records schedules/host]
+Models: an MLP 784-1024-1024-10, dense and with TTN generators, at batch 1 and 32 (static shapes). Each is
+tuned with MetaSchedule into --records (default: the shipped database schedules/host/, which compile then
+applies automatically for this target), then compiled with and without the records; latencies are medians
+of interleaved calls. Results: benchmarks/results/tuning.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def latency_ms(predictor, feeds, calls: int = 50) -> float:
+    predictor.run(feeds)
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        predictor.run(feeds)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument("--records", type=Path, default=REPO / "schedules" / "host")
+    args = parser.parse_args()
+    import torch
+    from torch import nn
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.tuning import tune_model
+    from adntn_deploy.nn import ADNTNLinear
+    from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.runtime import load
+
+    torch.manual_seed(0)
+    models = {
+        "mlp-dense": nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)),
+        "mlp-ttn": nn.Sequential(ADNTNLinear(784, 1024, family="ttn"), nn.ReLU(), ADNTNLinear(1024, 1024, family="ttn"),
+                                 nn.ReLU(), nn.Linear(1024, 10)),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in models.items():
+            for batch in (1, 32):
+                onnx_path = Path(tmp) / f"{name}-b{batch}.onnx"
+                export_onnx(model.eval(), [torch.randn(batch, 784)], onnx_path, input_names=["input"])
+                x = {"input": np.random.default_rng(0).standard_normal((batch, 784)).astype(np.float32)}
+                # compile untuned: hide the shipped schedules/ so nothing is applied by default
+                os.environ["ADNTN_SCHEDULES_DIR"] = str(Path(tmp) / "no-schedules")
+                untuned = compile_model(onnx_path, "host", Path(tmp) / f"{name}-b{batch}-untuned")
+                os.environ.pop("ADNTN_SCHEDULES_DIR")
+                start = time.perf_counter()
+                report = tune_model(onnx_path, "host", args.records, trials=args.trials, trials_per_task=64)
+                tune_s = time.perf_counter() - start
+                tuned = compile_model(onnx_path, "host", Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records)
+                ort, plain, fast = load(onnx_path), load(untuned.path), load(tuned.path)
+                reference = ort.run(x)
+                for p in (plain, fast):
+                    out = p.run(x)
+                    key = next(iter(out))
+                    assert np.abs(out[key] - reference[key]).max() / np.abs(reference[key]).max() < 1e-4
+                lat = {k: [] for k in ("ort", "untuned", "tuned")}
+                for _ in range(3):  # interleaved rounds
+                    lat["ort"].append(latency_ms(ort, x))
+                    lat["untuned"].append(latency_ms(plain, x, 10))
+                    lat["tuned"].append(latency_ms(fast, x))
+                row = {"model": name, "batch": batch, "ort_ms": statistics.median(lat["ort"]),
+                       "tvm_untuned_ms": statistics.median(lat["untuned"]), "tvm_tuned_ms": statistics.median(lat["tuned"]),
+                       "tuned_over_ort": statistics.median(lat["tuned"]) / statistics.median(lat["ort"]),
+                       "tasks": report.tasks, "trials": report.trials, "tuning_seconds": tune_s,
+                       "scheduled_kernels": tuned.manifest["tuning"]["scheduled_kernels"],
+                       "kernels": tuned.manifest["tuning"]["kernels"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = ("| model | batch | ORT ms | TVM untuned ms | TVM tuned ms | tuned/ORT | tuned kernels | trials | tuning s |\n"
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    table += "\n".join(f"| {r['model']} | {r['batch']} | {r['ort_ms']:.3f} | {r['tvm_untuned_ms']:.3f} | {r['tvm_tuned_ms']:.3f} | "
+                       f"{r['tuned_over_ort']:.2f} | {r['scheduled_kernels']}/{r['kernels']} | {r['trials']} | {r['tuning_seconds']:.0f} |"
+                       for r in rows)
+    print(table)
+    meta = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
+            "trials_per_model": args.trials, "records": str(args.records)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / "tuning.md").write_text(f"# Auto-tuning on the host\n\n{json.dumps(meta)}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
