@@ -146,6 +146,7 @@ def _publish(staging: Path, records: Path) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a database is meant to be shared and shipped
         os.replace(tmp, records / name)
 
 
