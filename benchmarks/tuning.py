@@ -38,7 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=256)
     parser.add_argument("--records", type=Path, default=REPO / "schedules" / "host")
+    parser.add_argument("--blocks", action="store_true",
+                        help="tune the AlexNet / VGG-16 classifier blocks instead (dense; their inference kernels are "
+                             "the same for every ADNTN variant, which is checked with the ttn-2k block)")
     args = parser.parse_args()
+    if args.blocks:
+        return tune_blocks(args)
     import torch
     from torch import nn
 
@@ -99,6 +104,74 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (RESULTS / "tuning.md").write_text(f"# Auto-tuning on the host\n\n{json.dumps(meta)}\n\n{table}\n")
+
+
+def tune_blocks(args) -> None:
+    """Tune the dense classifier blocks at batch 1 and 32; compare ORT, tuned TVM dense and tuned TVM ttn-2k."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from onnx_runtime import build_block
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.tuning import tune_model
+    from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.runtime import load
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for net in ("alexnet", "vgg16"):
+            for batch in (1, 32):
+                paths = {}
+                for variant in ("dense", "ttn-2k"):
+                    model = build_block(net, variant)
+                    width = model[0].in_features
+                    paths[variant] = Path(tmp) / f"{net}-{variant}-b{batch}.onnx"
+                    export_onnx(model, [torch.randn(batch, width)], paths[variant], input_names=["input"])
+                    del model
+                start = time.perf_counter()
+                report = tune_model(paths["dense"], "host", args.records, trials=args.trials)
+                tune_s = time.perf_counter() - start
+                x = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
+                ort = load(paths["dense"])
+                reference = ort.run(x)
+                key = next(iter(reference))
+                tuned = {}
+                for variant, path in paths.items():
+                    artifact = compile_model(path, "host", Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records)
+                    predictor = load(artifact.path)
+                    if variant == "dense":
+                        out = predictor.run(x)[key]
+                        assert np.abs(out - reference[key]).max() / np.abs(reference[key]).max() < 1e-4
+                    tuned[variant] = (predictor, artifact.manifest["tuning"])
+                lat = {"ort": [], "dense": [], "ttn-2k": []}
+                for _ in range(3):
+                    lat["ort"].append(latency_ms(ort, x, 20))
+                    for variant in ("dense", "ttn-2k"):
+                        lat[variant].append(latency_ms(tuned[variant][0], x, 20))
+                row = {"model": f"{net} block", "batch": batch, "ort_ms": statistics.median(lat["ort"]),
+                       "tvm_tuned_dense_ms": statistics.median(lat["dense"]),
+                       "tvm_tuned_ttn2k_ms": statistics.median(lat["ttn-2k"]),
+                       "tuned_over_ort": statistics.median(lat["dense"]) / statistics.median(lat["ort"]),
+                       "ttn2k_main_kernels_tuned": tuned["ttn-2k"][1]["scheduled_kernels"],
+                       "ttn2k_kernels": tuned["ttn-2k"][1]["kernels"], "tasks": report.tasks, "trials": report.trials,
+                       "tuning_seconds": tune_s}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del ort, tuned
+    table = ("| block | batch | ORT ms | TVM tuned dense ms | TVM tuned ttn-2k ms | tuned/ORT | ttn-2k kernels tuned | trials | tuning s |\n"
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    table += "\n".join(f"| {r['model']} | {r['batch']} | {r['ort_ms']:.2f} | {r['tvm_tuned_dense_ms']:.2f} | "
+                       f"{r['tvm_tuned_ttn2k_ms']:.2f} | {r['tuned_over_ort']:.2f} | {r['ttn2k_main_kernels_tuned']}/"
+                       f"{r['ttn2k_kernels']} | {r['trials']} | {r['tuning_seconds']:.0f} |" for r in rows)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
+            "trials_per_block": args.trials, "records": str(args.records)}
+    (RESULTS / "tuning_blocks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / "tuning_blocks.md").write_text(f"# Auto-tuning the classifier blocks\n\n{json.dumps(meta)}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def tune_model(
     """Tune every kernel of ``onnx_path`` for ``target``; the database goes to (or grows in) ``records``.
 
     Args:
-        trials: total measured candidates across all tasks; trials_per_task caps one task.
+        trials: total measured candidates across all tasks; trials_per_task caps one task (default: an
+            equal share, so no kernel is left with its naive first candidate).
         rpc_tracker / rpc_key: measure on a board registered with a TVM RPC tracker ("host:port").
         timeout: seconds a candidate may take to build (2-core machines need minutes) and to run.
         on_batch: called after every measured batch as (trials done, trials total, task name, best
@@ -252,8 +253,11 @@ def tune_model(
     start = time.perf_counter()
     try:
         tasks = ms.relax_integration.extract_tasks(fused, tvm_tgt)
+        # without a per-task cap the gradient scheduler can spend the whole budget on cheap kernels and
+        # leave a big matmul with its first (naive) candidate; default: an equal share per task
+        per_task = trials_per_task or max(1, -(-trials // max(len(tasks), 1)))
         ms.relax_integration.tune_relax(
-            fused, {}, tvm_tgt, str(staging), max_trials_global=trials, max_trials_per_task=trials_per_task,
+            fused, {}, tvm_tgt, str(staging), max_trials_global=trials, max_trials_per_task=per_task,
             num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
         )
