@@ -122,16 +122,15 @@ def resolve_target(spec: str) -> DeviceProfile:
         except json.JSONDecodeError as exc:
             raise ProfileError(f"--target JSON is invalid: {exc}") from None
         return _profile_for_target("custom", target, f"custom target {spec}")
-    try:
-        return get_profile(spec)
-    except ProfileError:
-        pass
+    profiles = {p.name: p for p in list_profiles()}
+    if spec in profiles:
+        return profiles[spec]
     import tvm
 
     if spec in {str(t) for t in tvm.target.list_tags()}:
         target = _export(tvm.target.Target(spec))
         return _profile_for_target(spec, target, f"TVM tag {spec}", tag=spec)
-    names = ", ".join(p.name for p in list_profiles())
+    names = ", ".join(profiles)
     raise ProfileError(f"unknown target {spec!r}: use a profile ({names}), a TVM tag (tvm.target.list_tags()), or a JSON dict")
 
 

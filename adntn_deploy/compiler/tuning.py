@@ -69,23 +69,22 @@ def _count_scheduled(mod) -> tuple[int, int]:
 
 def clean_database(folder: Path) -> None:
     """Drop incomplete trailing lines from a JSON database (what an interrupted writer leaves)."""
+    # records are appended one line at a time, so only the tail can be incomplete: check the last line
+    # instead of parsing the whole (multi-MB) database on every compile
     for name in DB_FILES:
         path = folder / name
         if not path.exists():
             continue
-        lines = path.read_bytes().split(b"\n")
-        good = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break  # everything after a broken line was written after it: drop it too
-            good.append(line)
-        data = b"\n".join(good) + (b"\n" if good else b"")
-        if data != path.read_bytes():
-            path.write_bytes(data)
+        data = path.read_bytes()
+        body = data.rstrip(b"\n")
+        cut = body.rfind(b"\n") + 1
+        try:
+            json.loads(body[cut:]) if body[cut:].strip() else None
+            fixed = body + b"\n" if body else b""
+        except json.JSONDecodeError:
+            fixed = body[:cut]
+        if fixed != data:
+            path.write_bytes(fixed)
 
 
 def apply_records(mod, target, records: Path) -> tuple[Any, int, int]:

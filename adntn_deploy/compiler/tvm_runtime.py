@@ -18,7 +18,7 @@ import numpy as np
 from adntn_deploy.compiler.build import ARTIFACT_FORMAT, ARTIFACT_VERSION, sha256_file
 from adntn_deploy.compiler.profiles import host_arch
 from adntn_deploy.errors import GeneratorError
-from adntn_deploy.runtime.base import InputError, TensorInfo, validate_feeds
+from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
 
 
 class ArtifactError(GeneratorError):
@@ -99,10 +99,7 @@ class TvmPredictor:
 
         arrays = validate_feeds(self.inputs, feeds)
         names = [o.name for o in self.outputs]
-        wanted = list(outputs) if outputs else names
-        bad = sorted(set(wanted) - set(names))
-        if bad:
-            raise InputError(f"unknown output(s) {bad}; the model has {names}")
+        wanted = requested_outputs(self.outputs, outputs)
         args = [tvm.runtime.tensor(arrays[i.name], self.device) for i in self.inputs]
         with self._lock:
             result = self.vm["main"](*args, *self._weights)

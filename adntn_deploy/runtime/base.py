@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +54,21 @@ def validate_feeds(inputs: tuple[TensorInfo, ...], feeds: Mapping[str, np.ndarra
                 raise InputError(f"input {name!r} has shape {array.shape}, the model expects {_fmt(info.shape)} (axis {axis})")
         out[name] = array
     return out
+
+
+def requested_outputs(outputs: tuple[TensorInfo, ...], wanted: Sequence[str] | None) -> list[str]:
+    """The output names to return: ``wanted`` (validated) or all of ``outputs``, in order.
+
+    Raises:
+        InputError: a requested name the model does not have.
+    """
+    names = [o.name for o in outputs]
+    if not wanted:
+        return names
+    bad = sorted(set(wanted) - set(names))
+    if bad:
+        raise InputError(f"unknown output(s) {bad}; the model has {names}")
+    return list(wanted)
 
 
 def _fmt(shape) -> str:

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from adntn_deploy.runtime.base import TensorInfo, validate_feeds
+from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -89,12 +89,7 @@ class OrtPredictor:
         Raises:
             InputError: names, shapes or dtypes that do not match :attr:`inputs`, or unknown output names.
         """
-        from adntn_deploy.runtime.base import InputError
-
         arrays = validate_feeds(self.inputs, feeds)
-        names = list(outputs) if outputs else [o.name for o in self.outputs]
-        bad = sorted(set(names) - {o.name for o in self.outputs})
-        if bad:
-            raise InputError(f"unknown output(s) {bad}; the model has {[o.name for o in self.outputs]}")
+        names = requested_outputs(self.outputs, outputs)
         results = self.session.run(names, arrays)
         return dict(zip(names, results))

@@ -142,16 +142,12 @@ def create_app(config: ServeConfig):
         try:
             body = await read_body(request)
             decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-            names = [o.name for o in model.predictor.outputs]
-            unknown = sorted(set(decoded.outputs or []) - set(names))
-            if unknown:
-                raise ProtocolError(f"unknown output(s) {unknown}; the model has {names}")
             start = time.perf_counter()
-            outputs = await run_in_threadpool(model.predictor.run, decoded.inputs)
+            outputs = await run_in_threadpool(model.predictor.run, decoded.inputs, decoded.outputs)
             inference.labels(model.entry.name).observe(time.perf_counter() - start)
         except GeneratorError as exc:  # ProtocolError and the predictor's InputError
             return error(400, str(exc))
-        body, headers = encode_response(model.entry.name, model.entry.version, decoded, outputs, decoded.outputs or names)
+        body, headers = encode_response(model.entry.name, model.entry.version, decoded, outputs, list(outputs))
         return Response(body, headers=headers)
 
     async def metrics(request: Request):
