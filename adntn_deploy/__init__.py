@@ -23,3 +23,25 @@ def export_onnx(model, example_inputs, path, **options):
     from adntn_deploy.onnx_export import export_onnx as _export
 
     return _export(model, example_inputs, path, **options)
+
+
+def compress(model, layers="classifier", family="ttn", **options):
+    """Replace the selected Linear / Conv2d layers of a trained ``model`` by generated layers fitted to their
+    weights; returns ``(model, report)``.
+
+    See :func:`adntn_deploy.compression.compress` for the options (bond_dim or ratio, activation,
+    fit_steps, inplace, ...) and errors.
+    """
+    from adntn_deploy.compression import compress as _compress
+
+    return _compress(model, layers, family, **options)
+
+
+def finetune(model, data, **options):
+    """Fine-tune a compressed model on a :class:`adntn_deploy.data.Dataset` (end to end, or its head only).
+
+    See :func:`adntn_deploy.training.finetune` for the options (epochs, scope, lr, core_lr) and errors.
+    """
+    from adntn_deploy.training import finetune as _finetune
+
+    return _finetune(model, data, **options)

@@ -31,6 +31,8 @@ if ! python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 10)
 fi
 # Cross toolchains and qemu: compile for ARM / RISC-V boards and check the aarch64 artifacts here.
 apt_install g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf g++-riscv64-linux-gnu qemu-user
+# Fashion-MNIST (gzip IDX files in /usr/share/datasets/fashion-mnist): train, compress, the accuracy benchmark
+apt_install dataset-fashion-mnist
 
 PY=python3
 managed=$(python3 -c 'import os, sysconfig; print(int(os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')

@@ -65,7 +65,7 @@ def build_generator(spec: GeneratorSpec, weight_shape: Sequence[int], target: np
         raise GeneratorError(f"target has shape {weight.shape}, the generator makes {ir.weight_shape}")
     scale = float(weight.std()) or 1.0
     matrix = weight.reshape(weight.shape[0], -1)
-    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, spec.seed))
+    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, spec.seed, weight.shape))
 
 
 __all__ = ["FAMILIES", "Generator", "GeneratorSpec", "build_generator", "build_structure", "factorize"]

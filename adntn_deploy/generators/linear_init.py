@@ -64,8 +64,13 @@ def _bases(ctx: FamilyContext, weight: np.ndarray, modes: list[int], n_out: int,
     return bases
 
 
-def linear_cores(ctx: FamilyContext, weight: np.ndarray, output_scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+def linear_cores(
+    ctx: FamilyContext, weight: np.ndarray, output_scale: float, seed: int = 0, weight_shape: tuple[int, ...] | None = None,
+) -> dict[str, np.ndarray]:
     """Cores that make the generator reproduce ``weight`` (out, in) as well as its bonds allow.
+
+    ``weight_shape`` is the layer's own shape when ``weight`` is a flattened convolution kernel: the
+    tensorisation depends on it (kernel axes are modes of their own).
 
     Raises:
         GeneratorError: shared cores, or an activation that is not linear near zero (relu, leaky_relu,
@@ -79,7 +84,7 @@ def linear_cores(ctx: FamilyContext, weight: np.ndarray, output_scale: float, se
                 f"initialising from a weight needs activations that are linear near zero "
                 f"({', '.join(LINEAR_GAINS)}), not {act!r}"
             )
-    out_modes, in_modes = ctx.spec.tensorize(weight.shape)
+    out_modes, in_modes = ctx.spec.tensorize(weight_shape or weight.shape)
     modes = list(out_modes) + list(in_modes)
     bases = _bases(ctx, weight, modes, len(out_modes), seed)
     sizes = ctx.builder.sizes

@@ -1,0 +1,162 @@
+"""``train`` and ``compress``: dense baselines of the zoo models, and their compression with generators."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from adntn_deploy.data import DATASETS
+
+_data_options = [
+    click.option("--data", "data_name", type=click.Choice(sorted(DATASETS)), default="fashion-mnist", show_default=True,
+                 help="Dataset (fashion-mnist from the Debian package dataset-fashion-mnist; digits is built in)."),
+    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder with Fashion-MNIST's gzip IDX files (default $ADNTN_DATA_DIR or /usr/share/datasets/fashion-mnist)."),
+    click.option("--batch-size", default=128, show_default=True, help="Training batch size."),
+    click.option("--seed", default=0, show_default=True, help="Seed of initialisation and shuffling."),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+]
+
+
+def data_options(func):
+    """Attach the options every data-driven command shares."""
+    for option in reversed(_data_options):
+        func = option(func)
+    return func
+
+
+def _inputs_extra(data) -> list[dict]:
+    return [{"name": "input", "shape": [1, *data.input_shape]}]
+
+
+def _guard_output(output: Path, *inputs: Path) -> None:
+    for given in inputs:
+        if given.exists() and output.resolve() == given.resolve():
+            raise click.ClickException(f"-o {output} would overwrite the input checkpoint; write to another path")
+
+
+@click.command("train")
+@click.option("--model", "model_name", required=True, help="Zoo model: vgg, alexnet or mlp.")
+@click.option("--epochs", default=3, show_default=True, help="Training epochs.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write (.ckpt).")
+@data_options
+def train_command(model_name, epochs, lr, output, data_name, data_dir, batch_size, seed, as_json):
+    """Train a dense zoo model on a dataset; writes a checkpoint that compress and export read."""
+    import torch
+
+    from adntn_deploy.checkpoint import save_checkpoint
+    from adntn_deploy.data import load_dataset
+    from adntn_deploy.models.zoo import build_model
+    from adntn_deploy.training import evaluate, train
+
+    model = build_model(model_name, seed=seed)  # unknown names fail before the data is read
+    data = load_dataset(data_name, data_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
+    accuracy = evaluate(model, data.test_x, data.test_y)
+    summary = {"model": model_name, "data": data.describe(), "test_accuracy": accuracy, "training": result.as_dict(),
+               "params": sum(p.numel() for p in model.parameters()), "checkpoint": str(output)}
+    save_checkpoint(output, model, {"inputs": _inputs_extra(data), "dataset": data.name, "test_accuracy": accuracy,
+                                    "training": result.as_dict(), "zoo": model_name})
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"{model_name} on {data.name}: test accuracy {100 * accuracy:.2f}% after {epochs} epoch(s) "
+                   f"({result.seconds:.0f} s, {summary['params']:,} parameters); wrote {output}")
+
+
+def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, seed: int, quiet: bool):
+    from adntn_deploy.checkpoint import load_checkpoint
+    from adntn_deploy.models.zoo import ZOO, build_model
+    from adntn_deploy.training import train
+
+    path = Path(model_arg)
+    if path.is_file():
+        return load_checkpoint(path), f"checkpoint {path}"
+    if model_arg not in ZOO:
+        raise click.ClickException(
+            f"--model {model_arg!r} is neither a checkpoint file nor a zoo model ({', '.join(ZOO)}): "
+            "pass a checkpoint written by 'adntn-deploy train' or a zoo name"
+        )
+    if not quiet:
+        click.echo(f"no checkpoint given: training a dense {model_arg} for {dense_epochs} epoch(s) first", err=True)
+    model = build_model(model_arg, data.num_classes, seed)
+    train(model, data, epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not quiet)
+    return model, f"zoo {model_arg} trained {dense_epochs} epoch(s)"
+
+
+@click.command("compress")
+@click.option("--model", "model_arg", required=True, help="A dense checkpoint (from train) or a zoo name (trained first).")
+@click.option("--layers", default="classifier", show_default=True,
+              help="Comma-separated: 'classifier' (hidden Linear layers), a type (Linear, Conv2d) or a module-name glob.")
+@click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default="ttn", show_default=True)
+@click.option("--bond-dim", type=int, default=None, help="Bond dimension (with --max-mode); or give --ratio.")
+@click.option("--ratio", type=float, default=None, help="Per-layer compression ratio to reach at least (searches the configuration).")
+@click.option("--max-mode", type=int, default=4, show_default=True, help="Largest tensorisation mode (with --bond-dim).")
+@click.option("--mixing", is_flag=True, help="Lateral mixing tensors (TTN, aTTN).")
+@click.option("--activation", default="tanh", show_default=True, help="Activation after each tree level.")
+@click.option("--fit-steps", default=200, show_default=True, help="Adam steps fitting the cores to the dense weights.")
+@click.option("--calibrate", default=0, show_default=True,
+              help="Training images used to fit each Linear layer on its inputs' principal subspace (0: fit the plain weight).")
+@click.option("--epochs", default=1, show_default=True, help="Fine-tuning epochs after fitting (0: none).")
+@click.option("--scope", type=click.Choice(["all", "head"]), default="all", show_default=True,
+              help="Fine-tune end to end, or only from the first compressed layer on (features frozen and cached: faster).")
+@click.option("--lr", default=1e-3, show_default=True, help="Fine-tuning learning rate of dense parameters.")
+@click.option("--core-lr", default=3e-2, show_default=True, help="Cores' learning rate, relative to each core's RMS.")
+@click.option("--dense-epochs", default=3, show_default=True, help="Epochs of the dense baseline when --model is a zoo name.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
+@data_options
+def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixing, activation, fit_steps, epochs, scope,
+                     lr, core_lr, calibrate, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
+    """Replace layers of a trained model by generators fitted to their weights, fine-tune, report accuracy."""
+    from tqdm import tqdm
+
+    from adntn_deploy.checkpoint import save_checkpoint
+    from adntn_deploy.compression import compress
+    from adntn_deploy.data import load_dataset
+    from adntn_deploy.training import evaluate, finetune
+
+    if (bond_dim is None) == (ratio is None):
+        raise click.UsageError("give exactly one of --bond-dim N or --ratio R")
+    _guard_output(output, Path(model_arg))
+    data = load_dataset(data_name, data_dir)
+    dense, source = _load_or_train(model_arg, data, dense_epochs, batch_size, seed, as_json)
+    dense_acc = evaluate(dense, data.test_x, data.test_y)
+    options = {"max_mode": max_mode} if bond_dim is not None else {}
+    if mixing:
+        options["mixing"] = True
+    bar = tqdm(desc="fit cores", unit="step", disable=True if as_json else None, leave=False)
+    start = time.perf_counter()
+
+    def progress(layer: str, step: int, total: int) -> None:
+        bar.set_postfix(layer=layer)
+        bar.update(1)
+
+    model, report = compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, activation=activation,
+                             fit_steps=fit_steps, seed=seed, progress=progress,
+                             calibration=data.train_x[:calibrate] if calibrate > 0 else None, **options)
+    bar.close()
+    tuned = finetune(model, data, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr,
+                     seed=seed, progress=not as_json) if epochs > 0 else None
+    accuracy = evaluate(model, data.test_x, data.test_y)
+    summary = {"source": source, "data": data.describe(), "dense_accuracy": dense_acc, "accuracy": accuracy,
+               "compression": report.as_dict(), "finetune": tuned.as_dict() if tuned else None,
+               "seconds": time.perf_counter() - start, "checkpoint": str(output)}
+    save_checkpoint(output, model, {"inputs": _inputs_extra(data), "dataset": data.name, "dense_accuracy": dense_acc,
+                                    "test_accuracy": accuracy, "compression": report.as_dict()})
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from adntn_deploy.cli.tables import render_table
+
+    rows = [[r.name, r.kind, "x".join(map(str, r.weight_shape)), family,
+             f"bond {r.spec['bond_dim']}, max_mode {r.spec['max_mode']}{', shared' if r.spec['share'] else ''}",
+             f"{r.params:,}", f"{r.ratio:,.0f}x", f"{r.fit_error:.3f}"] for r in report.layers]
+    click.echo(render_table(["layer", "type", "weight", "family", "config", "params", "ratio", "fit error"], rows))
+    click.echo(f"test accuracy: dense {100 * dense_acc:.2f}% -> compressed {100 * accuracy:.2f}% "
+               f"({100 * (accuracy - dense_acc):+.2f} points); whole model {report.model_params_before:,} -> "
+               f"{report.model_params_after:,} parameters ({report.model_ratio:.1f}x); wrote {output}")

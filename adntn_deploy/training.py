@@ -1,0 +1,175 @@
+"""Training and fine-tuning loops for image classifiers (dense baselines and compressed models).
+
+Everything is seeded: the same call on the same machine gives the same model. Optimiser: Adam with a
+cosine learning-rate decay to zero over the run. Generator cores get per-core learning rates relative to
+each core's RMS (``core_lr`` times it): the cores of one generator span orders of magnitude after the
+SVD start, and one absolute step size would wreck the small ones and freeze the large ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from adntn_deploy.data import Dataset
+from adntn_deploy.errors import GeneratorError
+from adntn_deploy.nn.generated import GeneratedWeight
+
+SCOPES = ("all", "head")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-epoch validation accuracy (0..1) and mean loss, and wall time (s)."""
+
+    epochs: int
+    val_accuracy: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    scope: str = "all"
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {"epochs": self.epochs, "val_accuracy": self.val_accuracy, "train_loss": self.train_loss,
+                "seconds": self.seconds, "scope": self.scope}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` (put in eval mode) on ``x``, computed in batches."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``(x, y)``.
+
+    Raises:
+        GeneratorError: x and y hold different numbers of examples, or none.
+    """
+    if len(x) != len(y) or len(y) == 0:
+        raise GeneratorError(f"evaluate needs as many labels as inputs (got {len(x)} inputs, {len(y)} labels)")
+    return float((predict_logits(model, x, batch_size).argmax(1) == y).float().mean())
+
+
+def _param_groups(module: nn.Module, lr: float, core_lr: float) -> list[dict]:
+    cores, core_ids = [], set()
+    for sub in module.modules():
+        if isinstance(sub, GeneratedWeight):
+            for p in sub.cores.values():
+                if p.requires_grad:
+                    rms = max(float(p.detach().pow(2).mean().sqrt()), 1e-6)
+                    cores.append({"params": [p], "lr": core_lr * rms})
+                    core_ids.add(id(p))
+    dense = [p for p in module.parameters() if p.requires_grad and id(p) not in core_ids]
+    return ([{"params": dense, "lr": lr}] if dense else []) + cores
+
+
+def _fit_loop(
+    module: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val: Callable[[], float], *,
+    epochs: int, batch_size: int, lr: float, core_lr: float, seed: int, progress: bool, desc: str,
+) -> TrainResult:
+    from tqdm import tqdm
+
+    if epochs < 0 or batch_size < 1 or lr <= 0 or core_lr <= 0:
+        raise GeneratorError(f"need epochs >= 0, batch size >= 1 and positive learning rates (got {epochs}, {batch_size}, {lr}, {core_lr})")
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(_param_groups(module, lr, core_lr))
+    steps_per_epoch = math.ceil(len(train_y) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    loss_fn = nn.CrossEntropyLoss()
+    result = TrainResult(epochs)
+    start = time.perf_counter()
+    shuffler = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        module.train()
+        order = torch.randperm(len(train_y), generator=shuffler)
+        total, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
+        for step in bar:
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(module(train_x[idx]), train_y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+        bar.close()
+        if not math.isfinite(total):
+            raise GeneratorError(f"training diverged in epoch {epoch + 1} (non-finite loss); lower the learning rate")
+        result.train_loss.append(total / max(seen, 1))
+        result.val_accuracy.append(val())
+    result.seconds = time.perf_counter() - start
+    module.eval()
+    return result
+
+
+def train(model: nn.Module, data: Dataset, *, epochs: int = 3, batch_size: int = 128, lr: float = 1e-3,
+          seed: int = 0, progress: bool = True) -> TrainResult:
+    """Train every parameter of ``model`` on ``data``'s training split (cross-entropy, Adam, cosine decay).
+
+    Returns per-epoch validation accuracy and loss; the model is left in eval mode.
+
+    Raises:
+        GeneratorError: invalid hyper-parameters, or a diverging run.
+    """
+    return _fit_loop(model, data.train_x, data.train_y, lambda: evaluate(model, data.val_x, data.val_y),
+                     epochs=epochs, batch_size=batch_size, lr=lr, core_lr=1e-2, seed=seed, progress=progress, desc="train")
+
+
+def first_generated_index(model: nn.Sequential) -> int:
+    """Index of the first child of ``model`` that holds a generated layer.
+
+    Raises:
+        GeneratorError: ``model`` is not ``nn.Sequential`` or has no generated layer.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise GeneratorError("scope 'head' needs an nn.Sequential model; use scope 'all' for other modules")
+    for k, child in enumerate(model):
+        if any(isinstance(m, GeneratedWeight) for m in child.modules()):
+            return k
+    raise GeneratorError("the model has no generated layer to fine-tune: compress it first")
+
+
+def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "all", batch_size: int = 128,
+             lr: float = 1e-3, core_lr: float = 3e-2, seed: int = 0, progress: bool = True) -> TrainResult:
+    """Fine-tune a compressed model on ``data`` end to end (``scope="all"``) or only from its first generated
+    layer on (``scope="head"``).
+
+    With "head" (``nn.Sequential`` models), the layers before the first generated layer are frozen and run
+    once, in eval mode, over the whole dataset; the head then trains on those cached features, which is
+    several times faster for conv nets whose classifier was compressed. ``lr`` is the dense parameters'
+    learning rate, ``core_lr`` the cores' rate relative to each core's RMS.
+
+    Raises:
+        GeneratorError: unknown scope, "head" on a model that is not Sequential or has no generated layer,
+            invalid hyper-parameters, or a diverging run.
+    """
+    if scope not in SCOPES:
+        raise GeneratorError(f"unknown fine-tuning scope {scope!r}: use one of {', '.join(SCOPES)}")
+    if scope == "all":
+        result = _fit_loop(model, data.train_x, data.train_y, lambda: evaluate(model, data.val_x, data.val_y),
+                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune")
+        return result
+    k = first_generated_index(model)
+    prefix, head = model[:k], model[k:]
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    try:
+        train_f, val_f = predict_logits(prefix, data.train_x), predict_logits(prefix, data.val_x)
+        result = _fit_loop(head, train_f, data.train_y, lambda: evaluate(head, val_f, data.val_y),
+                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune head")
+    finally:
+        for p in prefix.parameters():
+            p.requires_grad_(True)
+    result.scope = "head"
+    model.eval()
+    return result

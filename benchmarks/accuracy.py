@@ -1,0 +1,170 @@
+"""Benchmark: Fashion-MNIST accuracy against per-layer compression ratio (TTN, aTTN, MERA).
+
+For the zoo's VGG-style and AlexNet-style nets: train a dense baseline (cached under .cache/benchmarks/),
+then for every family and target per-layer ratio compress the two hidden classifier layers (``--layers
+classifier``; the 2048x10 output layer stays dense), fit the cores to the trained weights, fine-tune, and
+measure test accuracy. A ratio that a family cannot reach on a layer is reported as such, not skipped.
+
+Results: benchmarks/results/accuracy.json (rows written as they finish), accuracy.md (the table) and
+accuracy.png (accuracy against ratio, one line per family). Usage:
+    python benchmarks/accuracy.py                       # the full table (about an hour on 2 cores)
+    python benchmarks/accuracy.py --quick               # digits, MLP, one ratio (a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "benchmarks"
+
+
+def dense_baseline(model_name: str, data, epochs: int, seed: int):
+    from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from adntn_deploy.models.zoo import build_model
+    from adntn_deploy.training import evaluate, train
+
+    path = CACHE / f"dense-{model_name}-{data.name}-e{epochs}-s{seed}.ckpt"
+    if path.is_file():
+        info = read_checkpoint(path)
+        return load_checkpoint(path), info.extra["train_seconds"]
+    model = build_model(model_name, data.num_classes, seed)
+    result = train(model, data, epochs=epochs, seed=seed)
+    save_checkpoint(path, model, {"train_seconds": result.seconds, "test_accuracy": evaluate(model, data.test_x, data.test_y)})
+    return model, result.seconds
+
+
+def run(args) -> list[dict]:
+    from adntn_deploy.compression import compress
+    from adntn_deploy.data import load_dataset
+    from adntn_deploy.errors import GeneratorError
+    from adntn_deploy.training import evaluate, finetune
+
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    rows: list[dict] = []
+    out = RESULTS / f"{args.name}.json"
+
+    def save() -> None:
+        RESULTS.mkdir(exist_ok=True)
+        meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "data": data.describe(),
+                "dense_epochs": args.dense_epochs, "finetune_epochs": args.epochs, "fit_steps": args.fit_steps,
+                "scope": args.scope, "activation": args.activation, "layers": "classifier (the two hidden Linear layers)"}
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+    for model_name in args.models:
+        dense, dense_seconds = dense_baseline(model_name, data, args.dense_epochs, args.seed)
+        dense_acc = evaluate(dense, data.test_x, data.test_y)
+        rows.append({"model": model_name, "family": "dense", "target_ratio": 1, "accuracy": dense_acc,
+                     "seconds": dense_seconds, "layer_ratios": [], "model_ratio": 1.0})
+        print(f"{model_name}: dense test accuracy {dense_acc:.4f} ({dense_seconds:.0f} s to train)", flush=True)
+        for family in args.families:
+            for ratio in args.ratios:
+                row = {"model": model_name, "family": family, "target_ratio": ratio, "dense_accuracy": dense_acc}
+                start = time.perf_counter()
+                try:
+                    model, report = compress(dense, "classifier", family, ratio=ratio, activation=args.activation,
+                                             fit_steps=args.fit_steps, seed=args.seed)
+                except GeneratorError as exc:
+                    row.update(accuracy=None, unreachable=str(exc))
+                    rows.append(row)
+                    save()
+                    print(f"  {family} {ratio}x: {exc}", flush=True)
+                    continue
+                fitted_acc = evaluate(model, data.test_x, data.test_y)
+                tuned = finetune(model, data, epochs=args.epochs, scope=args.scope, seed=args.seed)
+                acc = evaluate(model, data.test_x, data.test_y)
+                row.update(
+                    accuracy=acc, accuracy_after_fit=fitted_acc, delta_points=100 * (acc - dense_acc),
+                    layer_ratios=[round(r.ratio, 1) for r in report.layers], layer_params=[r.params for r in report.layers],
+                    configs=[{k: r.spec[k] for k in ("bond_dim", "max_mode", "share")} for r in report.layers],
+                    fit_errors=[round(r.fit_error, 4) for r in report.layers], model_ratio=report.model_ratio,
+                    seconds=time.perf_counter() - start, finetune_seconds=tuned.seconds,
+                )
+                rows.append(row)
+                save()
+                print(f"  {family} {ratio}x: accuracy {acc:.4f} ({row['delta_points']:+.2f} points), layer ratios "
+                      f"{row['layer_ratios']}, model {report.model_ratio:.1f}x, {row['seconds']:.0f} s", flush=True)
+    save()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | family | target ratio | per-layer ratios | whole model | test accuracy | vs dense (points) | time (s) |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["family"] == "dense":
+            lines.append(f"| {r['model']} | dense | 1 | - | 1.0x | {100 * r['accuracy']:.2f}% | - | {r['seconds']:.0f} (train) |")
+        elif r.get("accuracy") is None:
+            lines.append(f"| {r['model']} | {r['family']} | {r['target_ratio']:,} | unreachable | - | - | - | - |")
+        else:
+            ratios = ", ".join(f"{x:,.0f}x" for x in r["layer_ratios"])
+            lines.append(f"| {r['model']} | {r['family']} | {r['target_ratio']:,} | {ratios} | {r['model_ratio']:.1f}x | "
+                         f"{100 * r['accuracy']:.2f}% | {r['delta_points']:+.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next(r for r in mine if r["family"] == "dense")
+        ax.axhline(100 * dense["accuracy"], color="black", linestyle="--", label="dense")
+        for family in dict.fromkeys(r["family"] for r in mine if r["family"] != "dense"):
+            pts = sorted((min(r["layer_ratios"]), 100 * r["accuracy"]) for r in mine if r["family"] == family and r.get("accuracy") is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel("per-layer compression ratio (smallest of the compressed layers)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model}, Fashion-MNIST" if dense.get("model") else model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vgg", "alexnet"])
+    parser.add_argument("--families", nargs="+", default=["ttn", "attn", "mera"])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[2000, 10000, 20000, 50000])
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--dense-epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after compression")
+    parser.add_argument("--fit-steps", type=int, default=50)
+    parser.add_argument("--scope", default="head", choices=["head", "all"])
+    parser.add_argument("--activation", default="tanh")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
+    parser.add_argument("--quick", action="store_true", help="digits, MLP, TTN at 2,000x, 1 epoch (smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.families, args.ratios, args.data = ["mlp"], ["ttn"], [2000], "digits"
+        args.dense_epochs, args.epochs, args.fit_steps, args.name = 2, 1, 20, "accuracy_quick"
+    rows = run(args)
+    text = table(rows)
+    print(text)
+    header = (f"Fashion-MNIST test accuracy ({args.data}); dense {args.dense_epochs} epochs, compressed: fit {args.fit_steps} "
+              f"Adam steps then {args.epochs} fine-tuning epochs (scope {args.scope}), activation {args.activation}.\n\n")
+    (RESULTS / f"{args.name}.md").write_text(header + text + "\n")
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / (args.name + '.json')}, .md and .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

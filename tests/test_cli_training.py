@@ -1,0 +1,87 @@
+"""train and compress as real processes: checkpoints on disk, JSON output, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adntn_deploy.checkpoint import read_checkpoint
+
+
+def run(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "dense.ckpt"
+    out = json.loads(run("train", "--model", "mlp", "--data", "digits", "--epochs", "2", "-o", str(path), "--json").stdout)
+    assert out["test_accuracy"] > 0.7 and out["data"]["name"] == "digits"
+    return path
+
+
+def test_train_writes_a_checkpoint_that_records_inputs_and_accuracy(dense_ckpt):
+    info = read_checkpoint(dense_ckpt)
+    assert info.extra["inputs"] == [{"name": "input", "shape": [1, 1, 28, 28]}]
+    assert info.extra["zoo"] == "mlp" and info.architecture["zoo"] == "mlp"
+
+
+def test_compress_then_export(dense_ckpt, tmp_path):
+    out = tmp_path / "small.adntn"
+    result = json.loads(run("compress", "--model", str(dense_ckpt), "--data", "digits", "--family", "mera", "--ratio", "300",
+                            "--fit-steps", "10", "--epochs", "1", "--scope", "head", "--calibrate", "300", "-o", str(out), "--json").stdout)
+    layers = result["compression"]["layers"]
+    assert [r["name"] for r in layers] == ["1", "3"] and all(r["ratio"] >= 300 for r in layers)
+    assert result["finetune"]["scope"] == "head" and 0 <= result["accuracy"] <= 1
+    info = read_checkpoint(out)
+    assert set(info.generators) == {"1", "3"} and info.extra["dense_accuracy"] == result["dense_accuracy"]
+    run("export", str(out), "-o", str(tmp_path / "small.onnx"))
+    assert (tmp_path / "small.onnx").stat().st_size < 200_000
+
+
+def test_compress_prints_a_table(dense_ckpt, tmp_path):
+    out = run("compress", "--model", str(dense_ckpt), "--data", "digits", "--layers", "3", "--bond-dim", "3",
+              "--fit-steps", "5", "--epochs", "0", "-o", str(tmp_path / "c.ckpt")).stdout
+    assert "bond 3, max_mode 4" in out and "test accuracy: dense" in out and "whole model" in out
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--model", "resnet"], {}, "neither a checkpoint file nor a zoo model"),
+    (["--model", "{ckpt}", "--layers", "conv*"], {}, "matches no Linear or Conv2d layer"),
+    (["--model", "{ckpt}", "--ratio", "1e7"], {}, "no ttn configuration reaches 10,000,000x"),
+    (["--model", "{garbage}"], {}, "not a readable safetensors checkpoint"),
+    (["--model", "{ckpt}", "-o", "{ckpt}"], {}, "would overwrite the input checkpoint"),
+    (["--model", "{ckpt}", "--data", "fashion-mnist"], {"ADNTN_DATA_DIR": "{empty}"}, "apt-get install dataset-fashion-mnist"),
+    (["--model", "{ckpt}", "--bond-dim", "2"], {}, "exactly one of --bond-dim N or --ratio R"),
+])
+def test_compress_bad_input_is_one_line(dense_ckpt, tmp_path, args, env, message):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty").mkdir()
+    fill = {"ckpt": str(dense_ckpt), "garbage": str(garbage), "empty": str(tmp_path / "empty")}
+    args = [a.format(**fill) for a in args]
+    if "--ratio" not in args and "--bond-dim" not in args:
+        args += ["--ratio", "100"]
+    elif "--bond-dim" in args:
+        args += ["--ratio", "100"]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.ckpt")]
+    if "--data" not in args:
+        args += ["--data", "digits"]
+    before = dense_ckpt.read_bytes()
+    proc = run("compress", *args, env={k: v.format(**fill) for k, v in env.items()}, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and sum(line.startswith("Error:") for line in lines) == 1
+    assert dense_ckpt.read_bytes() == before and not (tmp_path / "out.ckpt").exists()
+
+
+def test_train_unknown_model_is_one_line(tmp_path):
+    proc = run("train", "--model", "resnet", "--data", "digits", "-o", str(tmp_path / "x.ckpt"), check=False)
+    assert proc.returncode == 1 and "unknown model 'resnet': the zoo has vgg, alexnet, mlp" in proc.stderr
