@@ -1,140 +1,251 @@
-"""The main job on built-in defaults (``adntn-deploy demo``).
+"""The main job on built-in defaults (``adntn-deploy demo``): a model from data to a served endpoint.
 
-1. Compression table of the VGG-16 classifier presets (exact parameter counts, generation costs).
-2. Generate the largest preset weight (VGG-16 fc6, 4096x25088) once with torch and time it.
-3. Fit a TTN generator to a dense 1024x1024 matrix (a different TTN's weight plus 5% noise, so a good
-   fit exists): hierarchical-SVD start, then Adam; report the relative error of both.
-4. Save the fitted layer in a checkpoint, reload it, and check the weight is bit-identical.
-5. Export it to ONNX (an ai.adntn node holding only the cores), run it with ONNX Runtime and compare
-   with torch.
+1. Data: Fashion-MNIST from the Debian package, or the built-in digits when it is absent.
+2. Train a small dense model (the zoo's AlexNet-style net by default) for a short budget; save its checkpoint.
+3. Compress its hidden classifier layers with a generator at >= 2,000x per layer: fit the cores to the
+   trained weights, fine-tune briefly; save the compressed checkpoint.
+4. Export to ONNX (ai.adntn nodes holding only the cores); run it with ONNX Runtime.
+5. Compile for this machine with TVM (weights generated once at load) and cross-compile for a Raspberry
+   Pi 4 (aarch64); run the host artifact.
+6. Check torch, ONNX Runtime and TVM agree; measure accuracy and batch-1 latency of each.
+7. Serve the ONNX model over HTTP (Open Inference Protocol v2) on a loopback port for one request.
+8. Print one table. Stages whose optional parts are missing (TVM, a cross toolchain) are reported as
+   skipped with the command that installs them, never silently left out.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import statistics
 import tempfile
+import threading
 import time
+import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import click
 import numpy as np
 
+from adntn_deploy.errors import GeneratorError
 
-def run_demo(fit_steps: int = 300, seed: int = 0, checkpoint: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run the demo, print its tables unless ``quiet``, and return the results as a JSON-ready dict."""
+
+@dataclass
+class DemoOptions:
+    """Knobs of the main job; the defaults finish in a few minutes on 2 cores."""
+
+    data: str = "auto"
+    model: str = "alexnet"
+    epochs: int = 2
+    family: str = "ttn"
+    ratio: float = 2000.0
+    fit_steps: int = 50
+    finetune_epochs: int = 1
+    cross_target: str = "rpi4"
+    workdir: Path | None = None
+    serve: bool = True
+    seed: int = 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _latency_ms(call: Callable[[], Any], repeat: int = 200) -> float:
+    call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _accuracy(run_batch: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    logits = np.concatenate([run_batch(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return float((logits.argmax(1) == y).mean())
+
+
+def _max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def pick_dataset(name: str, say: Callable[[str], None]):
+    """Load ``name``; "auto" is Fashion-MNIST when installed, else the built-in digits (with a note)."""
+    from adntn_deploy.data import DataError, load_dataset
+
+    if name != "auto":
+        return load_dataset(name)
+    try:
+        return load_dataset("fashion-mnist")
+    except DataError as exc:
+        say(f"note: {exc}; using the built-in digits dataset instead")
+        return load_dataset("digits")
+
+
+def _serve_one_request(onnx_path: Path, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Start the OIP v2 server on a free loopback port, send one inference request, stop it."""
+    import uvicorn
+
+    from adntn_deploy.serving.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(str(onnx_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise GeneratorError(f"the demo server did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(image.shape), "datatype": "FP32",
+                                       "data": image.ravel().tolist()}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{onnx_path.stem}/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=30) as response:
+            reply = json.loads(response.read())
+        seconds = time.perf_counter() - start
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    out = reply["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"]), seconds
+
+
+def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline, print its progress and the summary table unless ``quiet``; return the results.
+
+    Raises:
+        GeneratorError (and subclasses): a stage failed; the message names it. Missing optional parts
+            (TVM, cross toolchains) do not raise: their rows say "skipped" and why.
+    """
+    import click
     import torch
-    from tqdm import tqdm
 
-    from adntn_deploy.checkpoint import load_checkpoint, save_checkpoint
-    from adntn_deploy.cli.tables import human_bytes, render_table
-    from adntn_deploy.fit import fit
-    from adntn_deploy.generators import GeneratorSpec, build_generator, build_structure
-    from adntn_deploy.inspection import describe, table_rows
-    from adntn_deploy.ir.executors import generate_torch
-    from adntn_deploy.models import build_sequential
-    from adntn_deploy.nn.generated import GeneratedWeight
-    from adntn_deploy.presets import PRESETS
+    import adntn_deploy
+    from adntn_deploy.checkpoint import save_checkpoint
+    from adntn_deploy.compression import compress
+    from adntn_deploy.models.zoo import build_model
+    from adntn_deploy.training import evaluate, finetune, train
 
-    say = (lambda *a: None) if quiet else click.echo
-    results: dict[str, Any] = {}
+    opts = options or DemoOptions()
+    say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    work = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="adntn-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+                               "workdir": str(work), "rows": []}
+    rows = results["rows"]
 
-    rows = []
-    for name, preset in PRESETS.items():
-        if preset.model == "vgg16":
-            ir, _ = build_structure(preset.spec, preset.weight_shape)
-            rows.append(describe(name, ir))
-    results["presets"] = rows
-    say("== VGG-16 classifier presets (one generator per layer) ==")
-    say(render_table(*table_rows(rows)))
-
-    preset = PRESETS["vgg16-fc6-ttn-50k"]
-    gen = build_generator(preset.spec, preset.weight_shape)
-    cores = {k: torch.from_numpy(v.astype(np.float32)) for k, v in gen.cores.items()}
-    start = time.perf_counter()
+    data = pick_dataset(opts.data, say)
+    results["data"] = data.describe()
+    x_test, y_test = data.test_x.numpy(), data.test_y.numpy()
+    inputs = [{"name": "input", "shape": [1, *data.input_shape]}]
+    say(f"[1/6] train a dense {opts.model} on {data.name} ({opts.epochs} epoch(s))")
+    dense = build_model(opts.model, data.num_classes, opts.seed)
+    train(dense, data, epochs=opts.epochs, seed=opts.seed, progress=not quiet)
+    dense_acc = evaluate(dense, data.test_x, data.test_y)
+    dense_path = save_checkpoint(work / "dense.ckpt", dense, {"inputs": inputs, "dataset": data.name, "test_accuracy": dense_acc})
+    one = data.test_x[:1]
     with torch.no_grad():
-        weight = generate_torch(gen.ir, cores)
-    seconds = time.perf_counter() - start
-    results["generate_vgg16_fc6"] = {
-        "preset": preset.name, "seconds": seconds, "params": gen.ir.params,
-        "weight_bytes": weight.numel() * 4, "weight_std": float(weight.std()),
-    }
-    say(f"\n== Generate {preset.name}: {gen.ir.params:,} parameters -> a {tuple(weight.shape)} weight "
-        f"({human_bytes(weight.numel() * 4)}) in {seconds:.2f} s ==")
-    del weight
+        dense_ms = _latency_ms(lambda: dense(one))
+    rows.append({"stage": "dense model", "backend": "torch", "file": dense_path.name, "bytes": _dir_bytes(dense_path),
+                 "ratio": 1.0, "accuracy": dense_acc, "latency_ms": dense_ms, "max_rel_diff": None, "note": f"{opts.epochs} epoch(s)"})
 
-    spec = GeneratorSpec(family="ttn", bond_dim=6, max_mode=4, seed=seed)
-    teacher = build_generator(spec.with_options(seed=seed + 1), (1024, 1024))
+    say(f"[2/6] compress the classifier: {opts.family} at >= {opts.ratio:,.0f}x per layer, then fine-tune {opts.finetune_epochs} epoch(s)")
+    model, report = compress(dense, "classifier", opts.family, ratio=opts.ratio, fit_steps=opts.fit_steps, seed=opts.seed,
+                             calibration=data.train_x[:2000])
+    finetune(model, data, epochs=opts.finetune_epochs, scope="head", seed=opts.seed, progress=not quiet)
+    acc = evaluate(model, data.test_x, data.test_y)
+    small_path = save_checkpoint(work / "compressed.ckpt", model, {"inputs": inputs, "dataset": data.name, "test_accuracy": acc,
+                                                                   "dense_accuracy": dense_acc, "compression": report.as_dict()})
     with torch.no_grad():
-        clean = generate_torch(teacher.ir, {k: torch.from_numpy(v) for k, v in teacher.cores.items()}).numpy()
-    rng = np.random.default_rng(seed)
-    target = (clean + 0.05 * clean.std() * rng.standard_normal(clean.shape)).astype(np.float32)
-    student = build_generator(spec, (1024, 1024), target=target)  # hierarchical-SVD start, then Adam
-    bar = tqdm(total=fit_steps, desc="fit ttn 1024x1024", disable=True if quiet else None, leave=False)
+        reference = model(data.test_x[:64]).numpy()
+        torch_ms = _latency_ms(lambda: model(one))
+    layer_ratios = ", ".join(f"{r.ratio:,.0f}x" for r in report.layers)
+    results["compression"] = report.as_dict()
+    rows.append({"stage": "compressed", "backend": "torch", "file": small_path.name, "bytes": _dir_bytes(small_path),
+                 "ratio": report.model_ratio, "accuracy": acc, "latency_ms": torch_ms, "max_rel_diff": 0.0,
+                 "note": f"layers {layer_ratios}"})
 
-    def progress(step: int, err: float) -> None:
-        bar.update(1)
-        bar.set_postfix(rel_err=f"{err:.4f}")
+    say("[3/6] export to ONNX and run it with ONNX Runtime")
+    onnx_path = work / "model.onnx"
+    adntn_deploy.export_onnx(model, [data.test_x[:2]], onnx_path, input_names=["input"], output_names=["logits"], dynamic_batch=True)
+    ort = adntn_deploy.load(onnx_path)
+    ort_run = lambda batch: ort.run({"input": np.ascontiguousarray(batch)})["logits"]  # noqa: E731
+    rows.append({"stage": "ONNX", "backend": "onnxruntime", "file": onnx_path.name, "bytes": _dir_bytes(onnx_path),
+                 "ratio": None, "accuracy": _accuracy(ort_run, x_test, y_test, 1000), "latency_ms": _latency_ms(lambda: ort_run(x_test[:1])),
+                 "max_rel_diff": _max_rel_diff(ort_run(x_test[:64]), reference), "note": "ai.adntn nodes, cores only"})
 
-    start = time.perf_counter()
-    fitted = fit(student.ir, student.cores, target, steps=fit_steps, seed=seed, callback=progress)
-    bar.close()
-    results["fit"] = {
-        "weight_shape": [1024, 1024], "params": student.ir.params, "ratio": student.ir.report().compression_ratio,
-        "initial_relative_error": fitted.initial_relative_error, "relative_error": fitted.relative_error,
-        "steps": fit_steps, "seconds": time.perf_counter() - start,
-    }
-    say(f"\n== Fit a TTN ({student.ir.params:,} parameters, {student.ir.report().compression_ratio:,.0f}x) "
-        "to a dense 1024x1024 weight ==")
-    say(render_table(
-        ["steps", "relative error at SVD start", "relative error after Adam", "seconds"],
-        [[fit_steps, f"{fitted.initial_relative_error:.4f}", f"{fitted.relative_error:.4f}",
-          f"{results['fit']['seconds']:.1f}"]],
-    ))
+    say("[4/6] compile with TVM for this machine (weights generated at load) and cross-compile for a Raspberry Pi 4")
+    rows.extend(_tvm_rows(onnx_path, work, opts.cross_target, x_test, y_test, reference, say))
 
-    layer_cfg = {"type": "adntn_linear", "in_features": 1024, "out_features": 1024, "bias": False,
-                 "generator": spec.to_dict()}
-    model = build_sequential({"type": "sequential", "layers": [layer_cfg]}, {"0": student.ir})
-    model[0].weight_generator.load_state_dict(
-        GeneratedWeight(student.ir, fitted.cores).state_dict()
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint or Path(tmp) / "fitted.safetensors"
-        inputs = [{"name": "input", "shape": [1, 1024]}]
-        save_checkpoint(path, model, extra={"fit_relative_error": fitted.relative_error, "inputs": inputs})
-        reloaded = load_checkpoint(path)
-        identical = bool(torch.equal(reloaded[0].weight, model.eval()[0].weight))
-        size = Path(path).stat().st_size
-        results["onnx"] = _onnx_step(reloaded, Path(tmp) / "fitted.onnx", seed)
-    results["checkpoint"] = {"bytes": size, "dense_bytes": 1024 * 1024 * 4, "round_trip_identical": identical}
-    say(f"\n== Checkpoint: {human_bytes(size)} (dense weight {human_bytes(1024 * 1024 * 4)}); "
-        f"reloaded weight bit-identical: {identical} ==")
-    if checkpoint:
-        say(f"saved {checkpoint}")
-    onnx_result = results["onnx"]
-    say(f"\n== ONNX: {human_bytes(onnx_result['bytes'])} file with one ai.adntn::TTN node; ONNX Runtime vs torch "
-        f"max relative difference {onnx_result['max_relative_difference']:.1e} at batch 8; "
-        f"{onnx_result['ort_ms']:.3f} ms per call ==")
+    if opts.serve:
+        say("[5/6] serve the ONNX model over HTTP (OIP v2) on a loopback port for one request")
+        reply, seconds = _serve_one_request(onnx_path, x_test[:1])
+        rows.append({"stage": "server", "backend": "HTTP OIP v2 (onnxruntime)", "file": "-", "bytes": None, "ratio": None,
+                     "accuracy": None, "latency_ms": 1e3 * seconds, "max_rel_diff": _max_rel_diff(reply, reference[:1]),
+                     "note": "one request, JSON, round trip"})
+    dense_file = rows[0]["bytes"]
+    for row in rows:
+        if row["bytes"] and row["ratio"] is None:
+            row["ratio"] = dense_file / row["bytes"]
+    results["seconds"] = time.perf_counter() - started
+    say(f"[6/6] done in {results['seconds']:.0f} s; files in {work}")
+    if not quiet:
+        click.echo(summary_table(rows, data.name))
     return results
 
 
-def _onnx_step(model, path: Path, seed: int) -> dict[str, Any]:
-    """Export ``model`` to ONNX, run it with ONNX Runtime, compare with torch (batch 8)."""
-    import torch
-
-    from adntn_deploy.onnx_export import export_onnx
+def _tvm_rows(onnx_path: Path, work: Path, cross_target: str, x_test, y_test, reference, say) -> list[dict[str, Any]]:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        skipped = "skipped: TVM is not installed (pip install 'adntn-deploy[tvm]')"
+        return [{"stage": "TVM host", "backend": "tvm", "file": "-", "bytes": None, "ratio": None, "accuracy": None,
+                 "latency_ms": None, "max_rel_diff": None, "note": skipped}]
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.profiles import ProfileError
     from adntn_deploy.runtime import load
 
-    export = export_onnx(model, [torch.randn(2, 1024)], path, input_names=["input"], dynamic_batch=True)
-    predictor = load(path)
-    x = np.random.default_rng(seed).standard_normal((8, 1024)).astype(np.float32)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    got = predictor.run({"input": x})[predictor.outputs[0].name]
-    start = time.perf_counter()
-    for _ in range(20):
-        predictor.run({"input": x})
-    return {
-        "bytes": export.bytes,
-        "max_relative_difference": float(np.abs(got - expected).max() / np.abs(expected).max()),
-        "ort_ms": (time.perf_counter() - start) / 20 * 1e3,
-    }
+    host_dir = work / "model-host"
+    artifact = compile_model(onnx_path, "host", host_dir, weights="load", input_shapes={"input": (1, *x_test.shape[1:])})
+    predictor = load(host_dir)
+    tvm_run = lambda batch: predictor.run({"input": np.ascontiguousarray(batch)})["logits"]  # noqa: E731
+    diff = max(_max_rel_diff(tvm_run(x_test[i:i + 1]), reference[i:i + 1]) for i in range(8))
+    rows = [{"stage": "TVM host", "backend": f"tvm ({artifact.manifest.get('profile', 'host')}, {artifact.manifest.get('arch', 'x86_64')})",
+             "file": host_dir.name + "/", "bytes": _dir_bytes(host_dir), "ratio": None,
+             "accuracy": _accuracy(tvm_run, x_test[:500], y_test[:500], 1), "latency_ms": _latency_ms(lambda: tvm_run(x_test[:1]), 50),
+             "max_rel_diff": diff, "note": "weights generated at load, untuned kernels; accuracy on 500 test images"}]
+    cross_dir = work / f"model-{cross_target}"
+    try:
+        compile_model(onnx_path, cross_target, cross_dir, weights="load", input_shapes={"input": (1, *x_test.shape[1:])})
+        note, size = "cross-compiled; copy with 'adntn-deploy bundle' and run on the board", _dir_bytes(cross_dir)
+    except ProfileError as exc:
+        note, size = f"skipped: {exc}", None
+        say(f"note: {exc}")
+    rows.append({"stage": f"TVM {cross_target}", "backend": "tvm (aarch64)", "file": cross_dir.name + "/" if size else "-",
+                 "bytes": size, "ratio": None, "accuracy": None, "latency_ms": None, "max_rel_diff": None, "note": note})
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]], data_name: str) -> str:
+    """The demo's one table: size, ratio to the dense checkpoint, accuracy, batch-1 latency, agreement."""
+    from adntn_deploy.cli.tables import human_bytes, render_table
+
+    def fmt(value, kind):
+        if value is None:
+            return "-"
+        return {"bytes": human_bytes, "ratio": lambda v: f"{v:,.1f}x", "accuracy": lambda v: f"{100 * v:.2f}%",
+                "ms": lambda v: f"{v:.3f}", "diff": lambda v: f"{v:.1e}"}[kind](value)
+
+    body = [[r["stage"], r["backend"], r["file"], fmt(r["bytes"], "bytes"), fmt(r["ratio"], "ratio"), fmt(r["accuracy"], "accuracy"),
+             fmt(r["latency_ms"], "ms"), fmt(r["max_rel_diff"], "diff"), r["note"]] for r in rows]
+    headers = ["stage", "backend", "file", "size", "vs dense", f"{data_name} test acc", "latency b1 (ms)", "max rel diff vs torch", "note"]
+    return render_table(headers, body)

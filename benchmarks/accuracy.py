@@ -56,7 +56,7 @@ def run(args) -> list[dict]:
         RESULTS.mkdir(exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "data": data.describe(),
                 "dense_epochs": args.dense_epochs, "finetune_epochs": args.epochs, "fit_steps": args.fit_steps,
-                "scope": args.scope, "activation": args.activation, "layers": "classifier (the two hidden Linear layers)"}
+                "scope": args.scope, "activation": args.activation, "calibration_images": args.calibrate, "layers": "classifier (the two hidden Linear layers)"}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
     for model_name in args.models:
@@ -71,7 +71,8 @@ def run(args) -> list[dict]:
                 start = time.perf_counter()
                 try:
                     model, report = compress(dense, "classifier", family, ratio=ratio, activation=args.activation,
-                                             fit_steps=args.fit_steps, seed=args.seed)
+                                             fit_steps=args.fit_steps, seed=args.seed,
+                                             calibration=data.train_x[:args.calibrate] if args.calibrate else None)
                 except GeneratorError as exc:
                     row.update(accuracy=None, unreachable=str(exc))
                     rows.append(row)
@@ -144,8 +145,9 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=int, default=[2000, 10000, 20000, 50000])
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--dense-epochs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after compression")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs after compression")
     parser.add_argument("--fit-steps", type=int, default=50)
+    parser.add_argument("--calibrate", type=int, default=2000, help="training images for calibration (0: plain weight fit)")
     parser.add_argument("--scope", default="head", choices=["head", "all"])
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--seed", type=int, default=0)
@@ -160,7 +162,8 @@ def main() -> None:
     text = table(rows)
     print(text)
     header = (f"Fashion-MNIST test accuracy ({args.data}); dense {args.dense_epochs} epochs, compressed: fit {args.fit_steps} "
-              f"Adam steps then {args.epochs} fine-tuning epochs (scope {args.scope}), activation {args.activation}.\n\n")
+              f"Adam steps (calibrated on {args.calibrate} training images, bias-corrected) then {args.epochs} fine-tuning epochs "
+              f"(scope {args.scope}), activation {args.activation}.\n\n")
     (RESULTS / f"{args.name}.md").write_text(header + text + "\n")
     plot(rows, RESULTS / f"{args.name}.png")
     print(f"wrote {RESULTS / (args.name + '.json')}, .md and .png", file=sys.stderr)

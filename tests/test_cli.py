@@ -73,10 +73,24 @@ def test_inspect_corrupt_checkpoint_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_demo_runs_and_reports_json(tmp_path):
-    out = tmp_path / "fitted.safetensors"
-    result = json.loads(run("demo", "--json", "--fit-steps", "20", "-o", str(out)).stdout)
-    assert result["checkpoint"]["round_trip_identical"] is True
-    assert result["fit"]["relative_error"] <= result["fit"]["initial_relative_error"] < 0.5
-    assert result["generate_vgg16_fc6"]["params"] == 2020
-    assert out.exists()
+def test_demo_runs_the_pipeline_and_reports_json(tmp_path):
+    """The main job on the built-in digits with a tiny budget: every stage runs, every backend agrees."""
+    out = tmp_path / "demo"
+    result = json.loads(run("demo", "--json", "--data", "digits", "--model", "mlp", "--epochs", "1", "--finetune-epochs", "1",
+                            "--ratio", "200", "--fit-steps", "5", "-o", str(out)).stdout)
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows) == ["dense model", "compressed", "ONNX", "TVM host", "TVM rpi4", "server"]
+    assert all(r["ratio"] >= 200 for r in result["compression"]["layers"])
+    for stage in ("ONNX", "TVM host", "server"):
+        assert rows[stage]["max_rel_diff"] < 1e-5, stage
+    assert rows["ONNX"]["accuracy"] == pytest.approx(rows["compressed"]["accuracy"], abs=2e-3)
+    assert rows["compressed"]["bytes"] < rows["dense model"]["bytes"] / 20
+    for name in ("dense.ckpt", "compressed.ckpt", "model.onnx", "model-host/manifest.json", "model-rpi4/manifest.json"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.slow
+def test_demo_with_its_defaults_prints_one_table():
+    proc = run("demo")
+    assert "fashion-mnist test acc" in proc.stdout or "digits test acc" in proc.stdout
+    assert proc.stdout.count("\n") == 8  # header, rule, six rows

@@ -142,3 +142,19 @@ def test_calibration_fits_the_weight_where_the_inputs_are(trained_mlp, digits):
     calibrated = compress(trained_mlp, "3", "ttn", bond_dim=4, fit_steps=0, calibration=digits.train_x[:500])[1].layers[0]
     assert plain.target == "W" and calibrated.target == "W P (calibrated)"
     assert calibrated.fit_error < plain.fit_error
+
+
+def test_calibration_keeps_each_units_mean_pre_activation(trained_mlp, digits):
+    x = digits.train_x[:400]
+    model, report = compress(trained_mlp, "classifier", "ttn", ratio=500, fit_steps=5, calibration=x)
+    with torch.no_grad():
+        dense_pre = trained_mlp[1](trained_mlp[0](x)).mean(0)
+        small_pre = model[1](model[0](x)).mean(0)
+    torch.testing.assert_close(small_pre, dense_pre, rtol=1e-3, atol=1e-3 * float(dense_pre.abs().max()))
+
+
+def test_generated_weight_keeps_the_dense_weights_norm(trained_mlp):
+    model, report = compress(trained_mlp, "classifier", "ttn", ratio=500, fit_steps=5)
+    for r in report.layers:
+        assert r.norm_rescale > 1  # a 500x generator captures a small part of a trained weight
+        torch.testing.assert_close(model[int(r.name)].weight.norm(), trained_mlp[int(r.name)].weight.norm(), rtol=1e-4, atol=0)

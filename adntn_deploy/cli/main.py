@@ -120,16 +120,27 @@ def _inspect_onnx(path: Path) -> list[dict]:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--fit-steps", default=300, show_default=True, help="Adam steps when fitting the example weight.")
+@click.option("--data", default="auto", show_default=True,
+              help="fashion-mnist, digits, or auto (Fashion-MNIST when installed, else the built-in digits).")
+@click.option("--model", "model_name", default="alexnet", show_default=True, help="Zoo model to train (alexnet, vgg, mlp).")
+@click.option("--epochs", default=2, show_default=True, help="Dense training epochs.")
+@click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default="ttn", show_default=True)
+@click.option("--ratio", default=2000.0, show_default=True, help="Per-layer compression ratio of the classifier layers.")
+@click.option("--finetune-epochs", default=1, show_default=True, help="Fine-tuning epochs after compression.")
+@click.option("--fit-steps", default=50, show_default=True, help="Adam steps fitting the cores to the trained weights.")
+@click.option("--target", "cross_target", default="rpi4", show_default=True, help="Profile to cross-compile for besides the host.")
+@click.option("--no-serve", is_flag=True, help="Skip starting the HTTP server.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the checkpoints, ONNX file and artifacts in this folder (default: a temporary folder).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also save the fitted example layer as a checkpoint here.")
-def demo(as_json: bool, fit_steps: int, seed: int, output: Path | None) -> None:
-    """The main job on built-in defaults: presets' compression table, then fit a generator to a dense weight."""
-    from adntn_deploy.demo import run_demo
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+def demo(data, model_name, epochs, family, ratio, finetune_epochs, fit_steps, cross_target, no_serve, output, seed, as_json):
+    """The main job: train, compress (>= 2,000x), export, compile (host + Raspberry Pi), verify, serve; one table."""
+    from adntn_deploy.demo import DemoOptions, run_demo
 
-    result = run_demo(fit_steps=fit_steps, seed=seed, checkpoint=output, quiet=as_json)
+    options = DemoOptions(data=data, model=model_name, epochs=epochs, family=family, ratio=ratio, fit_steps=fit_steps,
+                          finetune_epochs=finetune_epochs, cross_target=cross_target, workdir=output, serve=not no_serve, seed=seed)
+    result = run_demo(options, quiet=as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
 

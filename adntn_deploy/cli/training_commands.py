@@ -100,8 +100,8 @@ def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, see
 @click.option("--mixing", is_flag=True, help="Lateral mixing tensors (TTN, aTTN).")
 @click.option("--activation", default="tanh", show_default=True, help="Activation after each tree level.")
 @click.option("--fit-steps", default=200, show_default=True, help="Adam steps fitting the cores to the dense weights.")
-@click.option("--calibrate", default=0, show_default=True,
-              help="Training images used to fit each Linear layer on its inputs' principal subspace (0: fit the plain weight).")
+@click.option("--calibrate", default=2000, show_default=True,
+              help="Training images that calibrate Linear layers: fit on their inputs' principal subspace, correct biases (0: off).")
 @click.option("--epochs", default=1, show_default=True, help="Fine-tuning epochs after fitting (0: none).")
 @click.option("--scope", type=click.Choice(["all", "head"]), default="all", show_default=True,
               help="Fine-tune end to end, or only from the first compressed layer on (features frozen and cached: faster).")
