@@ -30,7 +30,7 @@ if ! python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 10)
     apt_install python3 python3-venv python3-pip
 fi
 # Cross toolchains and qemu: compile for ARM / RISC-V boards and check the aarch64 artifacts here.
-apt_install g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf g++-riscv64-linux-gnu qemu-user
+apt_install g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf g++-riscv64-linux-gnu qemu-user curl
 # Fashion-MNIST (gzip IDX files in /usr/share/datasets/fashion-mnist): train, compress, the accuracy benchmark
 apt_install dataset-fashion-mnist
 
