@@ -72,7 +72,7 @@ def _param_groups(module: nn.Module, lr: float, core_lr: float) -> list[dict]:
 
 def _fit_loop(
     module: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val: Callable[[], float], *,
-    epochs: int, batch_size: int, lr: float, core_lr: float, seed: int, progress: bool, desc: str,
+    epochs: int, batch_size: int, lr: float, core_lr: float, seed: int, progress: bool, desc: str, warmup: int = 0,
 ) -> TrainResult:
     from tqdm import tqdm
 
@@ -81,7 +81,14 @@ def _fit_loop(
     torch.manual_seed(seed)
     opt = torch.optim.Adam(_param_groups(module, lr, core_lr))
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    total_steps = max(1, epochs * steps_per_epoch)
+    warm = min(warmup, total_steps // 4)
+
+    def factor(step: int) -> float:  # linear warmup, then cosine decay to 0
+        ramp = min(1.0, (step + 1) / warm) if warm else 1.0
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loss_fn = nn.CrossEntropyLoss()
     result = TrainResult(epochs)
     start = time.perf_counter()
@@ -140,14 +147,17 @@ def first_generated_index(model: nn.Sequential) -> int:
 
 
 def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "all", batch_size: int = 128,
-             lr: float = 1e-3, core_lr: float = 3e-2, seed: int = 0, progress: bool = True) -> TrainResult:
+             lr: float = 1e-3, core_lr: float = 3e-2, warmup: int = 200, seed: int = 0, progress: bool = True) -> TrainResult:
     """Fine-tune a compressed model on ``data`` end to end (``scope="all"``) or only from its first generated
     layer on (``scope="head"``).
 
     With "head" (``nn.Sequential`` models), the layers before the first generated layer are frozen and run
     once, in eval mode, over the whole dataset; the head then trains on those cached features, which is
     several times faster for conv nets whose classifier was compressed. ``lr`` is the dense parameters'
-    learning rate, ``core_lr`` the cores' rate relative to each core's RMS.
+    learning rate, ``core_lr`` the cores' rate relative to each core's RMS. Learning rates ramp up linearly
+    over the first ``warmup`` steps (at most a quarter of the run): right after compression the loss is
+    high, and full-size first steps shrink the cores' product until the next ReLUs die (measured: a
+    2,000x aTTN VGG classifier stuck at chance without warmup, trained with it).
 
     Raises:
         GeneratorError: unknown scope, "head" on a model that is not Sequential or has no generated layer,
@@ -157,7 +167,8 @@ def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "
         raise GeneratorError(f"unknown fine-tuning scope {scope!r}: use one of {', '.join(SCOPES)}")
     if scope == "all":
         result = _fit_loop(model, data.train_x, data.train_y, lambda: evaluate(model, data.val_x, data.val_y),
-                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune")
+                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune",
+                           warmup=warmup)
         return result
     k = first_generated_index(model)
     prefix, head = model[:k], model[k:]
@@ -166,7 +177,8 @@ def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "
     try:
         train_f, val_f = predict_logits(prefix, data.train_x), predict_logits(prefix, data.val_x)
         result = _fit_loop(head, train_f, data.train_y, lambda: evaluate(head, val_f, data.val_y),
-                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune head")
+                           epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune head",
+                           warmup=warmup)
     finally:
         for p in prefix.parameters():
             p.requires_grad_(True)

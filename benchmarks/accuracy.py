@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vgg", "alexnet"])
     parser.add_argument("--families", nargs="+", default=["ttn", "attn", "mera"])
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2000, 10000, 20000, 50000])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[2000, 10000, 20000])
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs after compression")
@@ -154,7 +154,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
     parser.add_argument("--quick", action="store_true", help="digits, MLP, TTN at 2,000x, 1 epoch (smoke run)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the .md table and the .png plot from the existing results .json (e.g. of an interrupted run)")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        m = saved["meta"]
+        text = table(saved["rows"])
+        print(text)
+        header = (f"Fashion-MNIST test accuracy; dense {m['dense_epochs']} epochs, compressed: fit {m['fit_steps']} Adam steps "
+                  f"(calibrated on {m.get('calibration_images', 0)} training images) then {m['finetune_epochs']} fine-tuning "
+                  f"epochs (scope {m['scope']}), activation {m['activation']}.\n\n")
+        (RESULTS / f"{args.name}.md").write_text(header + text + "\n")
+        plot(saved["rows"], RESULTS / f"{args.name}.png")
+        return
     if args.quick:
         args.models, args.families, args.ratios, args.data = ["mlp"], ["ttn"], [2000], "digits"
         args.dense_epochs, args.epochs, args.fit_steps, args.name = 2, 1, 20, "accuracy_quick"

@@ -107,11 +107,12 @@ def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, see
               help="Fine-tune end to end, or only from the first compressed layer on (features frozen and cached: faster).")
 @click.option("--lr", default=1e-3, show_default=True, help="Fine-tuning learning rate of dense parameters.")
 @click.option("--core-lr", default=3e-2, show_default=True, help="Cores' learning rate, relative to each core's RMS.")
+@click.option("--warmup", default=200, show_default=True, help="Fine-tuning steps over which learning rates ramp up from 0.")
 @click.option("--dense-epochs", default=3, show_default=True, help="Epochs of the dense baseline when --model is a zoo name.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
 @data_options
 def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixing, activation, fit_steps, epochs, scope,
-                     lr, core_lr, calibrate, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
+                     lr, core_lr, warmup, calibrate, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
     """Replace layers of a trained model by generators fitted to their weights, fine-tune, report accuracy."""
     from tqdm import tqdm
 
@@ -141,7 +142,7 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixin
                              calibration=data.train_x[:calibrate] if calibrate > 0 else None, **options)
     bar.close()
     tuned = finetune(model, data, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr,
-                     seed=seed, progress=not as_json) if epochs > 0 else None
+                     warmup=warmup, seed=seed, progress=not as_json) if epochs > 0 else None
     accuracy = evaluate(model, data.test_x, data.test_y)
     summary = {"source": source, "data": data.describe(), "dense_accuracy": dense_acc, "accuracy": accuracy,
                "compression": report.as_dict(), "finetune": tuned.as_dict() if tuned else None,
