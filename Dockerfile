@@ -14,7 +14,7 @@ COPY adntn_deploy ./adntn_deploy
 COPY targets ./targets
 # the versions are pinned in pyproject.toml, which pip reads from "."
 # hadolint ignore=DL3013
-RUN pip install ".[onnx,serve,tvm]" \
+RUN pip install ".[onnx,serve,tvm,data]" \
     && useradd --create-home --uid 10001 adntn \
     && mkdir /models && chown adntn /models
 USER 10001

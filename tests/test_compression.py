@@ -1,6 +1,5 @@
 """compress / finetune / the zoo: selection, ratio search, fitted replacement, checkpoints and export."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
