@@ -25,7 +25,6 @@ from adntn_deploy.errors import GeneratorError
 from adntn_deploy.fit import fit
 from adntn_deploy.generators import GeneratorSpec, build_generator, build_structure
 from adntn_deploy.generators.linear_init import LINEAR_GAINS
-from adntn_deploy.nn.generated import GeneratedWeight
 from adntn_deploy.nn.layers import ADNTNConv2d, ADNTNLinear
 
 #: Tensorisations and bonds the ratio search tries (bond 1 would make a rank-1 weight: excluded).
@@ -332,7 +331,3 @@ def compress(
     target.eval()
     return target, report
 
-
-def generated_modules(model: nn.Module) -> list[str]:
-    """Names of the layers of ``model`` whose weights are generated."""
-    return [n.rsplit(".weight_generator", 1)[0] for n, m in model.named_modules() if isinstance(m, GeneratedWeight)]

@@ -46,8 +46,6 @@ def _guard_output(output: Path, *inputs: Path) -> None:
 @data_options
 def train_command(model_name, epochs, lr, output, data_name, data_dir, batch_size, seed, as_json):
     """Train a dense zoo model on a dataset; writes a checkpoint that compress and export read."""
-    import torch
-
     from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.data import load_dataset
     from adntn_deploy.models.zoo import build_model
@@ -55,7 +53,6 @@ def train_command(model_name, epochs, lr, output, data_name, data_dir, batch_siz
 
     model = build_model(model_name, seed=seed)  # unknown names fail before the data is read
     data = load_dataset(data_name, data_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
     accuracy = evaluate(model, data.test_x, data.test_y)
     summary = {"model": model_name, "data": data.describe(), "test_accuracy": accuracy, "training": result.as_dict(),
