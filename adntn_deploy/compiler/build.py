@@ -34,7 +34,7 @@ from adntn_deploy.errors import GeneratorError
 
 ARTIFACT_FORMAT = "adntn-artifact"
 ARTIFACT_VERSION = 1
-WEIGHT_MODES = ("load", "fold")
+WEIGHT_MODES = ("load", "fold", "stream")
 
 
 class CompileError(GeneratorError):
@@ -157,6 +157,7 @@ class ImportedModel:
     shapes: dict[str, list[int]]
     outputs: list[dict[str, Any]]
     generators: dict[str, Any]
+    streamed: list[dict[str, Any]]
 
 
 def import_model(
@@ -169,10 +170,13 @@ def import_model(
     """Validate an ONNX file, inline its ai.adntn functions and import it into Relax.
 
     With ``weights="load"`` parameters stay inputs and every weight-only computation is lifted into
-    ``main_transform_params``; with ``"fold"`` they are constants and folded.
+    ``main_transform_params``; with ``"fold"`` they are constants and folded; with ``"stream"`` every
+    generated layer is first rewritten to run from its two factors (:mod:`adntn_deploy.onnx_export.streaming`)
+    and then lifted as in "load" (the factors, not the weights, are generated at load).
 
     Raises:
         OnnxModelError: an invalid ONNX file. CompileError: TVM cannot import it (an unsupported op...).
+        StreamError: a generated layer cannot be streamed (``weights="stream"``).
     """
     import onnx.inliner
     import tvm
@@ -185,18 +189,30 @@ def import_model(
     generators = find_generators(model)
     summary = generator_summary(model) or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators}
     shapes = _graph_inputs(model, dict(input_shapes or {}))
+    streamed: list[dict[str, Any]] = []
+    if weights == "stream":
+        from adntn_deploy.onnx_export.streaming import stream_weights
+
+        model, layers = stream_weights(model)
+        streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
     _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
+    from adntn_deploy.compiler.streaming import onnx_streamed_ops
+
+    lifted = weights in ("load", "stream")
     try:
-        mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=(weights == "load"))
+        with onnx_streamed_ops():
+            mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=lifted)
+    except GeneratorError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = "; run it with ONNX Runtime (--backend ort) or re-export without that op" if "not supported" in first else ""
         raise CompileError(f"TVM cannot import the model: {type(exc).__name__}: {first}{hint}") from None
     params: list[np.ndarray] = []
     param_names: list[str] = []
-    if weights == "load":
+    if lifted:
         mod, detached = relax.frontend.detach_params(mod)
         main_params = list(mod["main"].params)
         param_names = [str(v.name_hint) if hasattr(v, "name_hint") else str(v) for v in main_params[len(shapes):]]
@@ -206,13 +222,13 @@ def import_model(
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "01_imported.py").write_text(mod.script())
     with tvm.transform.PassContext(opt_level=opt_level):
-        if weights == "load":
+        if lifted:
             mod = relax.transform.LiftTransformParams()(mod)
         else:
             mod = relax.transform.FoldConstant()(mod)
     if dump:
-        (dump / ("02_lifted.py" if weights == "load" else "02_folded.py")).write_text(mod.script())
-    return ImportedModel(mod, params, param_names, shapes, outputs, summary)
+        (dump / ("02_lifted.py" if lifted else "02_folded.py")).write_text(mod.script())
+    return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed)
 
 
 def compile_model(
@@ -231,8 +247,10 @@ def compile_model(
     """Compile ``onnx_path`` for ``target`` (profile name, TVM tag or JSON dict) into the folder ``output``.
 
     Args:
-        weights: "load" (generate weights once on the device at load; the artifact holds the cores) or
-            "fold" (dense weights baked in at compile time; bigger artifact, no load-time work).
+        weights: "load" (generate weights once on the device at load; the artifact holds the cores),
+            "fold" (dense weights baked in at compile time; bigger artifact, no load-time work) or
+            "stream" (generated layers run from two thin factors made at load; the dense weight never
+            exists on the device: docs/tvm.md#streamed-weights).
         cross_compiler: g++ used to link the library (default: the profile's, for other architectures).
         opt_level: TVM PassContext opt level (0-3).
         dump_ir: folder to write the Relax IR before and after lifting (for debugging).
@@ -244,8 +262,8 @@ def compile_model(
     Raises:
         ProfileError: unknown target, invalid target, missing cross compiler (names the Debian package).
         OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
+        StreamError / StreamCompileError: ``weights="stream"`` for a layer or target that cannot stream.
     """
-    import onnx.inliner
 
     say = progress or (lambda message: None)
     if weights not in WEIGHT_MODES:
@@ -269,6 +287,10 @@ def compile_model(
         if records is not None:
             say("apply tuning records")
             mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
+        if weights == "stream":
+            from adntn_deploy.compiler.streaming import schedule_untuned
+
+            mod, tuned["default_streamed_schedules"] = schedule_untuned(mod, tvm_tgt)
         say(f"build for {profile.name}")
         start = time.perf_counter()
         try:
@@ -283,7 +305,7 @@ def compile_model(
         library = "model.tar" if profile.export_format == "tar" else "model.so"
         _export(executable, staging / library, compiler)
         files = [library]
-        if weights == "load":
+        if weights in ("load", "stream"):
             from safetensors.numpy import save_file
 
             save_file({f"p{k:04d}": np.array(a, order="C", copy=True) for k, a in enumerate(params)}, str(staging / "params.safetensors"))
@@ -299,13 +321,14 @@ def compile_model(
             "target": str(tvm_tgt),
             "weights": weights,
             "library": library,
-            "params_file": "params.safetensors" if weights == "load" else None,
+            "params_file": "params.safetensors" if weights in ("load", "stream") else None,
             "params": [f"p{k:04d}" for k in range(len(params))],
             "param_sources": imported.param_names,
             "tuning": tuned,
             "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in shapes.items()],
             "outputs": outputs,
             "generators": imported.generators,
+            "streamed": imported.streamed,
             "runtime_libs": list(profile.runtime_libs),
             "versions": {"adntn_deploy": __version__, "tvm": tvm.__version__},
             "build_seconds": build_seconds,

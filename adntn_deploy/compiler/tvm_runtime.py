@@ -82,7 +82,7 @@ class TvmPredictor:
         self.outputs = tuple(TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"])) for o in self.manifest["outputs"])
         self._lock = threading.Lock()
         self._weights: list = []
-        if self.manifest["weights"] == "load":
+        if self.manifest["weights"] in ("load", "stream"):
             from safetensors.numpy import load_file
 
             stored = load_file(str(self.path / self.manifest["params_file"]))

@@ -3,7 +3,7 @@
 // Usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N]
 //
 // ARTIFACT_DIR holds manifest.json, the exported library (model.so) and the params file (safetensors).
-// When manifest "weights" is "load": main_transform_params(params) runs once, then main(inputs..., *transformed).
+// When manifest "weights" is "load" or "stream": main_transform_params(params) runs once, then main(inputs..., *transformed).
 // When it is "fold": main(inputs...). Outputs are written keyed by the manifest output names, and one line
 // with the mean wall-clock latency of main over N calls is printed. Any error: one line on stderr, exit 1.
 // Depends only on libtvm_runtime + libtvm_ffi (link with -Wl,--no-as-needed so the VM loader is kept).
@@ -256,7 +256,9 @@ int Run(int argc, char** argv) {
     Fail(mpath + ": unsupported \"version\" (this runner reads version 1)");
   std::string library = Has(man, "library") ? Str(man.at(ffi::String("library")), mpath) : "model.so";
   std::string weights = Has(man, "weights") ? Str(man.at(ffi::String("weights")), mpath) : "load";
-  if (weights != "load" && weights != "fold") Fail(mpath + ": \"weights\" must be \"load\" or \"fold\"");
+  if (weights != "load" && weights != "fold" && weights != "stream")
+    Fail(mpath + ": \"weights\" must be \"load\", \"stream\" or \"fold\"");
+  const bool transform = weights != "fold";  // load and stream both run main_transform_params once
   std::vector<std::string> param_names;
   if (Has(man, "params"))
     for (const ffi::Any& p : Arr(man.at(ffi::String("params")), mpath + " \"params\"")) param_names.push_back(Str(p, mpath));
@@ -291,7 +293,7 @@ int Run(int argc, char** argv) {
   // Params.
   std::vector<NamedTensor> params;
   ffi::Array<ffi::Any> param_tuple;
-  if (weights == "load") {
+  if (transform) {
     std::string pfile = Has(man, "params_file") ? Str(man.at(ffi::String("params_file")), mpath) : "params.safetensors";
     params = ReadSafetensors(dir + "/" + pfile, "params file");
     for (const auto& n : param_names) {
@@ -309,7 +311,7 @@ int Run(int argc, char** argv) {
   GetFunc(vm, "vm_initialization", lib)(static_cast<int>(kDLCPU), 0, 2);
 
   std::vector<ffi::Any> transformed;
-  if (weights == "load") {
+  if (transform) {
     ffi::Any r = GetFunc(vm, "main_transform_params", lib)(param_tuple);
     for (const ffi::Any& x : r.cast<ffi::Array<ffi::Any>>()) transformed.push_back(x);
   }

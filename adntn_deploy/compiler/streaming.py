@@ -1,0 +1,242 @@
+"""The fused streamed-dense kernel for TVM: ``y = scale * x sigma(L R^T)^T + b`` without the dense weight.
+
+:mod:`adntn_deploy.onnx_export.streaming` turns a generated Gemm / MatMul whose top activation is
+non-linear into an ``ai.adntn::StreamedDense`` node. This module imports that node into Relax (a
+converter added to TVM's ONNX importer while ``compile`` / ``tune`` import the model) as one TIR kernel
+with two blocks:
+
+    weight_tile[i, o] = sum_k R[i, k] * Lt[k, o]                 (a tile of W^T, rank-k products)
+    streamed[n, o]   += x[n, i] * sigma(weight_tile[i, o])        (the matrix product)
+
+The schedule (:func:`schedule_streamed`) splits the output and the reduction axes into tiles and computes
+``weight_tile`` inside the tile loops, so only a ``tile_in x tile_out`` scratch block exists at any time
+(16 KiB at the default 64x64) and the dense weight is never allocated. Tile sizes are MetaSchedule
+decisions: the block carries the annotation ``schedule_rule = adntn_streamed_dense``, for which this
+module registers a custom rule, so ``adntn-deploy tune`` searches them like any other task and
+``compile`` replays the best trace from the database. Untuned kernels get :data:`DEFAULT_TILE`.
+
+Activations use TVM's rational approximations where libm would be called per element (tanh, sigmoid via
+tanh, erf for gelu): accurate to a few float32 ulps and vectorised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+from adntn_deploy.errors import GeneratorError
+
+RULE_NAME = "adntn_streamed_dense"
+KERNEL_ATTR = "adntn_streamed"
+#: (output tile, input tile) of an untuned kernel: a 16 KiB float32 scratch tile
+DEFAULT_TILE = (64, 64)
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse the kernel with its neighbours
+_registered = False
+
+
+class StreamCompileError(GeneratorError):
+    """A streamed kernel cannot be built for this target; the message says what to do instead."""
+
+
+def _tanh(x, dtype: str):
+    from tvm import tirx
+
+    # Eigen's / TVM's fast_tanh rational approximation (max error ~1e-7), inlined so it vectorises
+    c = lambda v: tirx.const(v, dtype)  # noqa: E731
+    x = tirx.max(c(-9.0), tirx.min(c(9.0), x))
+    x2 = x * x
+    p = x2 * c(-2.76076847742355e-16) + c(2.00018790482477e-13)
+    for coef in (-8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03):
+        p = x2 * p + c(coef)
+    q = x2 * c(1.19825839466702e-06) + c(1.18534705686654e-04)
+    for coef in (2.26843463243900e-03, 4.89352518554385e-03):
+        q = x2 * q + c(coef)
+    return x * p / q
+
+
+def activation_expr(name: str, x, dtype: str = "float32"):
+    """The TIR expression of activation ``name`` applied to ``x`` (a scalar expression of ``dtype``).
+
+    Raises:
+        StreamCompileError: an activation this kernel does not implement.
+    """
+    from tvm import te, tirx
+
+    c = lambda v: tirx.const(v, dtype)  # noqa: E731
+    if name == "identity":
+        return x
+    if name == "relu":
+        return tirx.max(x, c(0.0))
+    if name == "leaky_relu":
+        from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE
+
+        return tirx.Select(x > c(0.0), x, x * c(LEAKY_RELU_SLOPE))
+    if name == "tanh":
+        return _tanh(x, dtype)
+    if name == "sigmoid":
+        return c(0.5) * _tanh(x * c(0.5), dtype) + c(0.5)
+    if name == "gelu":
+        return c(0.5) * x * (c(1.0) + te.erf(x * c(1.0 / math.sqrt(2.0))))
+    if name == "sin":
+        return te.sin(x)
+    raise StreamCompileError(f"the streamed kernel has no {name!r} activation; compile with --weights load")
+
+
+def streamed_dense_te(x, left_t, right, bias, activation: str, scale: float):
+    """TE compute of the fused layer: x (n, in), left_t (rank, out), right (in, rank), bias (out,)."""
+    from tvm import te, tirx
+
+    n, in_dim = x.shape
+    rank, out_dim = left_t.shape
+    k = te.reduce_axis((0, rank), "k")
+    tile = te.compute(
+        (in_dim, out_dim), lambda i, o: te.sum(right[i, k] * left_t[k, o], axis=k), name="weight_tile",
+        attrs={"schedule_rule": "None"},  # scheduled together with its consumer by the custom rule
+    )
+    r = te.reduce_axis((0, in_dim), "r")
+    product = te.compute(
+        (n, out_dim), lambda b, o: te.sum(x[b, r] * activation_expr(activation, tile[r, o], x.dtype), axis=r), name="streamed",
+        attrs={"schedule_rule": RULE_NAME},
+    )
+    return te.compute((n, out_dim), lambda b, o: product[b, o] * tirx.const(scale, x.dtype) + bias[o], name="streamed_bias")
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
+    """Tile ``block`` (the ``streamed`` product) and compute its weight tile inside the tiles.
+
+    ``tiles`` = (output tile, input tile) in elements; None samples both (MetaSchedule decisions, perfect
+    divisors up to 128 and 256). Returns ``sch``.
+    """
+    (producer,) = sch.get_producers(block)
+    batch, out_loop, in_loop = sch.get_loops(block)[-3:]
+    if tiles is None:
+        out_factors = sch.sample_perfect_tile(out_loop, n=2, max_innermost_factor=128)
+        in_factors = sch.sample_perfect_tile(in_loop, n=2, max_innermost_factor=256)
+    else:
+        extent_out = int(sch.get(out_loop).extent)
+        extent_in = int(sch.get(in_loop).extent)
+        out_factors = [None, _divisor_at_most(extent_out, tiles[0])]
+        in_factors = [None, _divisor_at_most(extent_in, tiles[1])]
+    out_outer, out_inner = sch.split(out_loop, out_factors)
+    in_outer, in_inner = sch.split(in_loop, in_factors)
+    sch.reorder(out_outer, in_outer, batch, in_inner, out_inner)
+    sch.compute_at(producer, in_outer)
+    tile_in, tile_out, tile_rank = sch.get_loops(producer)[-3:]
+    sch.reorder(tile_in, tile_rank, tile_out)
+    sch.parallel(out_outer)
+    sch.vectorize(tile_out)
+    sch.vectorize(out_inner)
+    sch.decompose_reduction(producer, tile_rank)
+    sch.decompose_reduction(block, in_outer)
+    return sch
+
+
+def register_schedule_rule() -> None:
+    """Register the MetaSchedule custom rule for the ``streamed`` block (CPU targets); idempotent."""
+    global _registered
+    if _registered:
+        return
+    import tvm
+
+    def rule(sch, block):
+        return [schedule_streamed(sch, block)]
+
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", rule, override=True)
+    _registered = True
+
+
+def _converter_class():
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class StreamedDense(OnnxOpConverter):
+        """ai.adntn::StreamedDense(x, L, R[, bias]) -> one fused call_tir kernel."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, left, right = inputs[0], inputs[1], inputs[2]
+            bias = inputs[3] if len(inputs) > 3 else None
+            activation = attr.get("activation", "identity")
+            activation = activation.decode() if isinstance(activation, bytes) else str(activation)
+            scale = float(attr.get("scale", 1.0))
+            shape = [int(d) for d in x.ty.shape]
+            out_dim = int(left.ty.shape[0])
+            in_dim = int(right.ty.shape[0])
+            flat = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (-1, in_dim)))
+            left_t = bb.emit(relax.op.permute_dims(left, [1, 0]))
+            if bias is None:
+                bias = relax.const(np.zeros(out_dim, dtype="float32"))
+            call = bb.emit_te(streamed_dense_te, flat, left_t, right, bias, activation, scale,
+                              primfunc_name_hint="adntn_streamed_dense")
+            gvar = call.args[0] if hasattr(call, "args") else bb.lookup_binding(call).args[0]
+            func = bb.get()[gvar]
+            bb.update_func(gvar, func.with_attr("op_pattern", _OPAQUE).with_attr(KERNEL_ATTR, 1))
+            if len(shape) != 2:
+                call = bb.emit(relax.op.reshape(call, shape[:-1] + [out_dim]))
+            return call
+
+    return StreamedDense
+
+
+@contextlib.contextmanager
+def onnx_streamed_ops() -> Iterator[None]:
+    """While active, TVM's ONNX importer converts ``StreamedDense`` nodes (its map has no extension hook)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = getattr(onnx_frontend, "_get_convert_map", None)
+    if original is None:
+        raise StreamCompileError("this TVM's ONNX importer has no converter map to extend; use the pinned apache-tvm")
+    from adntn_deploy.onnx_export.streaming import STREAMED_OP
+
+    extra = _converter_class()
+
+    def patched():
+        table = dict(original())
+        table[STREAMED_OP] = extra
+        return table
+
+    onnx_frontend._get_convert_map = patched
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def streamed_kernels(mod) -> list[Any]:
+    """GlobalVars of the fused streamed kernels in ``mod``."""
+    return [gv for gv, f in mod.functions_items() if type(f).__name__ == "PrimFunc" and f.attrs is not None
+            and KERNEL_ATTR in f.attrs]
+
+
+def schedule_untuned(mod, target) -> tuple[Any, int]:
+    """Give every streamed kernel without a schedule from the database the default tiling.
+
+    Returns (module, kernels scheduled here). Without it the kernel would compute the whole weight tile
+    buffer -- the dense weight -- before the product.
+
+    Raises:
+        StreamCompileError: fused kernels on a non-CPU target (only the CPU schedule exists).
+    """
+    from tvm import s_tir
+
+    scheduled = 0
+    for gvar in streamed_kernels(mod):
+        func = mod[gvar]
+        if any(str(k).endswith("is_scheduled") and bool(func.attrs[k]) for k in func.attrs.keys()):
+            continue
+        if target.kind.name != "llvm":
+            raise StreamCompileError(
+                f"the fused streamed kernel (non-linear top activation) has a CPU schedule only; for {target.kind.name} "
+                "compile with --weights load, or use generators with an identity top activation (they stream as two matmuls)"
+            )
+        sch = s_tir.Schedule(func)
+        schedule_streamed(sch, sch.get_sblock("streamed"), DEFAULT_TILE)
+        mod[gvar] = sch.mod["main"]
+        scheduled += 1
+    return mod, scheduled
