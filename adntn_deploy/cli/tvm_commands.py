@@ -29,8 +29,9 @@ def targets_command(as_json: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", required=True, help="Device profile (adntn-deploy targets), TVM tag, or JSON target dict.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact folder to write.")
-@click.option("--weights", type=click.Choice(["load", "fold"]), default="load", show_default=True,
-              help="load: generate weights on the device at load (artifact holds the cores); fold: bake dense weights in.")
+@click.option("--weights", type=click.Choice(["load", "fold", "stream"]), default="load", show_default=True,
+              help="load: generate weights on the device at load (artifact holds the cores); fold: bake dense weights in; "
+                   "stream: generated layers run from two thin factors, never holding the dense weight.")
 @click.option("--cross-compiler", default=None, help="g++ that links the library (default: the profile's).")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 3))
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the Relax IR here.")
@@ -69,8 +70,15 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     tuned = m["tuning"]
     tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned from {tuned['records']}"
               if tuned["records"] else "untuned (no records for this target: adntn-deploy tune)")
+    streamed = ""
+    if m.get("streamed"):
+        kinds = sorted({layer["kernel"] for layer in m["streamed"]})
+        factors = sum(layer["factor_bytes"] for layer in m["streamed"])
+        dense = sum(layer["dense_bytes"] for layer in m["streamed"])
+        streamed = (f"; {len(m['streamed'])} layers streamed ({', '.join(kinds)}): factors {human_bytes(factors)} "
+                    f"instead of {human_bytes(dense)} of dense weights")
     click.echo(f"wrote {artifact.path} for {m['profile']} ({m['arch']}, {m['device']}), weights={m['weights']}: "
-               f"{human_bytes(artifact.bytes)} ({files}); {tuning}; built in {m['build_seconds']:.1f} s")
+               f"{human_bytes(artifact.bytes)} ({files}); {tuning}{streamed}; built in {m['build_seconds']:.1f} s")
 
 
 @click.command("bundle")
@@ -97,9 +105,13 @@ def bundle_command(artifact, output, cross_compiler):
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds a candidate may take to build or run.")
 @click.option("--cross-compiler", default=None, help="g++ that links candidates for the board.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...")
+@click.option("--weights", type=click.Choice(["load", "stream"]), default="load", show_default=True,
+              help="Tune the kernels of this compile mode (stream: the streamed kernels and their tile sizes).")
+@click.option("--only", multiple=True, metavar="TEXT",
+              help="Tune only kernels whose task name contains TEXT (repeatable), e.g. adntn_streamed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tracker, rpc_key, timeout,
-                 cross_compiler, input_shapes, as_json):
+                 cross_compiler, input_shapes, weights, only, as_json):
     """Tune every kernel (inference and load-time generators) with MetaSchedule; resumable and crash-safe."""
     import time as _time
 
@@ -118,7 +130,8 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
     try:
         report = tune_model(model, target, tuning_records, trials=trials, trials_per_task=trials_per_task,
                             rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout=timeout, cross_compiler=cross_compiler,
-                            input_shapes=dict(parse_input_shape(s) for s in input_shapes), on_batch=on_batch)
+                            input_shapes=dict(parse_input_shape(s) for s in input_shapes), weights=weights,
+                            only=list(only), on_batch=on_batch)
     finally:
         bar.close()
     summary = {"records": str(report.records), "tasks": report.tasks, "trials": report.trials,

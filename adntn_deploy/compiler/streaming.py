@@ -6,10 +6,11 @@ converter added to TVM's ONNX importer while ``compile`` / ``tune`` import the m
 with two blocks:
 
     weight_tile[i, o] = sum_k R[i, k] * Lt[k, o]                 (a tile of W^T, rank-k products)
-    streamed[n, o]   += x[n, i] * sigma(weight_tile[i, o])        (the matrix product)
+    weight_act[i, o]  = sigma(weight_tile[i, o])                  (once per element, not per batch row)
+    streamed[n, o]   += x[n, i] * weight_act[i, o]                (the matrix product)
 
 The schedule (:func:`schedule_streamed`) splits the output and the reduction axes into tiles and computes
-``weight_tile`` inside the tile loops, so only a ``tile_in x tile_out`` scratch block exists at any time
+``weight_tile`` and ``weight_act`` inside the tile loops, so only a ``tile_in x tile_out`` scratch block exists at any time
 (16 KiB at the default 64x64) and the dense weight is never allocated. Tile sizes are MetaSchedule
 decisions: the block carries the annotation ``schedule_rule = adntn_streamed_dense``, for which this
 module registers a custom rule, so ``adntn-deploy tune`` searches them like any other task and
@@ -94,12 +95,16 @@ def streamed_dense_te(x, left_t, right, bias, activation: str, scale: float):
         (in_dim, out_dim), lambda i, o: te.sum(right[i, k] * left_t[k, o], axis=k), name="weight_tile",
         attrs={"schedule_rule": "None"},  # scheduled together with its consumer by the custom rule
     )
+    # the activation gets its own block, computed once per tile element (not once per batch row)
+    active = te.compute((in_dim, out_dim), lambda i, o: activation_expr(activation, tile[i, o], x.dtype), name="weight_act",
+                        attrs={"schedule_rule": "None"})
     r = te.reduce_axis((0, in_dim), "r")
     product = te.compute(
-        (n, out_dim), lambda b, o: te.sum(x[b, r] * activation_expr(activation, tile[r, o], x.dtype), axis=r), name="streamed",
+        (n, out_dim), lambda b, o: te.sum(x[b, r] * active[r, o], axis=r), name="streamed",
         attrs={"schedule_rule": RULE_NAME},
     )
-    return te.compute((n, out_dim), lambda b, o: product[b, o] * tirx.const(scale, x.dtype) + bias[o], name="streamed_bias")
+    return te.compute((n, out_dim), lambda b, o: product[b, o] * tirx.const(scale, x.dtype) + bias[o], name="streamed_bias",
+                      attrs={"schedule_rule": "None"})
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
@@ -112,7 +117,8 @@ def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
     ``tiles`` = (output tile, input tile) in elements; None samples both (MetaSchedule decisions, perfect
     divisors up to 128 and 256). Returns ``sch``.
     """
-    (producer,) = sch.get_producers(block)
+    (active,) = sch.get_producers(block)
+    (producer,) = sch.get_producers(active)
     batch, out_loop, in_loop = sch.get_loops(block)[-3:]
     if tiles is None:
         out_factors = sch.sample_perfect_tile(out_loop, n=2, max_innermost_factor=128)
@@ -125,14 +131,20 @@ def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
     out_outer, out_inner = sch.split(out_loop, out_factors)
     in_outer, in_inner = sch.split(in_loop, in_factors)
     sch.reorder(out_outer, in_outer, batch, in_inner, out_inner)
-    sch.compute_at(producer, in_outer)
+    # a fixed loop count (unit loops kept) keeps traces replayable when the search changes tile sizes
+    sch.compute_at(active, in_outer, preserve_unit_loops=True)
+    sch.compute_at(producer, in_outer, preserve_unit_loops=True)
     tile_in, tile_out, tile_rank = sch.get_loops(producer)[-3:]
     sch.reorder(tile_in, tile_rank, tile_out)
+    sch.vectorize(sch.get_loops(active)[-1])
     sch.parallel(out_outer)
     sch.vectorize(tile_out)
     sch.vectorize(out_inner)
     sch.decompose_reduction(producer, tile_rank)
     sch.decompose_reduction(block, in_outer)
+    (epilogue,) = sch.get_consumers(block)
+    epi_batch, epi_out = sch.get_loops(epilogue)[-2:]
+    sch.vectorize(sch.split(epi_out, [None, _divisor_at_most(int(sch.get(epi_out).extent), 16)])[1])
     return sch
 
 
@@ -148,6 +160,19 @@ def register_schedule_rule() -> None:
 
     tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", rule, override=True)
     _registered = True
+
+
+def mark_kernel(func):
+    """``func`` (the streamed PrimFunc) marked opaque (never fused), tagged, and its root block left to our rule.
+
+    MetaSchedule's ParallelizeVectorizeUnroll would otherwise annotate the root block and its postprocessor
+    would then reject the loops our rule already parallelised and vectorised (no valid candidate at all).
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
+    return sch.mod["main"].with_attr("op_pattern", _OPAQUE).with_attr(KERNEL_ATTR, 1)
 
 
 def _converter_class():
@@ -175,8 +200,7 @@ def _converter_class():
             call = bb.emit_te(streamed_dense_te, flat, left_t, right, bias, activation, scale,
                               primfunc_name_hint="adntn_streamed_dense")
             gvar = call.args[0] if hasattr(call, "args") else bb.lookup_binding(call).args[0]
-            func = bb.get()[gvar]
-            bb.update_func(gvar, func.with_attr("op_pattern", _OPAQUE).with_attr(KERNEL_ATTR, 1))
+            bb.update_func(gvar, mark_kernel(bb.get()[gvar]))
             if len(shape) != 2:
                 call = bb.emit(relax.op.reshape(call, shape[:-1] + [out_dim]))
             return call

@@ -182,6 +182,8 @@ def tune_model(
     timeout: float = 300.0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     cross_compiler: str | None = None,
+    weights: str = "load",
+    only: list[str] | None = None,
     on_batch: Callable[[int, int, str, float | None], None] | None = None,
 ) -> TuneReport:
     """Tune every kernel of ``onnx_path`` for ``target``; the database goes to (or grows in) ``records``.
@@ -191,6 +193,9 @@ def tune_model(
             equal share, so no kernel is left with its naive first candidate).
         rpc_tracker / rpc_key: measure on a board registered with a TVM RPC tracker ("host:port").
         timeout: seconds a candidate may take to build (2-core machines need minutes) and to run.
+        weights: the compile mode whose kernels to tune: "load" (generators + inference) or "stream"
+            (factor generators + the streamed kernels, whose tile sizes are searched by a custom rule).
+        only: tune only the kernels whose task name contains one of these strings (e.g. "adntn_streamed").
         on_batch: called after every measured batch as (trials done, trials total, task name, best
             seconds of that task so far or None).
 
@@ -211,7 +216,13 @@ def tune_model(
     if compiler and not rpc_tracker:
         raise TuningError(f"{profile.name} runs on {profile.arch}: tune on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
     tvm_tgt = tvm_target(profile)
-    imported = import_model(onnx_path, "load", input_shapes)
+    if weights not in ("load", "stream"):
+        raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
+    if weights == "stream":
+        from adntn_deploy.compiler.streaming import register_schedule_rule
+
+        register_schedule_rule()
+    imported = import_model(onnx_path, weights, input_shapes)
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)
     staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
@@ -252,12 +263,16 @@ def tune_model(
     start = time.perf_counter()
     try:
         tasks = ms.relax_integration.extract_tasks(fused, tvm_tgt)
+        if only:
+            tasks = [t for t in tasks if any(name in t.task_name for name in only)]
+            if not tasks:
+                raise TuningError(f"no kernel's task name contains {' or '.join(only)}; drop --only to tune all kernels")
         # without a per-task cap the gradient scheduler can spend the whole budget on cheap kernels and
         # leave a big matmul with its first (naive) candidate; default: an equal share per task
         per_task = trials_per_task or max(1, -(-trials // max(len(tasks), 1)))
         ms.relax_integration.tune_relax(
             fused, {}, tvm_tgt, str(staging), max_trials_global=trials, max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
+            num_trials_per_iter=min(64, trials), builder=builder, runner=runner, op_names=list(only or []) or None,
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
         )
         _publish(staging, records)

@@ -17,7 +17,7 @@ from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE
 from adntn_deploy.ir.program import GeneratorIR, Step
 
 
-class _Emitter:
+class NodeEmitter:
     """Collects nodes with unique value names inside one function body."""
 
     def __init__(self, prefix: str) -> None:
@@ -56,7 +56,7 @@ class _Emitter:
         return self.node("Reshape", [x, self.const(np.array(shape, dtype=np.int64), "shape")], "rs")
 
 
-def _contract(em: _Emitter, step: Step, lhs: str, rhs: str, shapes: dict[str, tuple[int, ...]]) -> str:
+def _contract(em: NodeEmitter, step: Step, lhs: str, rhs: str, shapes: dict[str, tuple[int, ...]]) -> str:
     a, b, out = step.subscripts
     size = dict(zip(a, shapes[step.lhs]))
     size.update(zip(b, shapes[step.rhs]))
@@ -83,7 +83,7 @@ def _contract(em: _Emitter, step: Step, lhs: str, rhs: str, shapes: dict[str, tu
     return em.transpose(product, [order.index(s) for s in out])
 
 
-def _activate(em: _Emitter, x: str, name: str, dtype: type) -> str:
+def _activate(em: NodeEmitter, x: str, name: str, dtype: type) -> str:
     if name == "identity":
         return x
     if name == "gelu":
@@ -112,7 +112,7 @@ def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, pref
     """
     from onnx import TensorProto
 
-    em = _Emitter(prefix)
+    em = NodeEmitter(prefix)
     env = {name: em.cast(value, TensorProto.DOUBLE) for name, value in zip(ir.core_names, core_inputs)}
     shapes = {name: ir.shape_of(name) for name in ir.core_names}
     last = len(ir.steps) - 1

@@ -24,7 +24,7 @@ import numpy as np
 
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.ir.split import Factor, split_generator
-from adntn_deploy.onnx_export.lowering import lower_program
+from adntn_deploy.onnx_export.lowering import NodeEmitter, lower_program
 from adntn_deploy.onnx_export.schema import DOMAIN
 
 STREAMED_OP = "StreamedDense"
@@ -65,37 +65,10 @@ def _attr(node, name: str, default: Any) -> Any:
     return default
 
 
-class _Emitter:
-    """Appends nodes with fresh names derived from one layer's weight name."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.nodes: list = []
-        self.count = 0
-
-    def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{self.prefix}.stream.{hint}{self.count}"
-
-    def node(self, op: str, inputs: list[str], hint: str, domain: str = "", **attrs) -> str:
-        from onnx import helper
-
-        out = self.name(hint)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
-        return out
-
-    def const(self, value: np.ndarray, hint: str) -> str:
-        from onnx import helper, numpy_helper
-
-        out = self.name(hint)
-        self.nodes.append(helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(value)))
-        return out
-
-
-def _emit_factor(em: _Emitter, factor: Factor, core_inputs: dict[str, str], hint: str) -> str:
+def _emit_factor(em: NodeEmitter, factor: Factor, core_inputs: dict[str, str], hint: str) -> str:
     """Nodes computing ``factor`` (rows, rank) as float32 from the core initializers."""
     if factor.ir is not None:
-        out = em.name(hint)
+        out = em.fresh(hint)
         em.nodes.extend(lower_program(factor.ir, [core_inputs[c] for c in factor.ir.core_names], out, prefix=out + "."))
         return out
     core = core_inputs[factor.core.name]  # type: ignore[union-attr]
@@ -159,7 +132,7 @@ def stream_weights(model) -> tuple[Any, list[StreamedLayer]]:
         else:
             raise StreamError(f"layer {label}: its weight feeds a {consumer.op_type} node, not a Gemm, MatMul or Conv{hint}")
         core_inputs = dict(zip(gen.ir.core_names, gen.cores))
-        em = _Emitter(weight)
+        em = NodeEmitter(f"{weight}.stream.")
         left = _emit_factor(em, split.left, core_inputs, "left")
         right = _emit_factor(em, split.right, core_inputs, "right")
         x = consumer.input[0]
@@ -181,19 +154,19 @@ def stream_weights(model) -> tuple[Any, list[StreamedLayer]]:
                 reduced = em.node("Conv", [x, filters], "rank_conv", **conv_attrs)
                 mix_shape = [split.weight_shape[0], split.rank] + [1] * (len(split.weight_shape) - 2)
                 mix = em.node("Reshape", [left_scaled, em.const(np.array(mix_shape, np.int64), "shape")], "mix_filters")
-                em.nodes.append(onnx.helper.make_node("Conv", [reduced, mix] + ([bias] if bias else []), [output], name=em.name("mix_conv")))
+                em.nodes.append(onnx.helper.make_node("Conv", [reduced, mix] + ([bias] if bias else []), [output], name=em.fresh("mix_conv")))
             else:
                 reduced = em.node("MatMul", [x, right], "rank_mm")
                 if consumer.op_type == "Gemm":
                     em.nodes.append(onnx.helper.make_node("Gemm", [reduced, left_scaled] + ([bias] if bias else []), [output],
-                                                          name=em.name("mix_gemm"), transB=1))
+                                                          name=em.fresh("mix_gemm"), transB=1))
                 else:
                     left_t = em.node("Transpose", [left_scaled], "left_t", perm=[1, 0])
-                    em.nodes.append(onnx.helper.make_node("MatMul", [reduced, left_t], [output], name=em.name("mix_mm")))
+                    em.nodes.append(onnx.helper.make_node("MatMul", [reduced, left_t], [output], name=em.fresh("mix_mm")))
             kernel = "factored"
         else:
             em.nodes.append(onnx.helper.make_node(
-                STREAMED_OP, [x, left, right] + ([bias] if bias else []), [output], name=em.name("fused"), domain=DOMAIN,
+                STREAMED_OP, [x, left, right] + ([bias] if bias else []), [output], name=em.fresh("fused"), domain=DOMAIN,
                 activation=split.activation, scale=scale,
             ))
             kernel = "fused"
