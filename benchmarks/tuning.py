@@ -1,10 +1,11 @@
 """Benchmark auto-tuning on the host: untuned TVM vs tuned TVM vs ONNX Runtime, same models, one run.
 
-python benchmarks/tuning.py [--trials 256] [--records schedules/host]
+python benchmarks/tuning.py [--trials 256] [--target host|x86-64-avx2] [--records schedules/<target>]
 Models: an MLP 784-1024-1024-10, dense and with TTN generators, at batch 1 and 32 (static shapes). Each is
 tuned with MetaSchedule into --records (default: the shipped database schedules/host/, which compile then
 applies automatically for this target), then compiled with and without the records; latencies are medians
-of interleaved calls. Results: benchmarks/results/tuning.{json,md}.
+of interleaved calls. Results: benchmarks/results/tuning.{json,md} (tuning_<target>.{json,md} for other
+profiles, which must run on this machine: x86-64-avx2 does on any AVX2 CPU).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ def latency_ms(predictor, feeds, calls: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=256)
-    parser.add_argument("--records", type=Path, default=REPO / "schedules" / "host")
+    parser.add_argument("--target", default="host",
+                        help="profile to tune and compile for (it must run on this machine, e.g. host or x86-64-avx2)")
+    parser.add_argument("--records", type=Path, default=None, help="database folder (default: schedules/<target>)")
     parser.add_argument("--blocks", action="store_true",
                         help="tune the AlexNet / VGG-16 classifier blocks instead (dense; their inference kernels are "
                              "the same for every ADNTN variant, which is checked with the ttn-2k block)")
     args = parser.parse_args()
+    args.records = args.records or REPO / "schedules" / args.target
     if args.blocks:
         return tune_blocks(args)
     import torch
@@ -68,12 +72,12 @@ def main() -> None:
                 x = {"input": np.random.default_rng(0).standard_normal((batch, 784)).astype(np.float32)}
                 # compile untuned: hide the shipped schedules/ so nothing is applied by default
                 os.environ["ADNTN_SCHEDULES_DIR"] = str(Path(tmp) / "no-schedules")
-                untuned = compile_model(onnx_path, "host", Path(tmp) / f"{name}-b{batch}-untuned")
+                untuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-untuned")
                 os.environ.pop("ADNTN_SCHEDULES_DIR")
                 start = time.perf_counter()
-                report = tune_model(onnx_path, "host", args.records, trials=args.trials, trials_per_task=64)
+                report = tune_model(onnx_path, args.target, args.records, trials=args.trials, trials_per_task=64)
                 tune_s = time.perf_counter() - start
-                tuned = compile_model(onnx_path, "host", Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records)
+                tuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records)
                 ort, plain, fast = load(onnx_path), load(untuned.path), load(tuned.path)
                 reference = ort.run(x)
                 for p in (plain, fast):
@@ -100,10 +104,11 @@ def main() -> None:
                        for r in rows)
     print(table)
     meta = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
-            "trials_per_model": args.trials, "records": str(args.records)}
+            "trials_per_model": args.trials, "records": str(args.records), "target": args.target}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / "tuning.md").write_text(f"# Auto-tuning on the host\n\n{json.dumps(meta)}\n\n{table}\n")
+    stem = "tuning" if args.target == "host" else f"tuning_{args.target}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.md").write_text(f"# Auto-tuning for the {args.target} profile on this machine\n\n{json.dumps(meta)}\n\n{table}\n")
 
 
 def tune_blocks(args) -> None:
@@ -132,7 +137,7 @@ def tune_blocks(args) -> None:
                     export_onnx(model, [torch.randn(batch, width)], paths[variant], input_names=["input"])
                     del model
                 start = time.perf_counter()
-                report = tune_model(paths["dense"], "host", args.records, trials=args.trials)
+                report = tune_model(paths["dense"], args.target, args.records, trials=args.trials)
                 tune_s = time.perf_counter() - start
                 x = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
                 ort = load(paths["dense"])
@@ -140,7 +145,7 @@ def tune_blocks(args) -> None:
                 key = next(iter(reference))
                 tuned = {}
                 for variant, path in paths.items():
-                    artifact = compile_model(path, "host", Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records)
+                    artifact = compile_model(path, args.target, Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records)
                     predictor = load(artifact.path)
                     if variant == "dense":
                         out = predictor.run(x)[key]
