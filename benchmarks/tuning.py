@@ -175,8 +175,9 @@ def tune_blocks(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
             "trials_per_block": args.trials, "records": str(args.records)}
-    (RESULTS / "tuning_blocks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / "tuning_blocks.md").write_text(f"# Auto-tuning the classifier blocks\n\n{json.dumps(meta)}\n\n{table}\n")
+    stem = "tuning_blocks" if args.target == "host" else f"tuning_blocks_{args.target}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.md").write_text(f"# Auto-tuning the classifier blocks ({args.target} profile)\n\n{json.dumps(meta)}\n\n{table}\n")
 
 
 if __name__ == "__main__":
