@@ -126,3 +126,14 @@ def test_predictor_interface_and_threads(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: predictor.run({"input": x})["logits"], range(16)))
     assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_a_generated_layer_exports_on_its_own(tmp_path):
+    torch.manual_seed(0)
+    layer = ADNTNLinear(32, 16, family="ttn", bond_dim=2).eval()
+    x = torch.randn(3, 32)
+    export_onnx(layer, [x], tmp_path / "layer.onnx", input_names=["x"])
+    (generator,) = find_generators(load_onnx(tmp_path / "layer.onnx"))
+    assert generator.ir.weight_shape == (16, 32)
+    got = ort.InferenceSession(str(tmp_path / "layer.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, layer(x).detach().numpy(), rtol=1e-5, atol=1e-6)

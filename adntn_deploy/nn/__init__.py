@@ -10,4 +10,5 @@ def generated_layers(model):
     """Yield ``(layer_name, generated_weight)`` for every GeneratedWeight in ``model``, named by its owning layer."""
     for name, module in model.named_modules():
         if isinstance(module, GeneratedWeight):
-            yield name.rsplit(".weight_generator", 1)[0], module
+            # a generated layer exported on its own is the root: its generator is "weight_generator"
+            yield ("" if name == "weight_generator" else name.rsplit(".weight_generator", 1)[0]), module
