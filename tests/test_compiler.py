@@ -218,3 +218,21 @@ def test_cli_compile_and_run(tmp_path, small_onnx):
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     targets = json.loads(cli("targets", "--json").stdout)
     assert any(t["name"] == "rpi4" and t["tag"] == "raspberry-pi/4b-aarch64" for t in targets)
+
+
+def test_recompiling_into_the_same_folder_loads_the_new_library(tmp_path):
+    # dlopen caches libraries by file name: a long-lived process must still run the recompiled artifact
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(ADNTNLinear(64, 16, family="ttn", bond_dim=2, top_activation="tanh")).eval()
+        path = tmp_path / f"m{seed}.onnx"
+        export_onnx(model, [torch.randn(1, 64)], path, input_names=["input"])
+        compile_model(path, "host", tmp_path / "art", weights="fold")  # fold: the weights live in the library
+        (got,) = load(tmp_path / "art").run({"input": x}).values()
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        assert _relative(got, expected) < 1e-5
+        outputs.append(got)
+    assert _relative(outputs[0], outputs[1]) > 1e-2

@@ -25,6 +25,37 @@ class ArtifactError(GeneratorError):
     """An artifact is missing, tampered with, or built for another machine."""
 
 
+#: library path -> sha256 of the file first loaded from it in this process
+_loaded_libraries: dict[str, str] = {}
+_load_lock = threading.Lock()
+
+
+def _load_library(path: Path, sha256: str):
+    """``tvm.runtime.load_module(path)``, correct when ``path`` now holds a different library.
+
+    dlopen returns the library already loaded under the same file name, so an artifact recompiled into
+    the same folder (compile replaces it in place) would run the old code in a long-lived process (a
+    server, a notebook). A changed file is therefore loaded through a private copy with a unique name.
+    """
+    import shutil
+    import tempfile
+
+    import tvm
+
+    key = str(path.resolve())
+    with _load_lock:
+        first = _loaded_libraries.setdefault(key, sha256)
+        if first == sha256:
+            return tvm.runtime.load_module(key)
+        folder = tempfile.mkdtemp(prefix="adntn-lib-")
+        copy = Path(folder) / f"{sha256[:16]}{path.suffix}"
+        shutil.copyfile(path, copy)
+        try:
+            return tvm.runtime.load_module(str(copy))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the mapping stays valid after the file is unlinked
+
+
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
     """Read ``ARTIFACT/manifest.json`` and (by default) check every file's sha256.
 
@@ -76,7 +107,8 @@ class TvmPredictor:
         self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[kind](device_id)
         if not self.device.exist:
             raise ArtifactError(f"{self.path} needs a {kind} device, and this machine has none")
-        module = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        library = self.manifest["library"]
+        module = _load_library(self.path / library, self.manifest["files"][library]["sha256"])
         self.vm = relax.VirtualMachine(module, self.device)
         self.inputs = tuple(TensorInfo(i["name"], tuple(i["shape"]), np.dtype(i["dtype"])) for i in self.manifest["inputs"])
         self.outputs = tuple(TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"])) for o in self.manifest["outputs"])
