@@ -183,8 +183,13 @@ def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
         runtime_libs_dir("aarch64")
 
 
-def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path):
-    """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86."""
+@pytest.mark.parametrize("weights", ["load", "stream"])
+def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, weights):
+    """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86.
+
+    With ``stream`` the Conv and the last Linear run factored and the tanh-topped Linear through the fused
+    kernel, built for aarch64 (NEON).
+    """
     _require_aarch64_tools()
     import torch
     from torch import nn
@@ -197,11 +202,12 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2), nn.ReLU(), nn.Flatten(),
-                          ADNTNLinear(4 * 6 * 6, 8, family="mera"), nn.Tanh(), ADNTNLinear(8, 3, family="ttn")).eval()
+                          ADNTNLinear(4 * 6 * 6, 8, family="mera", top_activation="tanh"), nn.Tanh(),
+                          ADNTNLinear(8, 3, family="ttn")).eval()
     onnx_path = tmp_path / "m.onnx"
     export_onnx(model, [torch.randn(1, 1, 6, 6)], onnx_path, input_names=["input"], output_names=["logits"])
-    host = compile_model(onnx_path, "host", tmp_path / "host")
-    board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4")
+    host = compile_model(onnx_path, "host", tmp_path / "host", weights=weights)
+    board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4", weights=weights)
     bundle = make_bundle(board.path, tmp_path / "bundle")
     x = np.random.default_rng(3).standard_normal((1, 1, 6, 6)).astype(np.float32)
     save_file({"input": x}, str(tmp_path / "in.safetensors"))
@@ -210,3 +216,5 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path):
     on_board = load_file(str(tmp_path / "out.safetensors"))["logits"]
     on_x86 = load(host.path).run({"input": x})["logits"]
     assert np.abs(on_board - on_x86).max() / np.abs(on_x86).max() < 1e-5
+    if weights == "stream":
+        assert {layer["kernel"] for layer in board.manifest["streamed"]} == {"factored", "fused"}
