@@ -40,7 +40,7 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
-def worker(kind: str, path: str, batch: int, in_dim: int, calls: int) -> None:
+def worker(kind: str, path: str, batch: int, in_dim: int, calls: int, output: str) -> None:
     """Run one configuration in this (fresh) process and print its measurements as JSON."""
     import onnxruntime  # noqa: F401  -- imported by both kinds so the baselines match
     import tvm  # noqa: F401
@@ -62,12 +62,18 @@ def worker(kind: str, path: str, batch: int, in_dim: int, calls: int) -> None:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     peak = _status_bytes("VmHWM")
     y = next(iter(out.values()))
-    np.save(path.rstrip("/") + f".b{batch}.out.npy" if kind != "ort" else str(Path(path).with_suffix(f".b{batch}.out.npy")), y)
+    np.save(output, y)
     print(json.dumps({"latency_ms": statistics.median(samples), "peak_mb": (peak - baseline) / 2**20, "load_s": load_s}))
 
 
+def _output_file(path: Path, batch: int) -> Path:
+    """Where the worker for ``path`` (an .onnx file or an artifact folder) saves its outputs."""
+    return path.parent / f"{path.name}.b{batch}.out.npy"
+
+
 def _measure(kind: str, path: Path, batch: int, in_dim: int, calls: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, str(path), "--batch", str(batch), "--in-dim", str(in_dim), "--calls", str(calls)]
+    cmd = [sys.executable, __file__, "--worker", kind, str(path), "--batch", str(batch), "--in-dim", str(in_dim),
+           "--calls", str(calls), "--output", str(_output_file(path, batch))]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TVM_LOG_DEBUG": "0"})
     if done.returncode != 0:
         raise SystemExit(f"worker failed ({kind} {path}): {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
@@ -121,6 +127,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--in-dim", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--output", default="", help=argparse.SUPPRESS)
     parser.add_argument("--layers", default="fc6,fc7")
     parser.add_argument("--tops", default="identity,tanh")
     parser.add_argument("--batches", default="1,8")
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=None, help="Tuning records (default: schedules/<profile>).")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.batch, args.in_dim, args.calls)
+        worker(args.worker[0], args.worker[1], args.batch, args.in_dim, args.calls, args.output)
         return
 
     from adntn_deploy.compiler.build import compile_model
@@ -152,8 +159,8 @@ def main() -> None:
                     row[mode]["tuning"] = artifact.manifest["tuning"]
                     if mode == "stream":
                         row["kernel"] = artifact.manifest["streamed"][0]["kernel"]
-                    ref = np.load(dense.with_suffix(f".b{batch}.out.npy"))
-                    got = np.load(str(folder) + f".b{batch}.out.npy")
+                    ref = np.load(_output_file(dense, batch))
+                    got = np.load(_output_file(folder, batch))
                     row[mode]["max_rel_diff_vs_ort"] = float(np.abs(got - ref).max() / np.abs(ref).max())
                 rank = info["rank"]
                 if row["kernel"] == "fused":

@@ -35,6 +35,8 @@ from adntn_deploy.errors import GeneratorError
 ARTIFACT_FORMAT = "adntn-artifact"
 ARTIFACT_VERSION = 1
 WEIGHT_MODES = ("load", "fold", "stream")
+#: modes whose parameters stay inputs and whose weight-only work runs once at load (main_transform_params)
+LIFTED_MODES = ("load", "stream")
 
 
 class CompileError(GeneratorError):
@@ -200,7 +202,7 @@ def import_model(
     outputs = _fix_input_shapes(inlined, shapes)
     from adntn_deploy.compiler.streaming import onnx_streamed_ops
 
-    lifted = weights in ("load", "stream")
+    lifted = weights in LIFTED_MODES
     try:
         with onnx_streamed_ops():
             mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=lifted)
@@ -264,7 +266,6 @@ def compile_model(
         OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
         StreamError / StreamCompileError: ``weights="stream"`` for a layer or target that cannot stream.
     """
-
     say = progress or (lambda message: None)
     if weights not in WEIGHT_MODES:
         raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
@@ -305,7 +306,7 @@ def compile_model(
         library = "model.tar" if profile.export_format == "tar" else "model.so"
         _export(executable, staging / library, compiler)
         files = [library]
-        if weights in ("load", "stream"):
+        if weights in LIFTED_MODES:
             from safetensors.numpy import save_file
 
             save_file({f"p{k:04d}": np.array(a, order="C", copy=True) for k, a in enumerate(params)}, str(staging / "params.safetensors"))
@@ -321,7 +322,7 @@ def compile_model(
             "target": str(tvm_tgt),
             "weights": weights,
             "library": library,
-            "params_file": "params.safetensors" if weights in ("load", "stream") else None,
+            "params_file": "params.safetensors" if weights in LIFTED_MODES else None,
             "params": [f"p{k:04d}" for k in range(len(params))],
             "param_sources": imported.param_names,
             "tuning": tuned,

@@ -205,7 +205,7 @@ def tune_model(
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from adntn_deploy.compiler.build import import_model, tvm_target
+    from adntn_deploy.compiler.build import LIFTED_MODES, import_model, tvm_target
 
     if trials < 1:
         raise TuningError("--trials must be at least 1")
@@ -216,7 +216,7 @@ def tune_model(
     if compiler and not rpc_tracker:
         raise TuningError(f"{profile.name} runs on {profile.arch}: tune on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
     tvm_tgt = tvm_target(profile)
-    if weights not in ("load", "stream"):
+    if weights not in LIFTED_MODES:
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     if weights == "stream":
         from adntn_deploy.compiler.streaming import register_schedule_rule
@@ -270,9 +270,12 @@ def tune_model(
         # without a per-task cap the gradient scheduler can spend the whole budget on cheap kernels and
         # leave a big matmul with its first (naive) candidate; default: an equal share per task
         per_task = trials_per_task or max(1, -(-trials // max(len(tasks), 1)))
-        ms.relax_integration.tune_relax(
-            fused, {}, tvm_tgt, str(staging), max_trials_global=trials, max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, trials), builder=builder, runner=runner, op_names=list(only or []) or None,
+        # tune the tasks extracted above (tune_relax would extract them all again, and its op_names filter
+        # selects a task once per matching name)
+        contexts, weights_per_task = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(staging))
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights_per_task, work_dir=str(staging), max_trials_global=trials,
+            max_trials_per_task=per_task, num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
         )
         _publish(staging, records)

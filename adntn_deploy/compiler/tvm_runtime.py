@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from adntn_deploy.compiler.build import ARTIFACT_FORMAT, ARTIFACT_VERSION, sha256_file
+from adntn_deploy.compiler.build import ARTIFACT_FORMAT, ARTIFACT_VERSION, LIFTED_MODES, sha256_file
 from adntn_deploy.compiler.profiles import host_arch
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
@@ -114,7 +114,7 @@ class TvmPredictor:
         self.outputs = tuple(TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"])) for o in self.manifest["outputs"])
         self._lock = threading.Lock()
         self._weights: list = []
-        if self.manifest["weights"] in ("load", "stream"):
+        if self.manifest["weights"] in LIFTED_MODES:
             from safetensors.numpy import load_file
 
             stored = load_file(str(self.path / self.manifest["params_file"]))

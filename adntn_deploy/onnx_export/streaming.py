@@ -94,6 +94,7 @@ def stream_weights(model) -> tuple[Any, list[StreamedLayer]]:
     generators = {g.weight: g for g in find_generators(model)}
     # hold the node wrappers in a list: their ids key the replacements below
     all_nodes = list(model.graph.node)
+    producers = {n.output[0]: n for n in all_nodes if n.domain == DOMAIN and n.output}
     users: dict[str, list] = {}
     for node in all_nodes:
         for name in node.input:
@@ -170,8 +171,7 @@ def stream_weights(model) -> tuple[Any, list[StreamedLayer]]:
                 activation=split.activation, scale=scale,
             ))
             kernel = "fused"
-        gen_node = next(n for n in all_nodes if n.domain == DOMAIN and n.output and n.output[0] == weight)
-        replace[id(gen_node)] = []
+        replace[id(producers[weight])] = []
         for node in dropped:
             replace[id(node)] = []
         replace[id(consumer)] = em.nodes
