@@ -39,8 +39,12 @@ def targets_command(as_json: bool) -> None:
               help="Fix an input's shape (symbolic axes default to 1).")
 @click.option("--tuning-records", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="MetaSchedule database to apply (default: schedules/<profile>/ when it matches the target).")
+@click.option("--prepack/--no-prepack", default=True, show_default=True,
+              help="CPU targets: run dense layers from weights packed into vector panels at load (fast without tuning); "
+                   "--no-prepack keeps TVM's generic matmul for MetaSchedule to tune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, tuning_records, as_json):
+def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, tuning_records,
+                    prepack, as_json):
     """Compile an ONNX model (ai.adntn or standard ops) with TVM into a deployable artifact folder."""
     from tqdm import tqdm
 
@@ -58,7 +62,7 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
         artifact = compile_model(
             model, target, output, weights=weights, cross_compiler=cross_compiler, opt_level=opt_level,
             dump_ir=dump_ir, input_shapes=dict(parse_input_shape(s) for s in input_shapes),
-            tuning_records=tuning_records, progress=progress,
+            tuning_records=tuning_records, prepack=prepack, progress=progress,
         )
     finally:
         bar.close()
@@ -70,6 +74,8 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     tuned = m["tuning"]
     tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned from {tuned['records']}"
               if tuned["records"] else "untuned (no records for this target: adntn-deploy tune)")
+    if tuned.get("packed_dense"):
+        tuning += f"; {tuned['packed_dense']} dense layers on packed weights"
     streamed = ""
     if m.get("streamed"):
         kinds = sorted({layer["kernel"] for layer in m["streamed"]})
@@ -109,9 +115,12 @@ def bundle_command(artifact, output, cross_compiler):
               help="Tune the kernels of this compile mode (stream: the streamed kernels and their tile sizes).")
 @click.option("--only", multiple=True, metavar="TEXT",
               help="Tune only kernels whose task name contains TEXT (repeatable), e.g. adntn_streamed.")
+@click.option("--prepack/--no-prepack", default=True, show_default=True,
+              help="Tune the kernels of compile --prepack (the default): CPU dense layers run from weights packed into vector panels at load (fast without tuning); "
+                   "use the value compile will get.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tracker, rpc_key, timeout,
-                 cross_compiler, input_shapes, weights, only, as_json):
+                 cross_compiler, input_shapes, weights, only, prepack, as_json):
     """Tune every kernel (inference and load-time generators) with MetaSchedule; resumable and crash-safe."""
     import time as _time
 
@@ -131,7 +140,7 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
         report = tune_model(model, target, tuning_records, trials=trials, trials_per_task=trials_per_task,
                             rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout=timeout, cross_compiler=cross_compiler,
                             input_shapes=dict(parse_input_shape(s) for s in input_shapes), weights=weights,
-                            only=list(only), on_batch=on_batch)
+                            only=list(only), prepack=prepack, on_batch=on_batch)
     finally:
         bar.close()
     summary = {"records": str(report.records), "tasks": report.tasks, "trials": report.trials,

@@ -160,6 +160,7 @@ class ImportedModel:
     outputs: list[dict[str, Any]]
     generators: dict[str, Any]
     streamed: list[dict[str, Any]]
+    packed_dense: int = 0
 
 
 def import_model(
@@ -168,13 +169,16 @@ def import_model(
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     opt_level: int = 3,
     dump_ir: str | os.PathLike | None = None,
+    prepack_target: Any = None,
 ) -> ImportedModel:
     """Validate an ONNX file, inline its ai.adntn functions and import it into Relax.
 
     With ``weights="load"`` parameters stay inputs and every weight-only computation is lifted into
     ``main_transform_params``; with ``"fold"`` they are constants and folded; with ``"stream"`` every
     generated layer is first rewritten to run from its two factors (:mod:`adntn_deploy.onnx_export.streaming`)
-    and then lifted as in "load" (the factors, not the weights, are generated at load).
+    and then lifted as in "load" (the factors, not the weights, are generated at load). With a CPU
+    ``prepack_target`` (a tvm Target), dense matmuls on weights are rewritten to read the weight packed
+    into that target's vector panels (:mod:`adntn_deploy.compiler.dense`; the packing is weight-only work).
 
     Raises:
         OnnxModelError: an invalid ONNX file. CompileError: TVM cannot import it (an unsupported op...).
@@ -223,6 +227,11 @@ def import_model(
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "01_imported.py").write_text(mod.script())
+    packed = 0
+    if prepack_target is not None:
+        from adntn_deploy.compiler.dense import prepack_dense
+
+        mod, packed = prepack_dense(mod, prepack_target)
     with tvm.transform.PassContext(opt_level=opt_level):
         if lifted:
             mod = relax.transform.LiftTransformParams()(mod)
@@ -230,7 +239,7 @@ def import_model(
             mod = relax.transform.FoldConstant()(mod)
     if dump:
         (dump / ("02_lifted.py" if lifted else "02_folded.py")).write_text(mod.script())
-    return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed)
+    return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed, packed)
 
 
 def compile_model(
@@ -244,6 +253,7 @@ def compile_model(
     dump_ir: str | os.PathLike | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     tuning_records: str | os.PathLike | None = None,
+    prepack: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile ``onnx_path`` for ``target`` (profile name, TVM tag or JSON dict) into the folder ``output``.
@@ -259,6 +269,8 @@ def compile_model(
         input_shapes: fixed shapes for inputs with symbolic axes (default: symbolic axes become 1).
         tuning_records: a MetaSchedule database folder to apply; default: the one shipped in schedules/
             for this profile and target, if any (records apply only to kernels whose workload hash matches).
+        prepack: on CPU targets, run dense layers from weights packed into vector panels at load
+            (:mod:`adntn_deploy.compiler.dense`); False keeps TVM's generic matmul (tuned by MetaSchedule).
         progress: called with a short message at each stage.
 
     Raises:
@@ -276,18 +288,26 @@ def compile_model(
     import tvm
     from tvm import relax
 
-    from adntn_deploy.compiler.tuning import apply_records, default_records
+    from adntn_deploy.compiler.tuning import apply_records, default_records, prepare_for_tuning
 
     tvm_tgt = tvm_target(profile)
     say("validate and import")
-    imported = import_model(onnx_path, weights, input_shapes, opt_level, dump_ir)
+    imported = import_model(onnx_path, weights, input_shapes, opt_level, dump_ir,
+                            prepack_target=tvm_tgt if prepack else None)
     mod, params, shapes, outputs = imported.mod, imported.params, imported.shapes, imported.outputs
     records = Path(tuning_records) if tuning_records else default_records(profile, tvm_tgt)
-    tuned = {"records": str(records) if records else None, "scheduled_kernels": 0, "kernels": 0}
+    tuned = {"records": str(records) if records else None, "scheduled_kernels": 0, "kernels": 0,
+             "packed_dense": imported.packed_dense}
     with tvm.transform.PassContext(opt_level=opt_level):
+        if records is not None or imported.packed_dense:
+            mod = prepare_for_tuning(mod, tvm_tgt)
         if records is not None:
             say("apply tuning records")
             mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
+        if imported.packed_dense:
+            from adntn_deploy.compiler import dense
+
+            mod, tuned["default_packed_schedules"] = dense.schedule_untuned(mod, tvm_tgt)
         if weights == "stream":
             from adntn_deploy.compiler.streaming import schedule_untuned
 

@@ -50,9 +50,14 @@ def _tuning_passes():
 
 
 def prepare_for_tuning(mod, target):
-    """The module as tasks are extracted from it: decomposed, legalised and fused, within ``target``."""
+    """The module as tasks are extracted from it: decomposed, legalised and fused, within ``target``.
+
+    Fused packed-dense kernels are then annotated so that only their own rule schedules them.
+    """
+    from adntn_deploy.compiler.dense import annotate_fused
+
     with target:
-        return _tuning_passes()(mod)
+        return annotate_fused(_tuning_passes()(mod))
 
 
 def _count_scheduled(mod) -> tuple[int, int]:
@@ -65,6 +70,17 @@ def _count_scheduled(mod) -> tuple[int, int]:
         if any(k.endswith("is_scheduled") and bool(attrs[k]) for k in attrs.keys()):
             scheduled += 1
     return scheduled, len(funcs)
+
+
+def register_schedule_rules(weights: str = "load") -> None:
+    """Register our MetaSchedule custom rules (packed dense; the fused streamed kernel for "stream")."""
+    from adntn_deploy.compiler import dense
+
+    dense.register_schedule_rule()
+    if weights == "stream":
+        from adntn_deploy.compiler.streaming import register_schedule_rule
+
+        register_schedule_rule()
 
 
 def clean_database(folder: Path) -> None:
@@ -87,8 +103,10 @@ def clean_database(folder: Path) -> None:
             path.write_bytes(fixed)
 
 
-def apply_records(mod, target, records: Path) -> tuple[Any, int, int]:
-    """Apply the database in ``records`` to ``mod``; returns (module, kernels scheduled, kernels in all).
+def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
+    """Apply the database in ``records`` to ``fused`` (from :func:`prepare_for_tuning`).
+
+    Returns (module, kernels scheduled, kernels in all).
 
     Raises:
         TuningError: the folder is not a tuning database.
@@ -99,7 +117,6 @@ def apply_records(mod, target, records: Path) -> tuple[Any, int, int]:
     if not all((records / f).exists() for f in DB_FILES):
         raise TuningError(f"{records} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
     clean_database(records)
-    fused = prepare_for_tuning(mod, target)
     with target:
         applied = relax.transform.MetaScheduleApplyDatabase(str(records))(fused)
     scheduled, total = _count_scheduled(applied)
@@ -183,6 +200,7 @@ def tune_model(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     cross_compiler: str | None = None,
     weights: str = "load",
+    prepack: bool = True,
     only: list[str] | None = None,
     on_batch: Callable[[int, int, str, float | None], None] | None = None,
 ) -> TuneReport:
@@ -195,6 +213,8 @@ def tune_model(
         timeout: seconds a candidate may take to build (2-core machines need minutes) and to run.
         weights: the compile mode whose kernels to tune: "load" (generators + inference) or "stream"
             (factor generators + the streamed kernels, whose tile sizes are searched by a custom rule).
+        prepack: tune the packed-dense kernels that compile makes on CPU targets (the default; pass the
+            same value compile gets, or the records will not match its kernels).
         only: tune only the kernels whose task name contains one of these strings (e.g. "adntn_streamed").
         on_batch: called after every measured batch as (trials done, trials total, task name, best
             seconds of that task so far or None).
@@ -218,11 +238,8 @@ def tune_model(
     tvm_tgt = tvm_target(profile)
     if weights not in LIFTED_MODES:
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
-    if weights == "stream":
-        from adntn_deploy.compiler.streaming import register_schedule_rule
-
-        register_schedule_rule()
-    imported = import_model(onnx_path, weights, input_shapes)
+    register_schedule_rules(weights)
+    imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)
     staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
