@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--blocks", action="store_true",
                         help="tune the AlexNet / VGG-16 classifier blocks instead (dense; their inference kernels are "
                              "the same for every ADNTN variant, which is checked with the ttn-2k block)")
+    parser.add_argument("--no-prepack", dest="prepack", action="store_false",
+                        help="tune and compile TVM's generic matmuls instead of the packed dense kernels (how the "
+                             "README's auto-tuning tables were measured)")
     args = parser.parse_args()
     args.records = args.records or REPO / "schedules" / args.target
     if args.blocks:
@@ -72,12 +75,14 @@ def main() -> None:
                 x = {"input": np.random.default_rng(0).standard_normal((batch, 784)).astype(np.float32)}
                 # compile untuned: hide the shipped schedules/ so nothing is applied by default
                 os.environ["ADNTN_SCHEDULES_DIR"] = str(Path(tmp) / "no-schedules")
-                untuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-untuned")
+                untuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-untuned", prepack=args.prepack)
                 os.environ.pop("ADNTN_SCHEDULES_DIR")
                 start = time.perf_counter()
-                report = tune_model(onnx_path, args.target, args.records, trials=args.trials, trials_per_task=64)
+                report = tune_model(onnx_path, args.target, args.records, trials=args.trials, trials_per_task=64,
+                                    prepack=args.prepack)
                 tune_s = time.perf_counter() - start
-                tuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records)
+                tuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records,
+                                      prepack=args.prepack)
                 ort, plain, fast = load(onnx_path), load(untuned.path), load(tuned.path)
                 reference = ort.run(x)
                 for p in (plain, fast):
@@ -137,7 +142,7 @@ def tune_blocks(args) -> None:
                     export_onnx(model, [torch.randn(batch, width)], paths[variant], input_names=["input"])
                     del model
                 start = time.perf_counter()
-                report = tune_model(paths["dense"], args.target, args.records, trials=args.trials)
+                report = tune_model(paths["dense"], args.target, args.records, trials=args.trials, prepack=args.prepack)
                 tune_s = time.perf_counter() - start
                 x = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
                 ort = load(paths["dense"])
@@ -145,7 +150,8 @@ def tune_blocks(args) -> None:
                 key = next(iter(reference))
                 tuned = {}
                 for variant, path in paths.items():
-                    artifact = compile_model(path, args.target, Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records)
+                    artifact = compile_model(path, args.target, Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records,
+                                             prepack=args.prepack)
                     predictor = load(artifact.path)
                     if variant == "dense":
                         out = predictor.run(x)[key]
