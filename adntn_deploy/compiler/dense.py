@@ -251,14 +251,14 @@ def schedule_packed(sch, block, row_block: int | None = None, panel_block: int |
     sch.reorder(panel_outer, row_outer, red_loop, panel_inner, row_inner, lane)
     writeback = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(writeback, row_outer, preserve_unit_loops=True)
-    # bias, activation...: inline into the write-back so they run on the accumulators
+    # bias, activation...: inline a chain of single consumers into the write-back so they run on the
+    # accumulators. Where the chain forks (gelu reads its input twice) the rest stays after the loop nest:
+    # inlining one branch would leave the other reading a buffer that is no longer written.
     consumers = sch.get_consumers(writeback)
-    while consumers:
+    while len(consumers) == 1:
         try:
             sch.reverse_compute_inline(consumers[0])
-        except Exception:  # noqa: BLE001 - not elementwise (a reduction, a reshape): compute it per tile instead
-            for consumer in consumers:
-                sch.reverse_compute_at(consumer, row_outer, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - not elementwise (a reduction, a reshape): leave it after the loop nest
             break
         consumers = sch.get_consumers(writeback)
     sch.parallel(sch.fuse(panel_outer, row_outer))
