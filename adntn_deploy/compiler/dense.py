@@ -15,12 +15,13 @@ Rewrite (:func:`prepack_dense`, on the imported Relax module, before weight-only
 ``main_transform_params`` (``--weights load`` / ``stream``: once, on the device, at load) and FoldConstant
 folds it into the library (``--weights fold``). The kernel reads each panel contiguously.
 
-Kernel (:func:`schedule_packed`): for each (panel, block of ``mb`` rows) -- the parallel loop -- keep an
-``mb x bn`` accumulator in registers over the whole reduction (``mb`` rows broadcast against 2 vectors
-of the panel per k), then apply the fused epilogue (bias, activation) while writing it back. ``mb`` is a
-MetaSchedule decision of the custom rule ``adntn_packed_dense`` (``adntn-deploy tune`` searches it;
-``compile`` replays the database); untuned kernels get :func:`default_row_block`, which fits the
-accumulators in half the vector registers.
+Kernel (:func:`schedule_packed`): for each block of ``rows x panels`` -- the parallel loop -- keep the
+accumulators in vector registers over the whole reduction (each row broadcast against 2 vectors of each
+panel per k), then apply the fused epilogue (bias, activation) while writing them back. The block shape
+is a MetaSchedule decision of the custom rule ``adntn_packed_dense`` (registered by
+:func:`adntn_deploy.compiler.tuning.register_schedule_rules`; ``adntn-deploy tune`` searches it,
+``compile`` replays the database); untuned kernels get :func:`default_blocks`, which fills half the
+vector registers.
 
 Only static 2-D activations in float32 are rewritten; other matmuls (dynamic batch, N-d inputs, widths
 that no panel divides) keep the generic path.
@@ -33,7 +34,6 @@ from typing import Any
 RULE_NAME = "adntn_packed_dense"
 BLOCK_NAME = "packed_dense"
 _OUT_EWISE_FUSABLE = 4  # relax OpPatternKind.kOutEWiseFusable: bias / activation fuse into the kernel
-_registered = False
 
 
 def vector_shape(target) -> tuple[int, int]:
@@ -269,20 +269,6 @@ def schedule_packed(sch, block, row_block: int | None = None, panel_block: int |
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(writeback)[-1])
     return sch
-
-
-def register_schedule_rule() -> None:
-    """Register the MetaSchedule custom rule for ``packed_dense`` blocks (CPU targets); idempotent."""
-    global _registered
-    if _registered:
-        return
-    import tvm
-
-    def rule(sch, block):
-        return [schedule_packed(sch, block)]
-
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", rule, override=True)
-    _registered = True
 
 
 def schedule_untuned(mod, target) -> tuple[Any, int]:

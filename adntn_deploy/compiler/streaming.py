@@ -13,7 +13,7 @@ The schedule (:func:`schedule_streamed`) splits the output and the reduction axe
 ``weight_tile`` and ``weight_act`` inside the tile loops, so only a ``tile_in x tile_out`` scratch block exists at any time
 (16 KiB at the default 64x64) and the dense weight is never allocated. Tile sizes are MetaSchedule
 decisions: the block carries the annotation ``schedule_rule = adntn_streamed_dense``, for which this
-module registers a custom rule, so ``adntn-deploy tune`` searches them like any other task and
+project registers a custom rule (``tuning.register_schedule_rules``), so ``adntn-deploy tune`` searches them like any other task and
 ``compile`` replays the best trace from the database. Untuned kernels get :data:`DEFAULT_TILE`.
 
 Activations use TVM's rational approximations where libm would be called per element (tanh, sigmoid via
@@ -33,7 +33,6 @@ KERNEL_ATTR = "adntn_streamed"
 #: (output tile, input tile) of an untuned kernel: a 16 KiB float32 scratch tile
 DEFAULT_TILE = (64, 64)
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse the kernel with its neighbours
-_registered = False
 
 
 class StreamCompileError(GeneratorError):
@@ -146,20 +145,6 @@ def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
     epi_batch, epi_out = sch.get_loops(epilogue)[-2:]
     sch.vectorize(sch.split(epi_out, [None, _divisor_at_most(int(sch.get(epi_out).extent), 16)])[1])
     return sch
-
-
-def register_schedule_rule() -> None:
-    """Register the MetaSchedule custom rule for the ``streamed`` block (CPU targets); idempotent."""
-    global _registered
-    if _registered:
-        return
-    import tvm
-
-    def rule(sch, block):
-        return [schedule_streamed(sch, block)]
-
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", rule, override=True)
-    _registered = True
 
 
 def mark_kernel(func):

@@ -72,15 +72,20 @@ def _count_scheduled(mod) -> tuple[int, int]:
     return scheduled, len(funcs)
 
 
-def register_schedule_rules(weights: str = "load") -> None:
-    """Register our MetaSchedule custom rules (packed dense; the fused streamed kernel for "stream")."""
-    from adntn_deploy.compiler import dense
+def register_schedule_rules() -> None:
+    """Register our MetaSchedule custom rules (packed dense, the fused streamed kernel) for CPU targets.
 
-    dense.register_schedule_rule()
-    if weights == "stream":
-        from adntn_deploy.compiler.streaming import register_schedule_rule
+    A block annotated ``schedule_rule = NAME`` is scheduled by the global function
+    ``s_tir.meta_schedule.cpu.NAME``. Idempotent.
+    """
+    import tvm
 
-        register_schedule_rule()
+    from adntn_deploy.compiler import dense, streaming
+
+    for name, schedule in ((dense.RULE_NAME, dense.schedule_packed), (streaming.RULE_NAME, streaming.schedule_streamed)):
+        if tvm.get_global_func(f"s_tir.meta_schedule.cpu.{name}", allow_missing=True) is None:
+            tvm.register_global_func(f"s_tir.meta_schedule.cpu.{name}",
+                                     lambda sch, block, schedule=schedule: [schedule(sch, block)])
 
 
 def clean_database(folder: Path) -> None:
@@ -238,7 +243,7 @@ def tune_model(
     tvm_tgt = tvm_target(profile)
     if weights not in LIFTED_MODES:
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
-    register_schedule_rules(weights)
+    register_schedule_rules()
     imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)
