@@ -278,11 +278,13 @@ def schedule_untuned(mod, target) -> tuple[Any, int]:
     """
     from tvm import s_tir
 
+    from adntn_deploy.compiler.tuning import is_scheduled
+
     scheduled = 0
     for gvar, func in list(mod.functions_items()):
         if type(func).__name__ != "PrimFunc":
             continue
-        if func.attrs is not None and any(str(k).endswith("is_scheduled") and bool(func.attrs[k]) for k in func.attrs.keys()):
+        if is_scheduled(func):
             continue
         sch = s_tir.Schedule(func)
         try:

@@ -234,10 +234,12 @@ def schedule_untuned(mod, target) -> tuple[Any, int]:
     """
     from tvm import s_tir
 
+    from adntn_deploy.compiler.tuning import is_scheduled
+
     scheduled = 0
     for gvar in streamed_kernels(mod):
         func = mod[gvar]
-        if any(str(k).endswith("is_scheduled") and bool(func.attrs[k]) for k in func.attrs.keys()):
+        if is_scheduled(func):
             continue
         if target.kind.name != "llvm":
             raise StreamCompileError(

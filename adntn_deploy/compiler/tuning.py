@@ -60,16 +60,17 @@ def prepare_for_tuning(mod, target):
         return annotate_fused(_tuning_passes()(mod))
 
 
+def is_scheduled(func) -> bool:
+    """Whether a PrimFunc already carries a schedule (from the database or one of our defaults)."""
+    attrs = func.attrs or {}
+    # the attribute's namespace moved between TVM releases (tir. -> tirx. / s_tir.)
+    return any(str(k).endswith("is_scheduled") and bool(attrs[k]) for k in attrs.keys())
+
+
 def _count_scheduled(mod) -> tuple[int, int]:
     """(kernels that carry a schedule from the database, all kernels) in a fused module."""
     funcs = [f for _, f in mod.functions.items() if type(f).__name__ == "PrimFunc"]
-    scheduled = 0
-    for f in funcs:
-        attrs = f.attrs or {}
-        # the attribute's namespace moved between TVM releases (tir. -> tirx. / s_tir.)
-        if any(k.endswith("is_scheduled") and bool(attrs[k]) for k in attrs.keys()):
-            scheduled += 1
-    return scheduled, len(funcs)
+    return sum(1 for f in funcs if is_scheduled(f)), len(funcs)
 
 
 def register_schedule_rules() -> None:
