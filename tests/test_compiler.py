@@ -191,11 +191,45 @@ def test_unsupported_op_is_one_clear_error(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory, small_onnx):
+    return compile_model(small_onnx, "host", tmp_path_factory.mktemp("a") / "art", input_shapes={"input": [4, 64]}).path
+
+
+@pytest.mark.parametrize("asked, env, expected", [
+    (None, None, len(os.sched_getaffinity(0))),  # every usable CPU (TVM's x86 default is half of them)
+    (None, "1", 1),  # a TVM_NUM_THREADS the user set is kept
+    (1, None, 1),  # an explicit count wins
+])
+def test_tvm_thread_pool_size(small_onnx, small_artifact, asked, env, expected):
+    import tvm
+
+    from adntn_deploy.compiler.tvm_runtime import configure_threads
+
+    saved = os.environ.pop("TVM_NUM_THREADS", None)
+    try:
+        if env is not None:
+            os.environ["TVM_NUM_THREADS"] = env
+        predictor = load(small_artifact, intra_op_threads=asked)
+        assert predictor.threads == expected and tvm.runtime.num_threads() == expected
+        x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+        (name, want), = load(small_onnx).run({"input": x}).items()
+        assert _relative(predictor.run({"input": x})[name], want) < 1e-5
+        with pytest.raises(ValueError, match="threads must be at least 1"):
+            load(small_artifact, intra_op_threads=0)
+    finally:  # the pool is process-wide: give the rest of the suite its usual size back
+        os.environ.pop("TVM_NUM_THREADS", None)
+        if saved is not None:
+            os.environ["TVM_NUM_THREADS"] = saved
+        configure_threads()
+
+
 def test_cli_compile_and_run(tmp_path, small_onnx):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)],
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+                              capture_output=True, text=True, timeout=600, env=env)
 
+    env = {**{k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}, "TQDM_DISABLE": "1"}
     proc = cli("compile", small_onnx, "--target", "host", "-o", tmp_path / "art", "--input-shape", "input:4,64",
                "--dump-ir", tmp_path / "ir")
     assert proc.returncode == 0, proc.stderr
@@ -204,7 +238,8 @@ def test_cli_compile_and_run(tmp_path, small_onnx):
     np.savez(tmp_path / "x.npz", input=x)
     proc = cli("run", tmp_path / "art", "--inputs", tmp_path / "x.npz", "--outputs", tmp_path / "y.npz", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["backend"] == "tvm"
+    report = json.loads(proc.stdout)
+    assert report["backend"] == "tvm" and report["threads"] == len(os.sched_getaffinity(0))
     expected = load(small_onnx).run({"input": x})
     got = np.load(tmp_path / "y.npz")
     (name,) = expected
@@ -213,6 +248,7 @@ def test_cli_compile_and_run(tmp_path, small_onnx):
         (("compile", small_onnx, "--target", "nope", "-o", tmp_path / "x"), "unknown target"),
         (("compile", small_onnx, "--target", "host", "-o", tmp_path / "x", "--input-shape", "wrong:1,64"), "inputs are"),
         (("run", tmp_path / "art", "--inputs", tmp_path / "bad.npz"), "cannot read inputs"),
+        (("run", tmp_path / "art", "--threads", "0"), "0 is not in the range x>=1"),
     ]:
         proc = cli(*args)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,13 +125,20 @@ def test_runner_x86_native(tmp_path):
     binary = build_runner("x86_64", tmp_path / "bin")
     save_file({"input": x}, str(tmp_path / "in.safetensors"))
 
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     proc = subprocess.run(
         [str(binary), str(art), str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "--repeat", "3"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "mean latency of main" in proc.stdout and "3 run" in proc.stdout
+    # the pool gets every usable CPU, not TVM's x86 default of half of them
+    assert f"on {len(os.sched_getaffinity(0))} thread(s)" in proc.stdout, proc.stdout
     _check_outputs(tmp_path / "out.safetensors", ref)
+    proc = subprocess.run([str(binary), str(art), str(tmp_path / "in.safetensors"), str(tmp_path / "o1.safetensors"),
+                           "--threads", "1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "on 1 thread(s)" in proc.stdout, proc.stdout + proc.stderr
+    _check_outputs(tmp_path / "o1.safetensors", ref)
 
     # Errors: one line on stderr, exit code 1.
     def fails(args, needle):
@@ -138,6 +146,7 @@ def test_runner_x86_native(tmp_path):
         assert p.returncode == 1 and needle in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
     fails([art, tmp_path / "in.safetensors"], "usage")
+    fails([art, tmp_path / "in.safetensors", tmp_path / "o.safetensors", "--threads", "0"], "--threads must be a positive")
     fails([tmp_path / "nowhere", tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "manifest.json")
     fails([art, tmp_path / "missing.safetensors", tmp_path / "o.safetensors"], "missing.safetensors")
     save_file({"input": np.zeros((1, IN_DIM + 1), np.float32)}, str(tmp_path / "bad_shape.safetensors"))

@@ -108,14 +108,15 @@ def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarra
               help="Runtime (default: ort for .onnx files, tvm for compiled artifact folders).")
 @click.option("--repeat", default=1, show_default=True, help="Timed calls; > 1 prints latency statistics.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls before timing.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: usable CPUs).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads; for TVM, the size of its thread pool (default: usable CPUs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs' shapes and latency as JSON.")
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
     """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
     from adntn_deploy.runtime import load
 
-    options = {"intra_op_threads": threads} if threads and (backend == "ort" or str(model).endswith(".onnx")) else {}
+    options = {"intra_op_threads": threads} if threads else {}
     start = time.perf_counter()
     predictor = load(model, backend=backend, **options)
     load_seconds = time.perf_counter() - start
@@ -131,7 +132,7 @@ def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threa
         np.savez(outputs_path, **outputs)
     ms = np.array(times)
     report = {
-        "model": str(model), "backend": predictor.backend, "load_seconds": load_seconds,
+        "model": str(model), "backend": predictor.backend, "threads": predictor.threads, "load_seconds": load_seconds,
         "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
         "latency_ms": {
@@ -142,7 +143,7 @@ def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threa
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{model} on {predictor.backend} (loaded in {load_seconds:.2f} s)")
+    click.echo(f"{model} on {predictor.backend}, {predictor.threads} thread(s) (loaded in {load_seconds:.2f} s)")
     for name, out in outputs.items():
         click.echo(f"  output {name}: shape {tuple(out.shape)} {out.dtype}")
     lat = report["latency_ms"]

@@ -199,5 +199,9 @@ def rpc_server_command(tracker, key, host, port):
     import os
     import sys
 
+    from adntn_deploy.compiler.tvm_runtime import configure_threads
+
+    configure_threads()  # candidates are timed in this process: with the board's cores, as inference runs
+
     os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
                               "--host", host, "--port", str(port), "--port-end", str(port + 1)])

@@ -264,6 +264,11 @@ def tune_model(
                                      session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(config, max_workers=1)  # one server serves one session at a time
     else:
+        # candidates are measured in worker processes started from here: give them the thread pool that
+        # inference will use (TVM's x86 default is half the CPUs), or the search tunes for the wrong machine
+        from adntn_deploy.compiler.tvm_runtime import configure_threads
+
+        configure_threads()
         runner = ms.runner.LocalRunner(timeout_sec=timeout)
     state = {"done": 0, "best": {}}
 

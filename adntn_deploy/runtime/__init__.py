@@ -15,8 +15,8 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
     """Open ``path`` with the right runtime and return a predictor.
 
     ``backend`` None picks by file: ``.onnx`` -> ONNX Runtime, a compiled artifact folder (with
-    manifest.json) -> TVM. Options go to the predictor (``providers``, ``intra_op_threads`` for ONNX
-    Runtime; ``device_id`` for TVM).
+    manifest.json) -> TVM. Options go to the predictor (``intra_op_threads`` for both; ``providers`` for
+    ONNX Runtime; ``device_id`` for TVM).
 
     Raises:
         GeneratorError: unknown backend, or a file no backend can open.

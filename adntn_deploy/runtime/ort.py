@@ -66,7 +66,8 @@ class OrtPredictor:
             raise OnnxModelError(f"execution provider(s) {unknown} are not in this onnxruntime; available: {available}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads or default_threads()
+        self.threads = intra_op_threads or default_threads()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = inter_op_threads or 1
         options.log_severity_level = 3
         try:

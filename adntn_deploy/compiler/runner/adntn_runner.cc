@@ -1,11 +1,13 @@
 // adntn-runner: run a compiled adntn artifact (TVM Relax VM executable) on a CPU with only the TVM runtime.
 //
-// Usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N]
+// Usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N] [--threads N]
 //
 // ARTIFACT_DIR holds manifest.json, the exported library (model.so) and the params file (safetensors).
 // When manifest "weights" is "load" or "stream": main_transform_params(params) runs once, then main(inputs..., *transformed).
 // When it is "fold": main(inputs...). Outputs are written keyed by the manifest output names, and one line
 // with the mean wall-clock latency of main over N calls is printed. Any error: one line on stderr, exit 1.
+// --threads N sizes TVM's CPU thread pool; the default is TVM_NUM_THREADS when set, else every CPU this process
+// may use (TVM's own default on x86 is half of them, assuming two hyper-threads per core).
 // Depends only on libtvm_runtime + libtvm_ffi (link with -Wl,--no-as-needed so the VM loader is kept).
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -20,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <sched.h>
 #include <iostream>
 #include <sstream>
 #include <stdexcept>
@@ -230,22 +233,32 @@ ffi::Function GetFunc(const ffi::Module& m, const char* name, const std::string&
 int Run(int argc, char** argv) {
   std::vector<std::string> pos;
   long repeat = 1;
+  long threads = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--repeat") {
-      if (i + 1 >= argc) Fail("--repeat needs a value");
+    if (a == "--repeat" || a == "--threads") {
+      if (i + 1 >= argc) Fail(a + " needs a value");
       char* end = nullptr;
-      repeat = std::strtol(argv[++i], &end, 10);
-      if (*end || repeat < 1) Fail("--repeat must be a positive integer, got '" + std::string(argv[i]) + "'");
+      long value = std::strtol(argv[++i], &end, 10);
+      if (*end || value < 1) Fail(a + " must be a positive integer, got '" + std::string(argv[i]) + "'");
+      (a == "--repeat" ? repeat : threads) = value;
     } else if (a == "-h" || a == "--help") {
-      std::cout << "usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N]\n";
+      std::cout << "usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N] [--threads N]\n";
       return 0;
     } else {
       pos.push_back(a);
     }
   }
-  if (pos.size() != 3) Fail("usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N]");
+  if (pos.size() != 3) Fail("usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N] [--threads N]");
   const std::string dir = pos[0];
+  // The thread pool reads TVM_NUM_THREADS when it first runs a parallel loop, which is after this point.
+  if (threads > 0) {
+    setenv("TVM_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  } else if (std::getenv("TVM_NUM_THREADS") == nullptr) {
+    cpu_set_t usable;
+    int cpus = sched_getaffinity(0, sizeof(usable), &usable) == 0 ? CPU_COUNT(&usable) : 0;
+    if (cpus > 0) setenv("TVM_NUM_THREADS", std::to_string(cpus).c_str(), 1);
+  }
 
   // Manifest.
   const std::string mpath = dir + "/manifest.json";
@@ -343,7 +356,10 @@ int Run(int argc, char** argv) {
   std::vector<NamedTensor> named;
   for (size_t i = 0; i < outs.size(); ++i) named.push_back({out_specs[i].first, outs[i]});
   WriteSafetensors(pos[2], named);
-  std::printf("mean latency of main: %.4f ms over %ld run(s)\n", mean_ms, repeat);
+  long pool = 0;  // what TVM's thread pool reports, not what was asked for
+  if (ffi::Optional<ffi::Function> num_threads = ffi::Function::GetGlobal("runtime.NumThreads"))
+    pool = (*num_threads)().cast<int64_t>();
+  std::printf("mean latency of main: %.4f ms over %ld run(s) on %ld thread(s)\n", mean_ms, repeat, pool);
   return 0;
 }
 
