@@ -6,7 +6,7 @@ For each model and batch, in one process: ONNX Runtime; TVM ``compile --prepack`
 read weights packed into vector panels at load, default register blocks, no tuning of those kernels); and
 TVM ``compile --no-prepack`` with the shipped tuning database for the target (the generic matmuls as
 MetaSchedule tuned them: see benchmarks/results/tuning*.md for the trials). Latencies are medians over
-interleaved rounds. Models: the MLP 784-1024-1024-10 dense and with TTN generators, and the AlexNet / VGG-16
+interleaved rounds, each runtime timed in a fresh process (benchmarks/isolated.py). Models: the MLP 784-1024-1024-10 dense and with TTN generators, and the AlexNet / VGG-16
 classifier blocks (dense). Results: benchmarks/results/dense[_<target>].{json,md}.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -57,8 +56,7 @@ def main() -> None:
 
     from adntn_deploy.compiler.build import compile_model
     from adntn_deploy.onnx_export import export_onnx
-    from adntn_deploy.runtime import load
-    from tuning import latency_ms
+    from isolated import interleaved_medians
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,23 +68,18 @@ def main() -> None:
                 export_onnx(model, [torch.randn(batch, width)], path, input_names=["input"])
                 del model
                 x = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
-                runners = {"ort": load(path)}
-                reference = runners["ort"].run(x)
-                key = next(iter(reference))
-                manifests = {}
+                models, manifests = {"ort": path}, {}
                 for variant, prepack in (("packed", True), ("generic_tuned", False)):
+                    # packed: hide the shipped schedules/ so its kernels run on the default blocks, untuned
+                    hidden = {"ADNTN_SCHEDULES_DIR": str(Path(tmp) / "no-schedules")} if prepack else {}
+                    os.environ.update(hidden)
                     artifact = compile_model(path, args.target, Path(tmp) / f"{name}-b{batch}-{variant}", prepack=prepack)
-                    runners[variant] = load(artifact.path)
-                    out = runners[variant].run(x)[key]
-                    error = float(np.abs(out - reference[key]).max() / np.abs(reference[key]).max())
-                    assert error < 1e-4, (name, batch, variant, error)
+                    for key in hidden:
+                        os.environ.pop(key)
+                    models[variant] = artifact.path
                     manifests[variant] = artifact.manifest["tuning"]
-                lat = {k: [] for k in runners}
                 calls = 50 if name.startswith("mlp") else 10
-                for _ in range(args.rounds):  # interleaved rounds
-                    for k, runner in runners.items():
-                        lat[k].append(latency_ms(runner, x, calls))
-                med = {k: statistics.median(v) for k, v in lat.items()}
+                med = interleaved_medians(models, x, calls=calls, rounds=args.rounds)
                 row = {"model": name, "batch": batch, "ort_ms": med["ort"], "packed_ms": med["packed"],
                        "generic_tuned_ms": med["generic_tuned"], "packed_over_ort": med["packed"] / med["ort"],
                        "generic_tuned_over_ort": med["generic_tuned"] / med["ort"],
@@ -95,7 +88,6 @@ def main() -> None:
                        "generic_kernels_tuned": f"{manifests['generic_tuned']['scheduled_kernels']}/{manifests['generic_tuned']['kernels']}"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del runners
     table = ("| model | batch | ORT ms | TVM packed (untuned) ms | TVM generic, tuned ms | packed/ORT | generic tuned/ORT | packed layers | generic kernels tuned |\n"
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     table += "\n".join(f"| {r['model']} | {r['batch']} | {r['ort_ms']:.3f} | {r['packed_ms']:.3f} | {r['generic_tuned_ms']:.3f} | "

@@ -4,8 +4,9 @@ python benchmarks/tuning.py [--trials 256] [--target host|x86-64-avx2] [--record
 Models: an MLP 784-1024-1024-10, dense and with TTN generators, at batch 1 and 32 (static shapes). Each is
 tuned with MetaSchedule into --records (default: the shipped database schedules/host/, which compile then
 applies automatically for this target), then compiled with and without the records; latencies are medians
-of interleaved calls. Results: benchmarks/results/tuning.{json,md} (tuning_<target>.{json,md} for other
-profiles, which must run on this machine: x86-64-avx2 does on any AVX2 CPU).
+over interleaved rounds, each runtime timed in a fresh process (benchmarks/isolated.py). Results:
+benchmarks/results/tuning.{json,md} (tuning_<target>.{json,md} for other profiles, which must run on this
+machine: x86-64-avx2 does on any AVX2 CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,17 +23,9 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolated import interleaved_medians  # noqa: E402  (each runtime timed in its own process)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def latency_ms(predictor, feeds, calls: int = 50) -> float:
-    predictor.run(feeds)
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        predictor.run(feeds)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -58,7 +51,6 @@ def main() -> None:
     from adntn_deploy.compiler.tuning import tune_model
     from adntn_deploy.nn import ADNTNLinear
     from adntn_deploy.onnx_export import export_onnx
-    from adntn_deploy.runtime import load
 
     torch.manual_seed(0)
     models = {
@@ -83,20 +75,10 @@ def main() -> None:
                 tune_s = time.perf_counter() - start
                 tuned = compile_model(onnx_path, args.target, Path(tmp) / f"{name}-b{batch}-tuned", tuning_records=args.records,
                                       prepack=args.prepack)
-                ort, plain, fast = load(onnx_path), load(untuned.path), load(tuned.path)
-                reference = ort.run(x)
-                for p in (plain, fast):
-                    out = p.run(x)
-                    key = next(iter(out))
-                    assert np.abs(out[key] - reference[key]).max() / np.abs(reference[key]).max() < 1e-4
-                lat = {k: [] for k in ("ort", "untuned", "tuned")}
-                for _ in range(3):  # interleaved rounds
-                    lat["ort"].append(latency_ms(ort, x))
-                    lat["untuned"].append(latency_ms(plain, x, 10))
-                    lat["tuned"].append(latency_ms(fast, x))
-                row = {"model": name, "batch": batch, "ort_ms": statistics.median(lat["ort"]),
-                       "tvm_untuned_ms": statistics.median(lat["untuned"]), "tvm_tuned_ms": statistics.median(lat["tuned"]),
-                       "tuned_over_ort": statistics.median(lat["tuned"]) / statistics.median(lat["ort"]),
+                med = interleaved_medians({"ort": onnx_path, "untuned": untuned.path, "tuned": tuned.path}, x,
+                                          calls={"ort": 50, "untuned": 10, "tuned": 50})
+                row = {"model": name, "batch": batch, "ort_ms": med["ort"], "tvm_untuned_ms": med["untuned"],
+                       "tvm_tuned_ms": med["tuned"], "tuned_over_ort": med["tuned"] / med["ort"],
                        "tasks": report.tasks, "trials": report.trials, "tuning_seconds": tune_s,
                        "scheduled_kernels": tuned.manifest["tuning"]["scheduled_kernels"],
                        "kernels": tuned.manifest["tuning"]["kernels"]}
@@ -118,17 +100,12 @@ def main() -> None:
 
 def tune_blocks(args) -> None:
     """Tune the dense classifier blocks at batch 1 and 32; compare ORT, tuned TVM dense and tuned TVM ttn-2k."""
-    import sys
-
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from onnx_runtime import build_block
 
     from adntn_deploy.compiler.build import compile_model
     from adntn_deploy.compiler.tuning import tune_model
     from adntn_deploy.onnx_export import export_onnx
-    from adntn_deploy.runtime import load
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,33 +122,21 @@ def tune_blocks(args) -> None:
                 report = tune_model(paths["dense"], args.target, args.records, trials=args.trials, prepack=args.prepack)
                 tune_s = time.perf_counter() - start
                 x = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
-                ort = load(paths["dense"])
-                reference = ort.run(x)
-                key = next(iter(reference))
                 tuned = {}
                 for variant, path in paths.items():
                     artifact = compile_model(path, args.target, Path(tmp) / f"{net}-{variant}-b{batch}", tuning_records=args.records,
                                              prepack=args.prepack)
-                    predictor = load(artifact.path)
-                    if variant == "dense":
-                        out = predictor.run(x)[key]
-                        assert np.abs(out - reference[key]).max() / np.abs(reference[key]).max() < 1e-4
-                    tuned[variant] = (predictor, artifact.manifest["tuning"])
-                lat = {"ort": [], "dense": [], "ttn-2k": []}
-                for _ in range(3):
-                    lat["ort"].append(latency_ms(ort, x, 20))
-                    for variant in ("dense", "ttn-2k"):
-                        lat[variant].append(latency_ms(tuned[variant][0], x, 20))
-                row = {"model": f"{net} block", "batch": batch, "ort_ms": statistics.median(lat["ort"]),
-                       "tvm_tuned_dense_ms": statistics.median(lat["dense"]),
-                       "tvm_tuned_ttn2k_ms": statistics.median(lat["ttn-2k"]),
-                       "tuned_over_ort": statistics.median(lat["dense"]) / statistics.median(lat["ort"]),
-                       "ttn2k_main_kernels_tuned": tuned["ttn-2k"][1]["scheduled_kernels"],
-                       "ttn2k_kernels": tuned["ttn-2k"][1]["kernels"], "tasks": report.tasks, "trials": report.trials,
+                    tuned[variant] = artifact
+                # the ttn-2k block has other weights than the dense one: its outputs are not compared
+                med = interleaved_medians({"ort": paths["dense"], "dense": tuned["dense"].path}, x, calls=20)
+                med.update(interleaved_medians({"ttn-2k": tuned["ttn-2k"].path}, x, calls=20, reference="ttn-2k"))
+                row = {"model": f"{net} block", "batch": batch, "ort_ms": med["ort"], "tvm_tuned_dense_ms": med["dense"],
+                       "tvm_tuned_ttn2k_ms": med["ttn-2k"], "tuned_over_ort": med["dense"] / med["ort"],
+                       "ttn2k_main_kernels_tuned": tuned["ttn-2k"].manifest["tuning"]["scheduled_kernels"],
+                       "ttn2k_kernels": tuned["ttn-2k"].manifest["tuning"]["kernels"], "tasks": report.tasks, "trials": report.trials,
                        "tuning_seconds": tune_s}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del ort, tuned
     table = ("| block | batch | ORT ms | TVM tuned dense ms | TVM tuned ttn-2k ms | tuned/ORT | ttn-2k kernels tuned | trials | tuning s |\n"
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     table += "\n".join(f"| {r['model']} | {r['batch']} | {r['ort_ms']:.2f} | {r['tvm_tuned_dense_ms']:.2f} | "

@@ -51,6 +51,7 @@ def configure_threads(threads: int | None = None) -> int:
     elif not os.environ.get(THREADS_ENV, "").strip().isdigit() or int(os.environ[THREADS_ENV]) < 1:
         os.environ[THREADS_ENV] = str(default_threads())
     count = int(os.environ[THREADS_ENV])
+    import tvm  # noqa: F401 - loads the runtime library that registers the function below
     import tvm_ffi
 
     # parallel loops size themselves from the variable at each launch; the pool's own worker count (what

@@ -1,0 +1,106 @@
+"""Latency of one model under one runtime, measured in a fresh process.
+
+Why a process each: ONNX Runtime's and TVM's thread pools both spin for a while after a call, so two
+runtimes interleaved in one process slow each other down. Measured on the 2-core host, MLP 784-1024-1024-10
+at batch 32: ONNX Runtime 0.31 ms alone, 0.60-0.76 ms right after TVM calls in the same process, and
+TVM 0.31 ms alone, 0.55-0.61 ms right after ONNX Runtime calls.
+
+    python benchmarks/isolated.py MODEL --inputs X.npz [--calls 50] [--backend ort|tvm] [--outputs Y.npz]
+
+prints {"latency_ms": median, "threads": N, "load_s": seconds} as JSON. MODEL is an .onnx file or a compiled
+artifact folder, as ``adntn_deploy.runtime.load`` takes. The benchmarks call :func:`latency_ms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def latency_ms(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int = 50, backend: str | None = None,
+               outputs: str | os.PathLike | None = None) -> float:
+    """Median latency in ms of ``calls`` calls (after one warm-up call) of ``model`` on ``feeds``, in a fresh
+    process. ``outputs``: an .npz to write the last call's outputs to (to check them in the caller).
+
+    Raises:
+        RuntimeError: the worker process failed (its last stderr line is in the message).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.npz"
+        np.savez(inputs, **feeds)
+        cmd = [sys.executable, __file__, str(model), "--inputs", str(inputs), "--calls", str(calls)]
+        cmd += ["--backend", backend] if backend else []
+        cmd += ["--outputs", str(outputs)] if outputs else []
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise RuntimeError(f"measuring {model} failed: {last}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["latency_ms"])
+
+
+def interleaved_medians(models: dict[str, str | os.PathLike], feeds: dict[str, np.ndarray], calls: int | dict[str, int] = 50,
+                        rounds: int = 3, reference: str = "ort", tolerance: float = 1e-4) -> dict[str, float]:
+    """Median latency in ms per model name over ``rounds`` interleaved rounds, each call in a fresh process.
+
+    The first round also checks every model's outputs against those of ``models[reference]``: the largest
+    error relative to the reference's largest magnitude must stay under ``tolerance``. ``calls`` may be
+    one count or one per model name.
+
+    Raises:
+        AssertionError: a model's outputs differ from the reference's. RuntimeError: see :func:`latency_ms`.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    with tempfile.TemporaryDirectory() as tmp:
+        written = {name: Path(tmp) / f"outputs-{index}.npz" for index, name in enumerate(models)}
+        for round_index in range(rounds):
+            for name, model in models.items():
+                count = calls[name] if isinstance(calls, dict) else calls
+                samples[name].append(latency_ms(model, feeds, count, outputs=written[name] if round_index == 0 else None))
+            if round_index == 0:
+                with np.load(written[reference]) as stored:
+                    want = {key: stored[key] for key in stored.files}
+                for name in models:
+                    with np.load(written[name]) as got:
+                        for key, expected in want.items():
+                            error = float(np.abs(got[key] - expected).max() / np.abs(expected).max())
+                            assert error < tolerance, f"{name} output {key} is off by {error:.2e} (relative) from {reference}"
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--inputs", required=True)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--backend", choices=["ort", "tvm"], default=None)
+    parser.add_argument("--outputs", default=None)
+    args = parser.parse_args()
+    from adntn_deploy.runtime import load
+
+    with np.load(args.inputs) as stored:
+        feeds = {name: stored[name] for name in stored.files}
+    start = time.perf_counter()
+    predictor = load(args.model, backend=args.backend)
+    load_s = time.perf_counter() - start
+    out = predictor.run(feeds)
+    samples = []
+    for _ in range(args.calls):
+        t0 = time.perf_counter()
+        out = predictor.run(feeds)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    if args.outputs:
+        np.savez(args.outputs, **out)
+    print(json.dumps({"latency_ms": statistics.median(samples), "threads": predictor.threads, "load_s": load_s}))
+
+
+if __name__ == "__main__":
+    main()
