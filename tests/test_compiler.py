@@ -224,6 +224,36 @@ def test_tvm_thread_pool_size(small_onnx, small_artifact, asked, env, expected):
         configure_threads()
 
 
+def _unaligned(array):
+    """A C-contiguous copy of ``array`` whose data starts 4 bytes past a 64-byte boundary."""
+    raw = np.empty(array.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 4
+    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+def _read_only(array):
+    out = array.copy()
+    out.flags.writeable = False
+    return out
+
+
+@pytest.mark.parametrize("layout", [
+    np.ascontiguousarray,  # usually passed to TVM without a copy
+    _unaligned,  # TVM refuses unaligned memory: copied into the staging buffer
+    _read_only,  # DLPack refuses read-only arrays: staged
+    np.asfortranarray,  # made C-contiguous by the input check
+])
+def test_tvm_inputs_in_any_layout(small_onnx, small_artifact, layout):
+    predictor, ort = load(small_artifact), load(small_onnx)
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # new values each call: a reused staging buffer must not serve stale ones
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        (name, want), = ort.run({"input": x}).items()
+        assert _relative(predictor.run({"input": layout(x)})[name], want) < 1e-5
+
+
 def test_cli_compile_and_run(tmp_path, small_onnx):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)],

@@ -27,6 +27,7 @@ class ArtifactError(GeneratorError):
 
 #: TVM's CPU thread pool reads its size from this variable (at each parallel launch)
 THREADS_ENV = "TVM_NUM_THREADS"
+_TVM_ALIGNMENT = 64  # bytes: TVM's kernels assume it and from_dlpack refuses anything less
 _BIG_CORES = 1  # TVM's AffinityMode kBig, its default: on big.LITTLE boards, the big cores first
 
 
@@ -149,6 +150,9 @@ class TvmPredictor:
         library = self.manifest["library"]
         module = _load_library(self.path / library, self.manifest["files"][library]["sha256"])
         self.vm = relax.VirtualMachine(module, self.device)
+        self._main = self.vm["main"]
+        self._on_cpu = kind == "cpu"
+        self._staging: dict[str, tuple] = {}
         self.inputs = tuple(TensorInfo(i["name"], tuple(i["shape"]), np.dtype(i["dtype"])) for i in self.manifest["inputs"])
         self.outputs = tuple(TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"])) for o in self.manifest["outputs"])
         self._lock = threading.Lock()
@@ -166,14 +170,47 @@ class TvmPredictor:
         Raises:
             InputError: names, shapes or dtypes that do not match :attr:`inputs`, or unknown output names.
         """
-        import tvm
-
         arrays = validate_feeds(self.inputs, feeds)
         names = [o.name for o in self.outputs]
         wanted = requested_outputs(self.outputs, outputs)
-        args = [tvm.runtime.tensor(arrays[i.name], self.device) for i in self.inputs]
         with self._lock:
-            result = self.vm["main"](*args, *self._weights)
+            result = self._main(*self._device_inputs(arrays), *self._weights)
         values = [result] if hasattr(result, "numpy") else list(result)
-        produced = {name: v.numpy() for name, v in zip(names, values)}
+        # on CPU, a copy through a DLPack view: 0.5 us against 4 us for Tensor.numpy()
+        produced = {name: np.from_dlpack(v).copy() if self._on_cpu else v.numpy() for name, v in zip(names, values)}
         return {name: produced[name] for name in wanted}
+
+    def _device_inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        """TVM tensors holding the validated inputs; the caller holds the lock (staging buffers are shared).
+
+        On CPU an input aligned as TVM requires is passed without a copy, and any other is copied into a
+        reused aligned buffer: allocating a fresh TVM tensor per call cost 10 us of a 72 us MLP call.
+        """
+        import tvm
+
+        tensors = []
+        for info in self.inputs:
+            array = arrays[info.name]
+            if not self._on_cpu or array.size == 0:
+                tensors.append(tvm.runtime.tensor(array, self.device))
+            elif array.ctypes.data % _TVM_ALIGNMENT == 0 and array.flags.writeable:
+                tensors.append(tvm.runtime.from_dlpack(array))  # a view: ``arrays`` keeps it alive over the call
+            else:
+                staged = self._staging.get(info.name)
+                if staged is None or staged[0].shape != array.shape:
+                    staged = self._staging[info.name] = _aligned_buffer(array.shape, array.dtype)
+                np.copyto(staged[0], array)
+                tensors.append(staged[1])
+        return tensors
+
+
+def _aligned_buffer(shape: tuple[int, ...], dtype: np.dtype):
+    """(numpy array, TVM tensor viewing the same memory) of ``shape`` and ``dtype``, aligned for TVM."""
+    import tvm
+
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.empty(count * dtype.itemsize + _TVM_ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % _TVM_ALIGNMENT
+    array = raw[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+    return array, tvm.runtime.from_dlpack(array)
