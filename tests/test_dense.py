@@ -114,6 +114,30 @@ def test_packed_equals_ort_and_generic(tmp_path, batch, weights):
         assert np.abs(got - expected[name]).max() / np.abs(expected[name]).max() < 1e-5
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh, nn.GELU])  # chains, and gelu's fork
+def test_epilogue_runs_in_the_parallel_loop(tmp_path, activation):
+    from tvm import s_tir, tirx
+
+    from adntn_deploy.compiler.tuning import is_scheduled, prepare_for_tuning
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export_onnx(nn.Sequential(nn.Linear(48, 64), activation()).eval(), [torch.randn(8, 48)], path, input_names=["input"])
+    target = tvm.target.Target(AVX512)
+    mod, scheduled = dense.schedule_untuned(prepare_for_tuning(import_model(path, "load", prepack_target=target).mod, target), target)
+    assert scheduled == 1
+    (func,) = [f for _, f in mod.functions_items() if type(f).__name__ == "PrimFunc" and is_scheduled(f)]
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    assert len(blocks) >= 3  # init, product, write-back (+ the epilogue)
+    for block in blocks:  # every block, the epilogue's included, is inside the parallel loop over tiles
+        assert sch.get(sch.get_loops(block)[0]).kind == tirx.ForKind.PARALLEL, sch.get(block).name_hint
+    x = np.random.default_rng(0).standard_normal((8, 48)).astype(np.float32)
+    (name, want), = load(path).run({"input": x}).items()
+    got = load(compile_model(path, "host", tmp_path / "art").path).run({"input": x})[name]
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
 def test_stream_factors_are_packed(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(ADNTNLinear(256, 128, family="ttn", bond_dim=4), nn.ReLU()).eval()

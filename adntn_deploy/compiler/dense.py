@@ -261,6 +261,15 @@ def schedule_packed(sch, block, row_block: int | None = None, panel_block: int |
         except Exception:  # noqa: BLE001 - not elementwise (a reduction, a reshape): leave it after the loop nest
             break
         consumers = sch.get_consumers(writeback)
+    # The rest of a forking epilogue runs tile by tile right after the write-back, inside the parallel loop
+    # and vectorised, instead of serially over the whole output after the loop nest
+    followers = _blocks_after(sch, writeback) if len(consumers) > 1 else []
+    for follower in followers:
+        try:
+            sch.reverse_compute_at(follower, row_outer, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - not computable per tile (a reduction over the output): stop here
+            break
+        _try_vectorize(sch, sch.get_loops(follower)[-1])
     sch.parallel(sch.fuse(panel_outer, row_outer))
     sch.unroll(panel_inner)
     sch.unroll(row_inner)
@@ -269,6 +278,21 @@ def schedule_packed(sch, block, row_block: int | None = None, panel_block: int |
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(writeback)[-1])
     return sch
+
+
+def _blocks_after(sch, block) -> list:
+    """The blocks that follow ``block`` in its function, in program order."""
+    blocks = list(_blocks(sch))
+    names = [sch.get(b).name_hint for b in blocks]
+    return blocks[names.index(sch.get(block).name_hint) + 1:]
+
+
+def _try_vectorize(sch, loop) -> None:
+    """Vectorise ``loop`` when its extent is a constant (a tile clipped by the output's edge is not)."""
+    from tvm import tirx
+
+    if isinstance(sch.get(loop).extent, tirx.IntImm):
+        sch.vectorize(loop)
 
 
 def schedule_untuned(mod, target) -> tuple[Any, int]:
