@@ -1,4 +1,4 @@
-"""Latency of one model under one runtime, measured in a fresh process.
+"""Latency (and peak memory) of one model under one runtime, measured in a fresh process.
 
 Why a process each: ONNX Runtime's and TVM's thread pools both spin for a while after a call, so two
 runtimes interleaved in one process slow each other down. Measured on the 2-core host, MLP 784-1024-1024-10
@@ -7,8 +7,10 @@ TVM 0.31 ms alone, 0.55-0.61 ms right after ONNX Runtime calls.
 
     python benchmarks/isolated.py MODEL --inputs X.npz [--calls 50] [--backend ort|tvm] [--outputs Y.npz]
 
-prints {"latency_ms": median, "threads": N, "load_s": seconds} as JSON. MODEL is an .onnx file or a compiled
-artifact folder, as ``adntn_deploy.runtime.load`` takes. The benchmarks call :func:`latency_ms`.
+prints {"latency_ms": median, "threads": N, "load_s": seconds, "peak_mb": MiB} as JSON. MODEL is an .onnx
+file or a compiled artifact folder, as ``adntn_deploy.runtime.load`` takes. ``peak_mb`` is the peak RSS
+growth over the process after its imports (VmHWM, so load-time weight generation counts; both runtimes are
+imported in every worker so the baselines match). The benchmarks call :func:`measure` or :func:`latency_ms`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 
-def latency_ms(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int = 50, backend: str | None = None,
-               outputs: str | os.PathLike | None = None) -> float:
-    """Median latency in ms of ``calls`` calls (after one warm-up call) of ``model`` on ``feeds``, in a fresh
-    process. ``outputs``: an .npz to write the last call's outputs to (to check them in the caller).
+def measure(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int = 50, backend: str | None = None,
+            outputs: str | os.PathLike | None = None) -> dict:
+    """Run ``model`` on ``feeds`` in a fresh process: one warm-up call, then ``calls`` timed calls.
+
+    Returns {"latency_ms": median in ms, "threads", "load_s": seconds, "peak_mb": MiB}. ``outputs``: an .npz
+    to write the last call's outputs to (to check them in the caller).
 
     Raises:
         RuntimeError: the worker process failed (its last stderr line is in the message).
@@ -44,7 +48,22 @@ def latency_ms(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: in
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
         raise RuntimeError(f"measuring {model} failed: {last}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["latency_ms"])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def latency_ms(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int = 50, backend: str | None = None,
+               outputs: str | os.PathLike | None = None) -> float:
+    """The median latency in ms of :func:`measure`."""
+    return float(measure(model, feeds, calls, backend, outputs)["latency_ms"])
+
+
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def interleaved_medians(models: dict[str, str | os.PathLike], feeds: dict[str, np.ndarray], calls: int | dict[str, int] = 50,
@@ -84,10 +103,14 @@ def main() -> None:
     parser.add_argument("--backend", choices=["ort", "tvm"], default=None)
     parser.add_argument("--outputs", default=None)
     args = parser.parse_args()
+    import onnxruntime  # noqa: F401  -- both runtimes in every worker, so the memory baselines match
+    import tvm  # noqa: F401
+
     from adntn_deploy.runtime import load
 
     with np.load(args.inputs) as stored:
         feeds = {name: stored[name] for name in stored.files}
+    baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
     predictor = load(args.model, backend=args.backend)
     load_s = time.perf_counter() - start
@@ -97,9 +120,12 @@ def main() -> None:
         t0 = time.perf_counter()
         out = predictor.run(feeds)
         samples.append((time.perf_counter() - t0) * 1e3)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+    peak_mb = (_status_bytes("VmHWM") - baseline) / 2**20
     if args.outputs:
         np.savez(args.outputs, **out)
-    print(json.dumps({"latency_ms": statistics.median(samples), "threads": predictor.threads, "load_s": load_s}))
+    print(json.dumps({"latency_ms": statistics.median(samples), "threads": predictor.threads, "load_s": load_s,
+                      "peak_mb": peak_mb}))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,55 +27,24 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "benchmarks" / "streaming"
-
-
-def _status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def worker(kind: str, path: str, batch: int, in_dim: int, calls: int, output: str) -> None:
-    """Run one configuration in this (fresh) process and print its measurements as JSON."""
-    import onnxruntime  # noqa: F401  -- imported by both kinds so the baselines match
-    import tvm  # noqa: F401
-
-    from adntn_deploy.runtime import load
-
-    x = np.random.default_rng(0).standard_normal((batch, in_dim)).astype(np.float32)
-    baseline = _status_bytes("VmRSS")
-    start = time.perf_counter()
-    predictor = load(path, backend="ort" if kind == "ort" else None)
-    load_s = time.perf_counter() - start
-    name = predictor.inputs[0].name
-    predictor.run({name: x})
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        out = predictor.run({name: x})
-        samples.append((time.perf_counter() - t0) * 1e3)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
-    peak = _status_bytes("VmHWM")
-    y = next(iter(out.values()))
-    np.save(output, y)
-    print(json.dumps({"latency_ms": statistics.median(samples), "peak_mb": (peak - baseline) / 2**20, "load_s": load_s}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolated import measure  # noqa: E402  (one fresh process per configuration)
 
 
 def _output_file(path: Path, batch: int) -> Path:
     """Where the worker for ``path`` (an .onnx file or an artifact folder) saves its outputs."""
-    return path.parent / f"{path.name}.b{batch}.out.npy"
+    return path.parent / f"{path.name}.b{batch}.out.npz"
 
 
 def _measure(kind: str, path: Path, batch: int, in_dim: int, calls: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, str(path), "--batch", str(batch), "--in-dim", str(in_dim),
-           "--calls", str(calls), "--output", str(_output_file(path, batch))]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TVM_LOG_DEBUG": "0"})
-    if done.returncode != 0:
-        raise SystemExit(f"worker failed ({kind} {path}): {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Latency and peak memory of one configuration, in a fresh process (benchmarks/isolated.py)."""
+    x = np.random.default_rng(0).standard_normal((batch, in_dim)).astype(np.float32)
+    return measure(path, {"x": x}, calls, backend="ort" if kind == "ort" else None, outputs=_output_file(path, batch))
+
+
+def _first_output(path: Path) -> np.ndarray:
+    with np.load(path) as stored:
+        return stored[stored.files[0]]
 
 
 def gemm_gflops() -> float:
@@ -124,19 +91,12 @@ def build_models(layer: str, top: str) -> tuple[Path, Path, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--in-dim", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--output", default="", help=argparse.SUPPRESS)
     parser.add_argument("--layers", default="fc6,fc7")
     parser.add_argument("--tops", default="identity,tanh")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--records", type=Path, default=None, help="Tuning records (default: schedules/<profile>).")
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker[0], args.worker[1], args.batch, args.in_dim, args.calls, args.output)
-        return
 
     from adntn_deploy.compiler.build import compile_model
 
@@ -159,8 +119,8 @@ def main() -> None:
                     row[mode]["tuning"] = artifact.manifest["tuning"]
                     if mode == "stream":
                         row["kernel"] = artifact.manifest["streamed"][0]["kernel"]
-                    ref = np.load(_output_file(dense, batch))
-                    got = np.load(_output_file(folder, batch))
+                    ref = _first_output(_output_file(dense, batch))
+                    got = _first_output(_output_file(folder, batch))
                     row[mode]["max_rel_diff_vs_ort"] = float(np.abs(got - ref).max() / np.abs(ref).max())
                 rank = info["rank"]
                 if row["kernel"] == "fused":
