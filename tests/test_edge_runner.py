@@ -7,6 +7,7 @@ outputs with TVM's Python Relax VM on x86.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -90,6 +91,9 @@ def _make_artifact(folder: Path, target: dict, rng) -> tuple[list[np.ndarray], n
             {"name": "output0", "shape": [1, OUT_DIM], "dtype": "float32"},
             {"name": "output1", "shape": [1, HIDDEN], "dtype": "float32"},
         ],
+        # the runner loads only files listed here and checks their hashes
+        "files": {name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+                         "bytes": (folder / name).stat().st_size} for name in ("model.so", "params.safetensors")},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return params, x, _x86_reference(mod, params, x)

@@ -50,7 +50,9 @@ def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, stand
 
     from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint
     from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.outputs import refuse_overwriting_inputs
 
+    refuse_overwriting_inputs(output, checkpoint)
     info = read_checkpoint(checkpoint)
     inputs = _checkpoint_inputs(info, input_shapes)
     model = load_checkpoint(checkpoint)
@@ -114,8 +116,13 @@ def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarra
 @click.option("--json", "as_json", is_flag=True, help="Print outputs' shapes and latency as JSON.")
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
     """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
+    from adntn_deploy.outputs import refuse_overwriting_inputs
     from adntn_deploy.runtime import load
 
+    if outputs_path:
+        if outputs_path.suffix != ".npz":  # numpy.savez appends .npz: that is the file written
+            outputs_path = outputs_path.with_name(outputs_path.name + ".npz")
+        refuse_overwriting_inputs(outputs_path, inputs_path, model, option="--outputs")
     options = {"intra_op_threads": threads} if threads else {}
     start = time.perf_counter()
     predictor = load(model, backend=backend, **options)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,12 +276,21 @@ def compile_model(
         ProfileError: unknown target, invalid target, missing cross compiler (names the Debian package).
         OnnxModelError: the ONNX file is invalid. CompileError: TVM cannot import or build the model.
         StreamError / StreamCompileError: ``weights="stream"`` for a layer or target that cannot stream.
+        OutputError: ``output`` is or holds the model, the tuning records or the current folder, or it
+            exists and is not an artifact this tool wrote (an artifact is replaced atomically, nothing else).
     """
     say = progress or (lambda message: None)
     if weights not in WEIGHT_MODES:
         raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     if not 0 <= opt_level <= 3:
         raise CompileError(f"--opt-level must be 0..3, not {opt_level}")
+    from adntn_deploy.compiler.tvm_runtime import is_artifact_dir
+    from adntn_deploy.outputs import check_replaceable, refuse_overwriting_inputs, replace_output_dir, staging_dir
+
+    out = Path(output)
+    # before minutes of work: the output must not be an input, and an existing folder must be our artifact
+    refuse_overwriting_inputs(out, onnx_path, tuning_records)
+    check_replaceable(out, is_artifact_dir, what="an artifact")
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
     import tvm
@@ -296,6 +304,7 @@ def compile_model(
                             prepack_target=tvm_tgt if prepack else None)
     mod, params, shapes, outputs = imported.mod, imported.params, imported.shapes, imported.outputs
     records = Path(tuning_records) if tuning_records else default_records(profile, tvm_tgt)
+    refuse_overwriting_inputs(out, records)
     tuned = {"records": str(records) if records else None, "scheduled_kernels": 0, "kernels": 0,
              "packed_dense": imported.packed_dense}
     with tvm.transform.PassContext(opt_level=opt_level):
@@ -319,8 +328,7 @@ def compile_model(
         except Exception as exc:
             raise CompileError(f"TVM failed to build for {profile.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
         build_seconds = time.perf_counter() - start
-    out = Path(output)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    staging = staging_dir(out)
     try:
         say("export")
         library = "model.tar" if profile.export_format == "tar" else "model.so"
@@ -359,11 +367,7 @@ def compile_model(
         staging.chmod(0o755)  # mkdtemp makes 0700 folders and files; an artifact is meant to be shared
         for f in staging.iterdir():
             f.chmod(0o644 if f.suffix != ".so" else 0o755)
-        if out.exists():
-            if not (out / "manifest.json").exists():
-                raise CompileError(f"{out} exists and is not an adntn artifact; choose another -o")
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_output_dir(staging, out, is_artifact_dir, what="an artifact")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

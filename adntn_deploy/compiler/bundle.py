@@ -6,8 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from adntn_deploy.compiler.tvm_runtime import read_manifest
+from adntn_deploy.compiler.tvm_runtime import is_artifact_dir, read_manifest
 from adntn_deploy.errors import GeneratorError
+from adntn_deploy.outputs import check_replaceable, only_listed, refuse_overwriting_inputs, replace_output_dir, staging_dir
 
 _RUN_SH = """#!/bin/sh
 # Run the model on this board: ./run.sh INPUTS.safetensors OUTPUTS.safetensors [--repeat N]
@@ -17,31 +18,54 @@ LD_LIBRARY_PATH="$here${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/adntn-r
 """
 
 
+def is_bundle_dir(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a bundle this tool wrote, safe to replace: ``run.sh`` exactly as we write it,
+    the runner and its two libraries, an ``artifact`` folder of ours (:func:`is_artifact_dir`), nothing else."""
+    from adntn_deploy.compiler.runner import RUNTIME_LIBS
+
+    folder = Path(folder)
+    try:
+        if (folder / "run.sh").is_symlink() or (folder / "run.sh").read_text() != _RUN_SH:
+            return False
+    except (OSError, UnicodeDecodeError):
+        return False
+    return only_listed(folder, {"run.sh", "adntn-runner", *RUNTIME_LIBS}, {"artifact": is_artifact_dir})
+
+
 def make_bundle(artifact: str | os.PathLike, output: str | os.PathLike, cross_compiler: str | None = None) -> Path:
     """Write ``output/`` = artifact/ + adntn-runner (built for the artifact's arch) + runtime libs + run.sh.
+
+    The bundle is built in a staging folder beside ``output`` and renamed into place; an existing
+    ``output`` is replaced only when it is a bundle this tool wrote (:func:`is_bundle_dir`). Only the
+    manifest and the files it lists are copied from the artifact.
 
     Raises:
         ArtifactError: the artifact is invalid. GeneratorError: no runner can be built for its
             architecture here (missing cross compiler or runtime libraries; the message says how to get them).
+        OutputError: ``output`` is, holds or lies inside the artifact, or exists and is not a bundle.
     """
     from adntn_deploy.compiler.runner import build_runner
 
     manifest = read_manifest(artifact)
     if manifest.get("device", "cpu") != "cpu":
         raise GeneratorError(
-            f"bundles hold the CPU runner; {manifest['profile']} runs on {manifest['device']}: "
+            f"bundles hold the CPU runner; {manifest.get('profile', 'this artifact')} runs on {manifest['device']}: "
             "use the TVM runtime with that device on the board (docs/tvm.md)"
         )
     out = Path(output)
-    if out.exists():
-        raise GeneratorError(f"{out} already exists; choose a new folder for the bundle")
-    out.mkdir(parents=True)
+    refuse_overwriting_inputs(out, artifact)
+    check_replaceable(out, is_bundle_dir, what="a bundle")
+    staging = staging_dir(out)
     try:
-        build_runner(manifest["arch"], out, cross_compiler=cross_compiler)
-        shutil.copytree(artifact, out / "artifact")
-        (out / "run.sh").write_text(_RUN_SH)
-        (out / "run.sh").chmod(0o755)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+        build_runner(manifest["arch"], staging, cross_compiler=cross_compiler)
+        (staging / "artifact").mkdir()
+        for name in ("manifest.json", *manifest["files"]):
+            shutil.copy2(Path(artifact) / name, staging / "artifact" / name)
+        (staging / "run.sh").write_text(_RUN_SH)
+        (staging / "run.sh").chmod(0o755)
+        staging.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be copied and shared
+        replace_output_dir(staging, out, is_bundle_dir, what="a bundle")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -90,9 +90,13 @@ def register_schedule_rules() -> None:
 
 
 def clean_database(folder: Path) -> None:
-    """Drop incomplete trailing lines from a JSON database (what an interrupted writer leaves)."""
+    """Drop incomplete trailing lines from a JSON database (what an interrupted writer leaves).
+
+    A file that changes is rewritten through a temporary file and a rename, never in place: a reader (or
+    a crash) sees the old file or the new one.
+    """
     # records are appended one line at a time, so only the tail can be incomplete: check the last line
-    # instead of parsing the whole (multi-MB) database on every compile
+    # instead of parsing the whole (multi-MB) database
     for name in DB_FILES:
         path = folder / name
         if not path.exists():
@@ -103,28 +107,127 @@ def clean_database(folder: Path) -> None:
         try:
             json.loads(body[cut:]) if body[cut:].strip() else None
             fixed = body + b"\n" if body else b""
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             fixed = body[:cut]
         if fixed != data:
-            path.write_bytes(fixed)
+            _write_atomically(path, fixed)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` through a temporary file beside it and a rename (mode 0644)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a database is meant to be shared and shipped
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
+    """The lines of one database file, each checked before TVM's JSON reader may see it.
+
+    TVM parses records (and the IR inside each workload, base64 after an 8-byte length) with a recursive
+    reader that a deeply nested line crashes: every line and every embedded IR must nest at most
+    DEFAULT_MAX_DEPTH levels, strings included (trace strings hold JSON too). A workload line is
+    ``[hash, base64]``; a record line is ``[workload index, [trace, ...]]`` with an index into the
+    ``workloads`` lines read before. A last line without its newline that does not parse is dropped
+    (an interrupted writer left it); any other bad line is an error.
+
+    Raises:
+        TuningError: the file and line number, and what is wrong there.
+    """
+    import base64
+    import binascii
+
+    from adntn_deploy.safejson import DEFAULT_MAX_DEPTH, JsonLimitError, check_depth
+
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            check_depth(line, what=where, strings=True)
+            value = json.loads(line)
+        except JsonLimitError as exc:
+            raise TuningError(f"{exc}; it is not a tuning database this tool wrote (run adntn-deploy tune again)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            if number == len(lines):  # no newline after it: an interrupted append
+                break
+            raise TuningError(f"{where} is not valid JSON; remove the line or tune again") from None
+        if workloads is None:
+            ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value))
+            if ok:
+                try:
+                    ir = base64.b64decode(value[1], validate=True)
+                except (binascii.Error, ValueError):
+                    ok = False
+                else:
+                    ok = len(ir) >= 8 and int.from_bytes(ir[:8], "little") == len(ir) - 8
+                    if ok:
+                        try:
+                            check_depth(ir[8:], DEFAULT_MAX_DEPTH, f"the IR in {where}", strings=True)
+                        except JsonLimitError as exc:
+                            raise TuningError(f"{exc}; it is not a tuning database this tool wrote") from None
+            what = "a workload [hash, base64 IR]"
+        else:
+            ok = (isinstance(value, list) and len(value) == 2 and type(value[0]) is int
+                  and 0 <= value[0] < workloads and isinstance(value[1], list))
+            what = f"a record [workload index below {workloads}, [trace, ...]]"
+        if not ok:
+            raise TuningError(f"{where} is not {what}; it is not a tuning database this tool wrote (tune again)")
+        kept.append(line)
+    return kept
+
+
+def copy_database(source: Path, destination: Path) -> None:
+    """Copy the database in ``source`` into the folder ``destination``, checked line by line.
+
+    ``source`` is only read. Incomplete trailing lines are left out of the copy (see :func:`_checked_lines`).
+
+    Raises:
+        TuningError: a file is missing or a line is malformed or too deeply nested.
+    """
+    source, destination = Path(source), Path(destination)
+    if not all((source / f).is_file() for f in DB_FILES):
+        raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    workloads = _checked_lines(source / DB_FILES[0], None)
+    records = _checked_lines(source / DB_FILES[1], len(workloads))
+    destination.mkdir(parents=True, exist_ok=True)
+    for name, lines in zip(DB_FILES, (workloads, records)):
+        (destination / name).write_bytes(b"".join(line + b"\n" for line in lines))
 
 
 def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
     """Apply the database in ``records`` to ``fused`` (from :func:`prepare_for_tuning`).
 
+    ``records`` is only read: TVM gets a checked private copy (:func:`copy_database`).
     Returns (module, kernels scheduled, kernels in all).
 
     Raises:
-        TuningError: the folder is not a tuning database.
+        TuningError: the folder is not a tuning database, a line is malformed, or TVM refused it.
     """
     from tvm import relax
 
     records = Path(records)
-    if not all((records / f).exists() for f in DB_FILES):
-        raise TuningError(f"{records} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
-    clean_database(records)
-    with target:
-        applied = relax.transform.MetaScheduleApplyDatabase(str(records))(fused)
+    private = Path(tempfile.mkdtemp(prefix="adntn-records-"))
+    try:
+        copy_database(records, private)
+        with target:
+            try:
+                applied = relax.transform.MetaScheduleApplyDatabase(str(private))(fused)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TuningError(f"the tuning records in {records} could not be applied ({first}); tune again") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     scheduled, total = _count_scheduled(applied)
     return applied, scheduled, total
 
@@ -135,8 +238,25 @@ def default_records(profile: DeviceProfile, target) -> Path | None:
     meta = folder / "adntn_schedule.json"
     if not meta.exists() or not all((folder / f).exists() for f in DB_FILES):
         return None
-    info = json.loads(meta.read_text())
+    info = _read_meta(meta)
     return folder if info.get("target") == str(target) else None
+
+
+def _read_meta(path: Path) -> dict:
+    """A schedules folder's adntn_schedule.json (depth-bounded), as a dict.
+
+    Raises:
+        TuningError: the file is not a JSON object.
+    """
+    from adntn_deploy.safejson import JsonLimitError, loads_bounded
+
+    try:
+        info = loads_bounded(path.read_bytes(), what=str(path))
+    except JsonLimitError as exc:
+        raise TuningError(f"{exc}; delete it or tune again") from None
+    if not isinstance(info, dict):
+        raise TuningError(f"{path} is not a JSON object; delete it or tune again")
+    return info
 
 
 def list_schedules() -> list[dict[str, Any]]:
@@ -145,7 +265,7 @@ def list_schedules() -> list[dict[str, Any]]:
     root = schedules_dir()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         meta_path = folder / "adntn_schedule.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = _read_meta(meta_path) if meta_path.exists() else {}
         counts = {f: sum(1 for line in (folder / f).read_text().splitlines() if line.strip()) if (folder / f).exists() else 0
                   for f in DB_FILES}
         rows.append({"profile": folder.name, "target": meta.get("target"), "models": meta.get("models", []),
@@ -170,6 +290,23 @@ def _publish(staging: Path, records: Path) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a database is meant to be shared and shipped
         os.replace(tmp, records / name)
+
+
+def build_candidate(mod, target, _params=None):
+    """MetaSchedule f_build: TVM's default candidate build, without importing ``tvm.s_tir.tensor_intrin``.
+
+    TVM's default imports every tensor intrinsic in each builder worker, and its builder pool is restarted
+    for every measured batch: on a 2-core machine that import alone took 15-70 s per batch, more than the
+    builds themselves. CPU (llvm) candidates of float32 kernels never tensorize, so they skip it; other
+    targets (CUDA tensor cores...) keep TVM's behaviour. Returns the built runtime module.
+    """
+    if str(target.kind.name) != "llvm":
+        import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the intrinsics that tensorized blocks name)
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
 
 
 def _export_with(compiler: str, mod, path_hint: str | None = None) -> str:
@@ -249,12 +386,10 @@ def tune_model(
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)
     staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
-    if all((records / f).exists() for f in DB_FILES):  # resume: start from what was published
-        clean_database(records)
-        for name in DB_FILES:
-            shutil.copy(records / name, staging / name)
+    if all((records / f).exists() for f in DB_FILES):  # resume: start from what was published, checked
+        copy_database(records, staging)
     builder = ms.builder.LocalBuilder(
-        timeout_sec=timeout, f_export=partial(_export_with, compiler) if compiler else None,
+        timeout_sec=timeout, f_build=build_candidate, f_export=partial(_export_with, compiler) if compiler else None,
     )
     if rpc_tracker:
         host, _, port = rpc_tracker.rpartition(":")

@@ -7,7 +7,6 @@ produce their dense weights on this device) and keeps the results for every call
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -35,7 +34,8 @@ def configure_threads(threads: int | None = None) -> int:
     """Size TVM's CPU thread pool for this process and the processes it starts; returns the thread count.
 
     ``threads`` wins; else a ``TVM_NUM_THREADS`` the user set is kept; else the CPUs this process may use,
-    the same default as our ONNX Runtime predictor. Why: TVM's own default on x86 is half the logical CPUs
+    the same default as our ONNX Runtime predictor. A given count above those CPUs is capped to them with a
+    note on stderr (thousands of threads hung the pool). Why: TVM's own default on x86 is half the logical CPUs
     (it assumes two hyper-threads per core), which on a VM or container without SMT leaves half the cores
     idle -- measured 2.0x slower on a 32x4096x4096 dense layer on the 2-core host. The pool is
     process-wide, so the last call wins for every predictor in the process.
@@ -43,14 +43,17 @@ def configure_threads(threads: int | None = None) -> int:
     Raises:
         ValueError: ``threads`` below 1.
     """
+    from adntn_deploy.limits import cap_threads
     from adntn_deploy.runtime.ort import default_threads
 
     if threads is not None:
         if int(threads) < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        os.environ[THREADS_ENV] = str(int(threads))
-    elif not os.environ.get(THREADS_ENV, "").strip().isdigit() or int(os.environ[THREADS_ENV]) < 1:
-        os.environ[THREADS_ENV] = str(default_threads())
+        os.environ[THREADS_ENV] = str(cap_threads(threads, "threads"))
+    else:
+        given = os.environ.get(THREADS_ENV, "").strip()
+        usable = given.isascii() and given.isdigit() and len(given) <= 9 and int(given) >= 1
+        os.environ[THREADS_ENV] = str(cap_threads(int(given), THREADS_ENV) if usable else default_threads())
     count = int(os.environ[THREADS_ENV])
     import tvm  # noqa: F401 - loads the runtime library that registers the function below
     import tvm_ffi
@@ -92,30 +95,141 @@ def _load_library(path: Path, sha256: str):
             shutil.rmtree(folder, ignore_errors=True)  # the mapping stays valid after the file is unlinked
 
 
-def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
-    """Read ``ARTIFACT/manifest.json`` and (by default) check every file's sha256.
+#: a manifest is a few KB; anything far larger is not one of ours and is not read into memory
+MANIFEST_MAX_BYTES = 16 << 20
+_DEVICES = ("cpu", "cuda", "opencl")
+_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool")
+_HEX = frozenset("0123456789abcdef")
 
-    Raises:
-        ArtifactError: no manifest, malformed or newer manifest, a missing file, or a hash mismatch.
-    """
-    folder = Path(path)
+
+def _load_manifest_json(folder: Path) -> dict:
+    """The parsed ``folder/manifest.json`` (size- and depth-bounded), without any check of its fields."""
+    from adntn_deploy.safejson import JsonLimitError, loads_bounded
+
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise ArtifactError(f"{folder} is not a compiled artifact (no manifest.json); build one with adntn-deploy compile")
+    if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
+        raise ArtifactError(f"{manifest_path} is larger than {MANIFEST_MAX_BYTES >> 20} MiB, so not a manifest this tool wrote; rebuild the artifact")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); rebuild the artifact") from None
-    if manifest.get("format") != ARTIFACT_FORMAT or not 1 <= int(manifest.get("version", 0)) <= ARTIFACT_VERSION:
+        manifest = loads_bounded(manifest_path.read_bytes(), what=str(manifest_path))
+    except JsonLimitError as exc:
+        raise ArtifactError(f"{exc}; rebuild the artifact") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path} is not a JSON object; rebuild the artifact")
+    return manifest
+
+
+def contained_file(folder: Path, name: object, field: str) -> Path:
+    """``folder / name`` for a manifest's file name that stays inside the artifact folder.
+
+    A name must be a plain file name (no folder separators, not ``.`` or ``..``, not absolute); a
+    symlink may not lead out of the folder. The file itself need not exist.
+
+    Raises:
+        ArtifactError: the name (quoted) and the manifest ``field`` it came from.
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ArtifactError(f"{folder}/manifest.json: {field} {name!r} is not a plain file name inside the artifact; "
+                            "rebuild the artifact")
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise ArtifactError(f"{folder}/manifest.json: {field} {name!r} leads outside the artifact folder (a symlink); "
+                            "rebuild the artifact")
+    return path
+
+
+def _check_tensors(folder: Path, manifest: dict, key: str) -> None:
+    entries = manifest.get(key)
+    bad = not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and e.get("dtype") in _DTYPES
+        and isinstance(e.get("shape"), list)
+        and all(d is None or (type(d) is int and d >= 0) for d in e["shape"]) for e in entries)
+    if bad:
+        raise ArtifactError(f"{folder}/manifest.json: {key!r} must list {{name, shape, dtype}} entries; rebuild the artifact")
+
+
+def check_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    """Check the fields of an artifact's manifest that loaders use, and that every name stays inside ``folder``.
+
+    Format marker and version; ``files`` maps plain file names to {sha256, bytes}; ``library`` and (for
+    lifted weights) ``params_file`` are listed there, so that every file the runtime loads is hashed;
+    ``weights``, ``device``, ``arch``, ``params``, ``inputs`` and ``outputs`` have the types loaders expect.
+
+    Raises:
+        ArtifactError: the first problem, in one line.
+    """
+    from adntn_deploy.compiler.build import WEIGHT_MODES
+
+    folder = Path(folder)
+    where = f"{folder}/manifest.json"
+    version = manifest.get("version")
+    if manifest.get("format") != ARTIFACT_FORMAT or type(version) is not int or not 1 <= version <= ARTIFACT_VERSION:
         raise ArtifactError(f"{folder} has an unknown artifact format/version; rebuild it with this adntn-deploy")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{where}: 'files' must map the artifact's file names to their sha256; rebuild the artifact")
+    for name, info in files.items():
+        contained_file(folder, name, "files entry")
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or len(info["sha256"]) != 64
+                or not set(info["sha256"]) <= _HEX or type(info.get("bytes")) is not int or info["bytes"] < 0):
+            raise ArtifactError(f"{where}: files entry {name!r} needs a sha256 (64 hex digits) and bytes; rebuild the artifact")
+    weights = manifest.get("weights")
+    if weights not in WEIGHT_MODES:
+        raise ArtifactError(f"{where}: 'weights' must be one of {', '.join(WEIGHT_MODES)}; rebuild the artifact")
+    loaded = [("library", manifest.get("library"))]
+    if weights in LIFTED_MODES:
+        loaded.append(("params_file", manifest.get("params_file")))
+        params = manifest.get("params")
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise ArtifactError(f"{where}: 'params' must list the parameter names; rebuild the artifact")
+    for field, name in loaded:
+        contained_file(folder, name, field)
+        if name not in files:
+            raise ArtifactError(f"{where}: {field} {name!r} is not listed (with its sha256) in 'files'; rebuild the artifact")
+    if manifest.get("device", "cpu") not in _DEVICES or not isinstance(manifest.get("arch"), str):
+        raise ArtifactError(f"{where}: 'device' must be one of {', '.join(_DEVICES)} and 'arch' a name; rebuild the artifact")
+    for key in ("inputs", "outputs"):
+        _check_tensors(folder, manifest, key)
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict:
+    """Read and check ``ARTIFACT/manifest.json`` (:func:`check_manifest`) and (by default) every file's sha256.
+
+    The hashes detect accidents (a truncated copy, a file replaced by mistake), not a hostile publisher:
+    whoever can write the files can write matching hashes (SECURITY.md).
+
+    Raises:
+        ArtifactError: no manifest, a malformed, oversized, too deeply nested or newer manifest, a name
+            leading outside the folder, a loaded file not listed, a missing file, or a hash mismatch.
+    """
+    folder = Path(path)
+    manifest = _load_manifest_json(folder)
+    check_manifest(folder, manifest)
     if verify:
-        for name, info in manifest.get("files", {}).items():
+        for name, info in manifest["files"].items():
             file = folder / name
             if not file.is_file():
                 raise ArtifactError(f"artifact file {file} is missing; rebuild the artifact")
             if sha256_file(file) != info["sha256"]:
                 raise ArtifactError(f"artifact file {file} was modified (sha256 mismatch); rebuild it with adntn-deploy compile")
     return manifest
+
+
+def is_artifact_dir(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is an artifact this tool wrote, safe to replace: a manifest that passes
+    :func:`check_manifest`, and nothing in the folder but that manifest and the files it lists (hashes are
+    not checked: an artifact with a damaged file is still ours to replace)."""
+    from adntn_deploy.outputs import only_listed
+
+    folder = Path(folder)
+    try:
+        manifest = _load_manifest_json(folder)
+        check_manifest(folder, manifest)
+    except ArtifactError:
+        return False
+    return only_listed(folder, {"manifest.json", *manifest["files"]})
 
 
 class TvmPredictor:
@@ -137,7 +251,7 @@ class TvmPredictor:
         arch = self.manifest["arch"]
         if arch != host_arch():
             raise ArtifactError(
-                f"{self.path} was built for {arch} ({self.manifest['profile']}); this machine is {host_arch()}: copy it to "
+                f"{self.path} was built for {arch} ({self.manifest.get('profile', 'unknown profile')}); this machine is {host_arch()}: copy it to "
                 "the device and run it there (adntn_deploy/compiler/runner/README.md)"
             )
         import tvm
@@ -161,6 +275,10 @@ class TvmPredictor:
             from safetensors.numpy import load_file
 
             stored = load_file(str(self.path / self.manifest["params_file"]))
+            missing = [name for name in self.manifest["params"] if name not in stored]
+            if missing:
+                raise ArtifactError(f"{self.path / self.manifest['params_file']} lacks the parameters {missing[:3]} "
+                                    "that the manifest lists; rebuild the artifact")
             params = [tvm.runtime.tensor(stored[name], self.device) for name in self.manifest["params"]]
             self._weights = list(self.vm["main_transform_params"](params))  # generators run here, once
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from adntn_deploy.errors import GeneratorError
+from adntn_deploy.outputs import OutputError, refuse_overwriting_inputs, replace_output_dir, staging_dir
 
 _TRITON_TYPES = {1: "TYPE_FP32", 11: "TYPE_FP64", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32",
                  5: "TYPE_INT16", 3: "TYPE_INT8", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -50,9 +52,14 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
                    max_batch_size: int = 32, version: int = 1) -> Path:
     """Write ``repository/<name>/{config.pbtxt, <version>/model.onnx}`` for ``model`` (an .onnx file).
 
+    Nothing this tool did not write is overwritten: a new model folder, or a new version in an existing
+    one, is written beside and renamed into place. An existing model folder must hold only config.pbtxt
+    and version folders, and its config.pbtxt must be the one this model needs (it is written when missing).
+
     Raises:
-        OnnxModelError: the ONNX file is invalid. GeneratorError: the model's folder already holds
-            that version, or a name with a path separator.
+        OnnxModelError: the ONNX file is invalid. GeneratorError: a name with a path separator.
+        OutputError: the model's folder already holds that version, holds files this tool did not write,
+            or has a different config.pbtxt.
     """
     import onnx
 
@@ -71,15 +78,70 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
     inputs = _tensors(i for i in proto.graph.input if i.name not in inits)
     outputs = _tensors(proto.graph.output)
     batched = all(dims and dims[0] is None for _, _, dims in inputs + outputs)
+    config = config_pbtxt(name, inputs, outputs, max_batch_size if batched else 0)
     folder = Path(repository) / name
-    target = folder / str(version) / "model.onnx"
-    if target.exists():
-        raise GeneratorError(f"{target} exists; give another --version or a new repository")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    version_dir = folder / str(version)
+    refuse_overwriting_inputs(version_dir, source)
+    if os.path.lexists(version_dir):
+        raise OutputError(f"{version_dir} exists; give another --version or a new repository")
+    existing = os.path.lexists(folder)
+    if existing:
+        _check_model_folder(folder, config)
+    staging = staging_dir(folder)  # beside the model folder: a leftover is hidden from the repository
     try:
-        save_model_atomically(proto, target)
-        (folder / "config.pbtxt").write_text(config_pbtxt(name, inputs, outputs, max_batch_size if batched else 0))
-    except BaseException:
-        shutil.rmtree(target.parent, ignore_errors=True)
-        raise
+        model_file = staging / (f"{version}/model.onnx" if not existing else "model.onnx")
+        save_model_atomically(proto, model_file)
+        if not existing:
+            (staging / "config.pbtxt").write_text(config)
+        for path in (staging, *staging.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp makes 0700, mkstemp 0600
+        if existing:
+            replace_output_dir(staging, version_dir, lambda _: False, option="--version", what="a model version")
+            if not (folder / "config.pbtxt").exists():
+                _write_new_file(folder / "config.pbtxt", config)
+        else:
+            replace_output_dir(staging, folder, lambda _: False, option="--name", what="a model folder")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _check_model_folder(folder: Path, config: str) -> None:
+    """Refuse adding a version to ``folder`` unless it is a model folder as this tool writes them.
+
+    Raises:
+        OutputError: ``folder`` is not a real folder, holds anything but config.pbtxt and version
+            folders, or its config.pbtxt differs from ``config`` (another model, other options, or edited).
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a model folder; choose another --name or -o")
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not (entry.name == "config.pbtxt" and entry.is_file()
+                                      or entry.name.isdigit() and entry.is_dir()):
+            raise OutputError(f"{folder} holds {entry.name!r}, which this tool did not write; choose another --name or -o")
+    current = folder / "config.pbtxt"
+    if current.exists() and current.read_text(errors="replace") != config:
+        raise OutputError(f"{current} differs from the one this model needs (another model, other options, or edited "
+                          "by hand) and is not overwritten; choose another --name or -o")
+
+
+def _write_new_file(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a hard link, which fails instead of replacing a file
+    that appeared meanwhile."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputError(f"{path} appeared while this command ran and is not overwritten; check it") from None
+        except OSError:  # a file system without hard links: a plain rename, after checking
+            if os.path.lexists(path):
+                raise OutputError(f"{path} appeared while this command ran and is not overwritten; check it") from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -9,6 +9,8 @@
 // --threads N sizes TVM's CPU thread pool; the default is TVM_NUM_THREADS when set, else every CPU this process
 // may use (TVM's own default on x86 is half of them, assuming two hyper-threads per core).
 // Depends only on libtvm_runtime + libtvm_ffi (link with -Wl,--no-as-needed so the VM loader is kept).
+// The library and params file must be plain names listed in the manifest's "files" with their sha256, which
+// is checked before use (it detects accidents, it does not authenticate the publisher: SECURITY.md).
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
@@ -16,7 +18,9 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <array>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -111,11 +115,112 @@ std::string ReadFile(const std::string& path, const char* what) {
   ss << f.rdbuf();
   return ss.str();
 }
+// tvm::ffi::json::Parse recurses once per nesting level, so 100,000 '[' would overflow the stack: bound the
+// depth first, counting brackets outside strings (no file we write nests more than a few levels).
+constexpr int kMaxJSONDepth = 64;
+void CheckJSONDepth(const std::string& text, const std::string& where) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJSONDepth)
+        Fail(where + ": JSON nested deeper than " + std::to_string(kMaxJSONDepth) + " levels; not a file adntn-deploy wrote");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+}
 json::Value ParseJSON(const std::string& text, const std::string& where) {
+  CheckJSONDepth(text, where);
   ffi::String err;
   json::Value v = json::Parse(ffi::String(text), &err);
   if (!err.empty()) Fail(where + ": invalid JSON (" + std::string(err) + ")");
   return v;
+}
+
+// ---- SHA-256 (FIPS 180-4), to check the files against the manifest's hashes ----
+std::string Sha256Hex(const std::string& data) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+      0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+      0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+      0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+      0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+      0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+      0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  std::string msg = data;
+  const uint64_t bits = static_cast<uint64_t>(data.size()) * 8;
+  msg.push_back(static_cast<char>(0x80));
+  while (msg.size() % 64 != 56) msg.push_back('\0');
+  for (int i = 7; i >= 0; --i) msg.push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
+  for (size_t block = 0; block < msg.size(); block += 64) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      const auto* p = reinterpret_cast<const unsigned char*>(msg.data() + block + 4 * i);
+      w[i] = (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+  }
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (uint32_t v : h)
+    for (int i = 7; i >= 0; --i) out.push_back(hex[(v >> (4 * i)) & 0xf]);
+  return out;
+}
+
+// ---- artifact files: plain names inside the folder, listed and hashed in the manifest ----
+std::string RealPath(const std::string& path) {
+  char* r = ::realpath(path.c_str(), nullptr);
+  if (!r) return "";
+  std::string out(r);
+  std::free(r);
+  return out;
+}
+// dir + "/" + name for a manifest file name that stays in dir: no separators, not "." or "..", and no symlink
+// leading out (the Python loader applies the same rule).
+std::string ContainedFile(const std::string& dir, const std::string& name, const std::string& where) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
+    Fail(where + ": \"" + name + "\" is not a plain file name inside the artifact; rebuild the artifact");
+  const std::string path = dir + "/" + name;
+  const std::string real = RealPath(path), real_dir = RealPath(dir);
+  if (real.empty()) Fail("cannot open artifact file '" + path + "'");
+  if (real_dir.empty() || real.size() <= real_dir.size() + 1 || real.compare(0, real_dir.size() + 1, real_dir + "/") != 0 ||
+      real.find('/', real_dir.size() + 1) != std::string::npos)
+    Fail(where + ": \"" + name + "\" leads outside the artifact folder; rebuild the artifact");
+  return path;
+}
+// The sha256 the manifest's "files" records for name; every file the runner loads must be listed.
+std::string ListedSha256(const json::Object& man, const std::string& name, const std::string& field,
+                         const std::string& mpath) {
+  json::Object files = AsObject(Field(man, "files", mpath), mpath + " \"files\"");
+  if (files.count(ffi::String(name)) == 0)
+    Fail(mpath + ": " + field + " \"" + name + "\" is not listed (with its sha256) in \"files\"; rebuild the artifact");
+  const std::string w = mpath + " \"files\" entry \"" + name + "\"";
+  return Str(Field(AsObject(files.at(ffi::String(name)), w), "sha256", w), w);
+}
+void CheckSha256(const std::string& data, const std::string& want, const std::string& path) {
+  if (Sha256Hex(data) != want) Fail("artifact file '" + path + "' was modified (sha256 mismatch); rebuild the artifact");
 }
 
 // ---- CPU tensors (64-byte aligned, as TVM kernels expect) ----
@@ -138,8 +243,9 @@ struct NamedTensor {
   ffi::Tensor tensor;
 };
 
-std::vector<NamedTensor> ReadSafetensors(const std::string& path, const char* what) {
+std::vector<NamedTensor> ReadSafetensors(const std::string& path, const char* what, const std::string* sha256 = nullptr) {
   std::string buf = ReadFile(path, what);
+  if (sha256) CheckSha256(buf, *sha256, path);
   const std::string where = std::string(what) + " '" + path + "'";
   if (buf.size() < 8) Fail(where + ": not a safetensors file (shorter than 8 bytes)");
   uint64_t hlen = 0;
@@ -267,7 +373,7 @@ int Run(int argc, char** argv) {
     Fail(mpath + ": \"format\" is not \"adntn-artifact\"");
   if (Has(man, "version") && Int(man.at(ffi::String("version")), mpath) != 1)
     Fail(mpath + ": unsupported \"version\" (this runner reads version 1)");
-  std::string library = Has(man, "library") ? Str(man.at(ffi::String("library")), mpath) : "model.so";
+  const std::string library = Str(Field(man, "library", mpath), mpath + " \"library\"");
   std::string weights = Has(man, "weights") ? Str(man.at(ffi::String("weights")), mpath) : "load";
   if (weights != "load" && weights != "fold" && weights != "stream")
     Fail(mpath + ": \"weights\" must be \"load\", \"stream\" or \"fold\"");
@@ -307,17 +413,20 @@ int Run(int argc, char** argv) {
   std::vector<NamedTensor> params;
   ffi::Array<ffi::Any> param_tuple;
   if (transform) {
-    std::string pfile = Has(man, "params_file") ? Str(man.at(ffi::String("params_file")), mpath) : "params.safetensors";
-    params = ReadSafetensors(dir + "/" + pfile, "params file");
+    const std::string pfile = Str(Field(man, "params_file", mpath), mpath + " \"params_file\"");
+    const std::string ppath = ContainedFile(dir, pfile, mpath + " \"params_file\"");
+    const std::string psha = ListedSha256(man, pfile, "params_file", mpath);
+    params = ReadSafetensors(ppath, "params file", &psha);
     for (const auto& n : param_names) {
       const ffi::Tensor* t = Find(params, n);
-      if (!t) Fail("params file '" + dir + "/" + pfile + "' has no tensor '" + n + "' (listed in the manifest)");
+      if (!t) Fail("params file '" + ppath + "' has no tensor '" + n + "' (listed in the manifest)");
       param_tuple.push_back(*t);
     }
   }
 
   // Load the executable and create the Relax VM on the CPU (device type kDLCPU, id 0, pooled allocator = 2).
-  const std::string lib = dir + "/" + library;
+  const std::string lib = ContainedFile(dir, library, mpath + " \"library\"");
+  CheckSha256(ReadFile(lib, "model library"), ListedSha256(man, library, "library", mpath), lib);
   CheckLibrary(lib);
   ffi::Module exec = ffi::Module::LoadFromFile(ffi::String(lib));
   ffi::Module vm = GetFunc(exec, "vm_load_executable", lib)().cast<ffi::Module>();
