@@ -162,7 +162,7 @@ MALFORMED = [
     ({"inputs": [GOOD], "outputs": [{"name": "nope"}]}, 400, "unknown output"),
     ({"inputs": [GOOD], "outputs": "logits"}, 400, "'outputs'"),
     ({"inputs": [GOOD], "id": 12}, 400, "'id'"),
-    ({"inputs": [{**GOOD, "shape": [5000, 16], "data": [0.0] * 80000}]}, 400, "exceeds the limit"),
+    ({"inputs": [{**GOOD, "shape": [5000, 16], "data": [0.0] * 80000}]}, 413, "exceeds the limit"),  # as Triton
 ]
 
 

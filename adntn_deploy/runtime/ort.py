@@ -19,10 +19,9 @@ _ORT_TYPES = {
 
 def default_threads() -> int:
     """Intra-op threads: the CPUs this process may use (cgroup/affinity aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    from adntn_deploy.limits import usable_cpus
+
+    return usable_cpus()
 
 
 class OrtPredictor:
@@ -32,7 +31,8 @@ class OrtPredictor:
         path: the .onnx file.
         providers: execution providers in priority order; default CUDA first when this onnxruntime has it,
             then CPU.
-        intra_op_threads: threads per operator (default: usable CPUs); inter_op_threads: default 1.
+        intra_op_threads: threads per operator (default: usable CPUs); inter_op_threads: default 1. Both are
+            capped to the usable CPUs, with a note on stderr (:func:`adntn_deploy.limits.cap_threads`).
 
     Graph optimisation runs at the "all" level, so every generator (its inputs are initializers) is
     constant-folded into a dense weight when the session is created; calls then cost what the dense model
@@ -40,6 +40,7 @@ class OrtPredictor:
 
     Raises:
         OnnxModelError: the file is unreadable, malformed or holds an unknown ai.adntn op or version.
+        LimitError: its generated weights exceed the memory limit (:mod:`adntn_deploy.limits`).
     """
 
     backend = "ort"
@@ -55,9 +56,12 @@ class OrtPredictor:
 
         from adntn_deploy.onnx_export.reader import OnnxModelError, find_generators, load_onnx
 
+        from adntn_deploy.limits import cap_threads, check_generators
+
         self.path = Path(path)
         model = load_onnx(self.path)
         self.generators = find_generators(model)
+        check_generators({g.layer: g.ir for g in self.generators}, what=f"the generated weights of {self.path}")
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -66,10 +70,11 @@ class OrtPredictor:
             raise OnnxModelError(f"execution provider(s) {unknown} are not in this onnxruntime; available: {available}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.threads = intra_op_threads or default_threads()
+        self.threads = cap_threads(intra_op_threads, "intra-op threads") if intra_op_threads else default_threads()
         options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = inter_op_threads or 1
-        options.log_severity_level = 3
+        options.inter_op_num_threads = cap_threads(inter_op_threads, "inter-op threads") if inter_op_threads else 1
+        options.log_severity_level = 4  # fatal only: run errors reach the caller as exceptions; ORT's own
+        # multi-line copy of each (ExecuteKernel ...) would break the one-line errors of run and serve
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
         except Exception as exc:
