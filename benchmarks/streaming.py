@@ -1,6 +1,6 @@
 """Benchmark streamed weights: peak RSS and latency of stream vs load vs the dense layer under ONNX Runtime.
 
-python benchmarks/streaming.py [--layers fc6,fc7] [--batches 1,8] [--calls 20] [--records schedules/host]
+python benchmarks/streaming.py [--layers fc6,fc7] [--batches 1,8] [--calls 20] [--records schedules/x86-64-avx512]
 
 Layers: the VGG-16 classifier shapes 4096x25088 (fc6) and 4096x4096 (fc7) with their TTN >= 2,000x presets
 (``vgg16-fc6-ttn-2k``, ``vgg16-fc7-ttn-2k``), once with the preset's identity top activation (streams as

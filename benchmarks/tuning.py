@@ -2,8 +2,8 @@
 
 python benchmarks/tuning.py [--trials 256] [--target host|x86-64-avx2] [--records schedules/<target>]
 Models: an MLP 784-1024-1024-10, dense and with TTN generators, at batch 1 and 32 (static shapes). Each is
-tuned with MetaSchedule into --records (default: the shipped database schedules/host/, which compile then
-applies automatically for this target), then compiled with and without the records; latencies are medians
+tuned with MetaSchedule into --records (default: the shipped database compile applies for this target,
+for host the best instruction-set profile of this CPU, e.g. schedules/x86-64-avx512/), then compiled with and without the records; latencies are medians
 over interleaved rounds, each runtime timed in a fresh process (benchmarks/isolated.py). Results:
 benchmarks/results/tuning.{json,md} (tuning_<target>.{json,md} for other profiles, which must run on this
 machine: x86-64-avx2 does on any AVX2 CPU).
@@ -28,6 +28,18 @@ from isolated import interleaved_medians  # noqa: E402  (each runtime timed in i
 REPO = Path(__file__).resolve().parents[1]
 
 
+def default_records_folder(target: str) -> Path:
+    """Where tuning results go by default: the shipped folder compile applies for ``target`` (for host:
+    the best instruction-set profile this CPU supports, e.g. schedules/x86-64-avx512)."""
+    from adntn_deploy.compiler.build import tvm_target
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.tuning import default_records
+
+    profile = resolve_target(target)
+    choice = default_records(profile, tvm_target(profile))
+    return choice.folder or REPO / "schedules" / (choice.profile or profile.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=256)
@@ -41,7 +53,7 @@ def main() -> None:
                         help="tune and compile TVM's generic matmuls instead of the packed dense kernels (how the "
                              "README's auto-tuning tables were measured)")
     args = parser.parse_args()
-    args.records = args.records or REPO / "schedules" / args.target
+    args.records = args.records or default_records_folder(args.target)
     if args.blocks:
         return tune_blocks(args)
     import torch

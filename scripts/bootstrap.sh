@@ -3,7 +3,7 @@
 # ("demo", the default) or the test suite ("test"). Extra arguments go to the demo or to pytest.
 #
 #   bash scripts/bootstrap.sh demo            # install, then: adntn-deploy demo
-#   bash scripts/bootstrap.sh test            # install, then: python -m pytest
+#   bash scripts/bootstrap.sh test            # install, then: python -m pytest -m "slow or not slow" (every test)
 #   bash scripts/bootstrap.sh test -m slow    # the slow end-to-end tests
 #
 # Uses the python3 on PATH when it is >= 3.10 and pip may install into it; otherwise (Debian's own
@@ -49,7 +49,8 @@ PYTHON="$PY" bash scripts/fetch_edge_runtime.sh aarch64 >&2
 
 case "$mode" in
     demo) exec "$PY" -m adntn_deploy.cli.main demo "$@" ;;
-    test) exec "$PY" -m pytest "$@" ;;
+    # every test, the slow end-to-end ones included (a plain `python -m pytest` skips those); a later -m wins
+    test) exec "$PY" -m pytest -m "slow or not slow" --durations=15 "$@" ;;
     install) echo "bootstrap: installed; run $PY -m adntn_deploy.cli.main --help" >&2 ;;
     *) echo "bootstrap: unknown mode '$mode': use demo, test or install" >&2; exit 2 ;;
 esac

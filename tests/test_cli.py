@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tolerance import float32_rtol
 from adntn_deploy import __version__
 from adntn_deploy.checkpoint import save_checkpoint
 from adntn_deploy.models import build_sequential
@@ -82,7 +83,7 @@ def test_demo_runs_the_pipeline_and_reports_json(tmp_path):
     assert list(rows) == ["dense model", "compressed", "ONNX", "TVM host", "TVM rpi4", "server"]
     assert all(r["ratio"] >= 200 for r in result["compression"]["layers"])
     for stage in ("ONNX", "TVM host", "server"):
-        assert rows[stage]["max_rel_diff"] < 1e-5, stage
+        assert rows[stage]["max_rel_diff"] < float32_rtol(784, 1024, 1024), stage
     assert rows["ONNX"]["accuracy"] == pytest.approx(rows["compressed"]["accuracy"], abs=2e-3)
     assert rows["compressed"]["bytes"] < rows["dense model"]["bytes"] / 20
     for name in ("dense.ckpt", "compressed.ckpt", "model.onnx", "model-host/manifest.json", "model-rpi4/manifest.json"):

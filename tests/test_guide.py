@@ -22,6 +22,7 @@ def test_the_guide_has_runnable_examples_for_each_workflow():
         assert command in script, command
 
 
+@pytest.mark.slow  # minutes: trains, compresses, compiles, tunes, serves (the README's test command runs it)
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None or shutil.which("curl") is None,
                     reason="needs the aarch64 cross compiler, qemu-user and curl: bash scripts/bootstrap.sh install")
 def test_every_bash_example_in_the_guide_runs(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tolerance import float32_rtol, relative_error
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear, ADNTNMultiheadAttention
 from adntn_deploy.onnx_export import DOMAIN, export_onnx, to_standard_ops
 from adntn_deploy.onnx_export.reader import find_generators, load_onnx
@@ -37,6 +38,9 @@ class Attention(nn.Module):
 
 
 KINDS = {"linear": (linear_model, (48,)), "conv": (conv_model, (3, 12, 12)), "attention": (Attention, (6, 32))}
+#: reduction lengths per kind (tests/tolerance.py): the conv net sums 27, 72 and 32 terms (it failed at 1.24e-5
+#: against a CPU-tuned 1e-5 on an AVX2 machine); attention: q/k/v projections, scores, value mix, out and head
+REDUCTIONS = {"linear": (48, 64), "conv": (27, 72, 32), "attention": (32, 8, 6, 32, 32)}
 
 
 def _relative(a, b):
@@ -68,7 +72,7 @@ def test_torch_equals_onnxruntime(tmp_path, family, kind):
         x = torch.randn(batch, *shape)
         with torch.no_grad():
             expected = model(x).numpy()
-        assert _relative(_ort_outputs(path, x), expected) < 1e-5, (path.name, batch)
+        assert _relative(_ort_outputs(path, x), expected) < float32_rtol(*REDUCTIONS[kind]), (path.name, batch)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,7 +123,7 @@ def test_predictor_interface_and_threads(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     out = predictor.run({"input": x})
-    assert _relative(out["logits"], expected) < 1e-5
+    assert _relative(out["logits"], expected) < float32_rtol(48, 64)
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -136,4 +140,4 @@ def test_a_generated_layer_exports_on_its_own(tmp_path):
     (generator,) = find_generators(load_onnx(tmp_path / "layer.onnx"))
     assert generator.ir.weight_shape == (16, 32)
     got = ort.InferenceSession(str(tmp_path / "layer.onnx")).run(None, {"x": x.numpy()})[0]
-    np.testing.assert_allclose(got, layer(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert relative_error(got, layer(x).detach().numpy()) < float32_rtol(32)

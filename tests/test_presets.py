@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerance import float32_rtol
 from adntn_deploy.generators import build_generator, build_structure
 from adntn_deploy.ir import GeneratorError, generate_numpy, generate_torch
 from adntn_deploy.presets import LAYERS, PRESETS, get_preset
@@ -63,7 +64,7 @@ def test_preset_weight_is_the_same_in_numpy_and_torch(name):
     reference = generate_numpy(gen.ir, cores32)
     with torch.no_grad():
         ours = generate_torch(gen.ir, {k: torch.from_numpy(v) for k, v in cores32.items()}).numpy()
-    assert _relative(ours, reference) < 1e-5
+    assert _relative(ours, reference) < float32_rtol()  # the generator's own small contractions only
     del reference, ours
 
 

@@ -14,6 +14,7 @@ tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tolerance import float32_rtol  # noqa: E402
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
@@ -57,8 +58,9 @@ def test_stream_matches_load_mode_and_torch(tmp_path, family, top, kind):
         expected = model(torch.from_numpy(x)).numpy()
     (got,) = load(streamed.path).run({"input": x}).values()
     (reference,) = load(loaded.path).run({"input": x}).values()
-    assert _relative(got, reference) < 1e-5
-    assert _relative(got, expected) < 1e-5
+    bound = float32_rtol(96, 48) if kind == "linear" else float32_rtol(27, 128)
+    assert _relative(got, reference) < bound
+    assert _relative(got, expected) < bound
     kernels = {layer["kernel"] for layer in streamed.manifest["streamed"]}
     assert kernels == ({"factored"} if top == "identity" else {"fused"})
     assert streamed.manifest["weights"] == "stream"
@@ -111,6 +113,7 @@ def _cli(*args):
                           text=True, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
+@pytest.mark.slow  # a MetaSchedule run (the README's test command runs it)
 def test_cli_tune_stream_kernel_then_compile_applies_it(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"

@@ -17,6 +17,7 @@ tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tolerance import float32_rtol, relative_error  # noqa: E402
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.compiler.tuning import DB_FILES, TuningError, clean_database, list_schedules, tune_model  # noqa: E402
 from adntn_deploy.nn import ADNTNLinear  # noqa: E402
@@ -46,32 +47,47 @@ def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
         proc.wait(30)
 
 
-def test_tune_survives_kill_resumes_and_applies(tmp_path, tiny):
+@pytest.fixture(scope="module")
+def dense64(tmp_path_factory):
+    """One generic matmul kernel (--no-prepack) with a search space larger than a few trials."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).eval()
+    path = tmp_path_factory.mktemp("tune") / "dense64.onnx"
+    export_onnx(model, [torch.randn(1, 64)], path, input_names=["input"])
+    return path
+
+
+# Tuning is minutes of CPU on 2 cores; the README's test command runs it (-m "slow or not slow").
+@pytest.mark.slow
+def test_tune_survives_kill_resumes_and_applies(tmp_path, dense64):
     records = tmp_path / "records"
-    proc = subprocess.Popen([*CLI, "tune", str(tiny), "--target", "host", "--tuning-records", str(records),
-                             "--trials", "24", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    tune = [*CLI, "tune", str(dense64), "--target", "host", "--tuning-records", str(records), "--no-prepack",
+            "--only", "matmul", "--json"]
+    proc = subprocess.Popen([*tune, "--trials", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, env={**os.environ, "TQDM_DISABLE": "1"})
     try:
-        deadline = time.time() + 900  # alone the first batch is published after ~3 min; a CI run took over 400 s
-        while time.time() < deadline and proc.poll() is None and records_in(records) == 0:
-            time.sleep(0.5)
-        assert records_in(records) > 0, "no record was published"
+        # event-driven: tune publishes after every measured batch (at most --trials candidates), so wait for
+        # that file, however long the machine takes; the bound below only keeps a hung run from hanging CI
+        hang_guard = time.time() + 3600
+        while proc.poll() is None and records_in(records) == 0 and time.time() < hang_guard:
+            time.sleep(0.2)
+        assert records_in(records) > 0, f"tune ended (rc {proc.poll()}) without publishing a record: {proc.stderr.read()[-2000:]!r}"
     finally:
         kill_group(proc)  # kill -9 in the middle of tuning
     clean_database(records)
     before = records_in(records)
-    artifact = compile_model(tiny, "host", tmp_path / "art", tuning_records=records)
+    artifact = compile_model(dense64, "host", tmp_path / "art", tuning_records=records, prepack=False)
     assert artifact.manifest["tuning"]["scheduled_kernels"] >= 1
-    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
-    expected = load(tiny).run({"input": x})
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    expected = load(dense64).run({"input": x})
     got = load(artifact.path).run({"input": x})
     (name,) = expected
-    assert np.abs(got[name] - expected[name]).max() / np.abs(expected[name]).max() < 1e-5
+    assert relative_error(got[name], expected[name]) < float32_rtol(64)
 
-    report = tune_model(tiny, "host", records, trials=4)  # resume: starts from the published records
+    report = tune_model(dense64, "host", records, trials=4, prepack=False, only=["matmul"])  # resume from the records
     assert report.trials >= 4 and records_in(records) >= before + 1
     meta = json.loads((records / "adntn_schedule.json").read_text())
-    assert meta["models"] == ["tiny.onnx"] and meta["trials"] >= 4
+    assert meta["models"] == ["dense64.onnx"] and meta["trials"] >= 4
 
 
 def free_port() -> int:
@@ -80,7 +96,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, tiny):
+@pytest.mark.slow
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, dense64):
     tracker_port, server_port = free_port(), free_port()
     tracker = subprocess.Popen([*CLI, "rpc", "tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -103,7 +120,8 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, tiny):
         else:
             pytest.fail("the RPC server never registered with the tracker")
         records = tmp_path / "rpc-records"
-        report = tune_model(tiny, "host", records, trials=4, rpc_tracker=f"127.0.0.1:{tracker_port}", rpc_key="loopback")
+        report = tune_model(dense64, "host", records, trials=4, rpc_tracker=f"127.0.0.1:{tracker_port}", rpc_key="loopback",
+                            prepack=False, only=["matmul"])
         assert report.trials >= 4 and records_in(records) >= 1
     finally:
         for proc in (server, tracker):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from adntn_deploy.cli.onnx_commands import parse_input_shape
+from adntn_deploy.cli.onnx_commands import max_weight_bytes_option, parse_input_shape
 
 
 @click.command("targets")
@@ -43,6 +43,7 @@ def targets_command(as_json: bool) -> None:
               help="CPU targets: run dense layers from weights packed into vector panels at load (fast without tuning); "
                    "--no-prepack keeps TVM's generic matmul for MetaSchedule to tune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@max_weight_bytes_option
 def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, tuning_records,
                     prepack, as_json):
     """Compile an ONNX model (ai.adntn or standard ops) with TVM into a deployable artifact folder."""
@@ -72,8 +73,9 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     m = artifact.manifest
     files = ", ".join(f"{name} {human_bytes(info['bytes'])}" for name, info in m["files"].items())
     tuned = m["tuning"]
-    tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned from {tuned['records']}"
-              if tuned["records"] else "untuned (no records for this target: adntn-deploy tune)")
+    note = tuned.get("records_note") or "no records for this target: adntn-deploy tune"
+    tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned ({note})"
+              if tuned["records"] else f"untuned ({note})")
     if tuned.get("packed_dense"):
         tuning += f"; {tuned['packed_dense']} dense layers on packed weights"
     streamed = ""
@@ -119,6 +121,7 @@ def bundle_command(artifact, output, cross_compiler):
               help="Tune the kernels of compile --prepack (the default): CPU dense layers run from weights packed into vector panels at load (fast without tuning); "
                    "use the value compile will get.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@max_weight_bytes_option
 def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tracker, rpc_key, timeout,
                  cross_compiler, input_shapes, weights, only, prepack, as_json):
     """Tune every kernel (inference and load-time generators) with MetaSchedule; resumable and crash-safe."""
@@ -176,13 +179,32 @@ def rpc_group():
     """TVM RPC tracker and board server (for tuning on remote boards)."""
 
 
+_HOST_HELP = ("Address to bind: loopback by default; reach boards through ssh tunnels (docs/tuning.md). Any other "
+              "address exposes an unauthenticated service that runs whatever it is sent.")
+
+
+def _warn_if_exposed(host: str, what: str) -> None:
+    """One line on stderr when ``host`` is not a loopback address: TVM RPC has no authentication."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        click.echo(f"warning: the {what} listens on {host}; TVM RPC is unauthenticated and runs the code it is sent: "
+                   "expose it only on a trusted network (or bind 127.0.0.1 and use an ssh tunnel)", err=True)
+
+
 @rpc_group.command("tracker")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help=_HOST_HELP)
 @click.option("--port", default=9190, show_default=True, type=click.IntRange(1, 65535))
 def rpc_tracker_command(host, port):
     """Run a TVM RPC tracker (boards register with it; tune --rpc-tracker finds them through it)."""
     import os
     import sys
+
+    _warn_if_exposed(host, "RPC tracker")
 
     # TVM searches [port, port-end) and its default end (9199) is below most chosen ports: give the end
     os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
@@ -192,7 +214,7 @@ def rpc_tracker_command(host, port):
 @rpc_group.command("server")
 @click.option("--tracker", required=True, metavar="HOST:PORT", help="The tracker to register with.")
 @click.option("--key", required=True, help="Device key, e.g. rpi4 (tune --rpc-key uses it).")
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help=_HOST_HELP)
 @click.option("--port", default=9090, show_default=True, type=click.IntRange(1, 65535))
 def rpc_server_command(tracker, key, host, port):
     """Run a TVM RPC server on this board that registers with the tracker (needs the TVM runtime)."""
@@ -200,6 +222,8 @@ def rpc_server_command(tracker, key, host, port):
     import sys
 
     from adntn_deploy.compiler.tvm_runtime import configure_threads
+
+    _warn_if_exposed(host, "RPC server")
 
     configure_threads()  # candidates are timed in this process: with the board's cores, as inference runs
 

@@ -108,6 +108,14 @@ def _sanitize_initializer_names(model) -> None:
 
 
 def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """{input name: fixed shape}: the model's shapes with ``overrides`` applied and symbolic axes set to 1.
+
+    Raises:
+        CompileError: an override that does not fit the model or names no input.
+        LimitError: an input larger than the memory limit (:mod:`adntn_deploy.limits`).
+    """
+    from adntn_deploy.limits import check_tensor
+
     inits = {i.name for i in model.graph.initializer}
     shapes = {}
     for inp in model.graph.input:
@@ -120,6 +128,8 @@ def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, 
                 raise CompileError(f"--input-shape {inp.name}:{given} does not fit the model's input shape {dims}")
             dims = given
         shapes[inp.name] = [d if d is not None else 1 for d in dims]  # symbolic axes (batch) default to 1
+        itemsize = np.dtype(_ONNX_DTYPES.get(inp.type.tensor_type.elem_type, "float32")).itemsize
+        check_tensor(f"input {inp.name!r}", shapes[inp.name], itemsize)  # before TVM plans buffers for it
     unknown = sorted(set(overrides) - set(shapes))
     if unknown:
         raise CompileError(f"--input-shape names {unknown}, but the model's inputs are {sorted(shapes)}")
@@ -182,6 +192,7 @@ def import_model(
     Raises:
         OnnxModelError: an invalid ONNX file. CompileError: TVM cannot import it (an unsupported op...).
         StreamError: a generated layer cannot be streamed (``weights="stream"``).
+        LimitError: generated weights or an input larger than the memory limit (:mod:`adntn_deploy.limits`).
     """
     import onnx.inliner
     import tvm
@@ -190,8 +201,11 @@ def import_model(
 
     from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
 
+    from adntn_deploy.limits import check_generators
+
     model = load_onnx(onnx_path)
     generators = find_generators(model)
+    check_generators({g.layer: g.ir for g in generators}, what=f"the generated weights of {onnx_path}")
     summary = generator_summary(model) or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators}
     shapes = _graph_inputs(model, dict(input_shapes or {}))
     streamed: list[dict[str, Any]] = []
@@ -303,10 +317,14 @@ def compile_model(
     imported = import_model(onnx_path, weights, input_shapes, opt_level, dump_ir,
                             prepack_target=tvm_tgt if prepack else None)
     mod, params, shapes, outputs = imported.mod, imported.params, imported.shapes, imported.outputs
-    records = Path(tuning_records) if tuning_records else default_records(profile, tvm_tgt)
+    if tuning_records:
+        records, records_profile, records_note = Path(tuning_records), None, f"records from {tuning_records}"
+    else:
+        choice = default_records(profile, tvm_tgt)
+        records, records_profile, records_note = choice.folder, choice.profile, choice.note
     refuse_overwriting_inputs(out, records)
-    tuned = {"records": str(records) if records else None, "scheduled_kernels": 0, "kernels": 0,
-             "packed_dense": imported.packed_dense}
+    tuned = {"records": str(records) if records else None, "records_profile": records_profile,
+             "records_note": records_note, "scheduled_kernels": 0, "kernels": 0, "packed_dense": imported.packed_dense}
     with tvm.transform.PassContext(opt_level=opt_level):
         if records is not None or imported.packed_dense:
             mod = prepare_for_tuning(mod, tvm_tgt)

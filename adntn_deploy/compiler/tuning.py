@@ -24,10 +24,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from adntn_deploy.compiler.database import DB_FILES, RecordsChoice
 from adntn_deploy.compiler.profiles import DeviceProfile, require_cross_compiler, resolve_target
 from adntn_deploy.errors import GeneratorError
 
-DB_FILES = ("database_workload.json", "database_tuning_record.json")
 SCHEDULES_ENV = "ADNTN_SCHEDULES_DIR"
 
 
@@ -71,6 +71,41 @@ def _count_scheduled(mod) -> tuple[int, int]:
     """(kernels that carry a schedule from the database, all kernels) in a fused module."""
     funcs = [f for _, f in mod.functions.items() if type(f).__name__ == "PrimFunc"]
     return sum(1 for f in funcs if is_scheduled(f)), len(funcs)
+
+
+_TENSOR_INTRIN = "tvm.s_tir.tensor_intrin"
+
+
+def register_tensor_intrinsics(target) -> None:
+    """Register the tensor intrinsics MetaSchedule may name for ``target`` before it builds tune contexts.
+
+    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, whose package import registers every intrinsic of
+    every backend; its CUDA part alone took 25 s, the whole 40-70 s, on a 2-core machine: more than a small
+    tuning run. For CPU (llvm) targets only the CPU modules (x86 VNNI/AMX, ARM, RISC-V) are imported, under
+    an unexecuted package module, so the import in TuneContext finds it done. Other targets, or any failure
+    here, take TVM's full import. Idempotent.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    if _TENSOR_INTRIN in sys.modules:
+        return
+    if str(target.kind.name) != "llvm":
+        importlib.import_module(_TENSOR_INTRIN)
+        return
+    import tvm.s_tir  # noqa: F401  (the parent package must exist before its submodule is placed)
+
+    spec = importlib.util.find_spec(_TENSOR_INTRIN)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[_TENSOR_INTRIN] = package
+    try:
+        for name in ("x86", "arm_cpu", "riscv_cpu"):
+            importlib.import_module(f"{_TENSOR_INTRIN}.{name}")
+    except Exception:  # a TVM whose layout differs: fall back to its own (slow) import
+        for name in [m for m in sys.modules if m == _TENSOR_INTRIN or m.startswith(_TENSOR_INTRIN + ".")]:
+            del sys.modules[name]
+        importlib.import_module(_TENSOR_INTRIN)
 
 
 def register_schedule_rules() -> None:
@@ -232,14 +267,15 @@ def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
     return applied, scheduled, total
 
 
-def default_records(profile: DeviceProfile, target) -> Path | None:
-    """The shipped database for this profile, if schedules/<profile>/ exists and was tuned for ``target``."""
-    folder = schedules_dir() / profile.name
-    meta = folder / "adntn_schedule.json"
-    if not meta.exists() or not all((folder / f).exists() for f in DB_FILES):
-        return None
-    info = _read_meta(meta)
-    return folder if info.get("target") == str(target) else None
+def default_records(profile: DeviceProfile, target) -> RecordsChoice:
+    """The shipped database to apply when compiling ``profile`` as ``target``, and a note saying why.
+
+    See :mod:`adntn_deploy.compiler.database`: the profile's own records, else those of the best
+    instruction-set profile the target's CPU supports (records travel between CPUs of one ISA), else none.
+    """
+    from adntn_deploy.compiler.database import choose_records
+
+    return choose_records(profile, target, schedules_dir())
 
 
 def _read_meta(path: Path) -> dict:
@@ -268,7 +304,7 @@ def list_schedules() -> list[dict[str, Any]]:
         meta = _read_meta(meta_path) if meta_path.exists() else {}
         counts = {f: sum(1 for line in (folder / f).read_text().splitlines() if line.strip()) if (folder / f).exists() else 0
                   for f in DB_FILES}
-        rows.append({"profile": folder.name, "target": meta.get("target"), "models": meta.get("models", []),
+        rows.append({"profile": folder.name, "target": meta.get("target") or (meta.get("tuned_on") or {}).get("target"), "models": meta.get("models", []),
                      "trials": meta.get("trials"), "workloads": counts[DB_FILES[0]], "records": counts[DB_FILES[1]]})
     return rows
 
@@ -382,6 +418,7 @@ def tune_model(
     if weights not in LIFTED_MODES:
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     register_schedule_rules()
+    register_tensor_intrinsics(tvm_tgt)
     imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)

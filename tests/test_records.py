@@ -1,0 +1,118 @@
+"""Shipped tuning records travel: compile picks the best instruction-set profile a target's CPU supports."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from adntn_deploy.compiler.build import compile_model, tvm_target  # noqa: E402
+from adntn_deploy.compiler.profiles import host_arch, resolve_target  # noqa: E402
+from adntn_deploy.compiler.tuning import default_records, schedules_dir  # noqa: E402
+from adntn_deploy.onnx_export import export_onnx  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
+
+CLI = [sys.executable, "-m", "adntn_deploy.cli.main"]
+x86_only = pytest.mark.skipif(host_arch() != "x86_64", reason="x86-64 targets compile only on an x86-64 host here")
+
+
+def host_isa() -> str | None:
+    """The ISA profile this machine's CPU supports, read from /proc/cpuinfo (independently of LLVM)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    if host_arch() == "x86_64":
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            return "x86-64-avx512"
+        return "x86-64-avx2" if {"avx2", "fma"} <= flags else None
+    return None
+
+
+def choice(target: str):
+    profile = resolve_target(target)
+    return default_records(profile, tvm_target(profile))
+
+
+@x86_only
+@pytest.mark.parametrize("target, expected, note", [
+    ('{"kind": "llvm", "mcpu": "znver2", "num-cores": 2}', "x86-64-avx2", "znver2 CPU has its instruction set"),
+    ('{"kind": "llvm", "mcpu": "haswell"}', "x86-64-avx2", "haswell"),
+    ('{"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 8}', "x86-64-avx512", "sapphirerapids"),
+    ('{"kind": "llvm", "mcpu": "znver4"}', "x86-64-avx512", "znver4"),
+    ('{"kind": "llvm", "mcpu": "core2"}', None, "none of the instruction sets of x86-64-avx512, x86-64-avx2"),
+    ("x86-64-avx2", "x86-64-avx2", "records of profile x86-64-avx2"),
+    ("x86-64-avx512", "x86-64-avx512", "records of profile x86-64-avx512"),
+    ("rpi4", None, "no shipped records for aarch64"),
+    ("riscv64", None, "no instruction-set profile for riscv64"),
+    ("cuda-sm80", None, "no shipped records for cuda-sm80"),
+])
+def test_records_chosen_by_instruction_set(target, expected, note):
+    chosen = choice(target)
+    assert chosen.profile == expected
+    assert (chosen.folder == schedules_dir() / expected) if expected else chosen.folder is None
+    assert note in chosen.note
+
+
+def test_host_takes_the_best_profile_its_cpu_supports():
+    expected = host_isa()
+    chosen = choice("host")
+    assert chosen.profile == expected, chosen.note
+    if expected is None:
+        assert chosen.folder is None and chosen.note.startswith("generic schedules")
+
+
+@x86_only
+def test_an_avx512_cpu_falls_back_to_avx2_records(tmp_path, monkeypatch):
+    shutil.copytree(schedules_dir() / "x86-64-avx2", tmp_path / "x86-64-avx2")
+    monkeypatch.setenv("ADNTN_SCHEDULES_DIR", str(tmp_path))
+    assert choice('{"kind": "llvm", "mcpu": "sapphirerapids"}').profile == "x86-64-avx2"
+    assert choice("x86-64-avx512").profile == "x86-64-avx2"  # the profile's own folder is missing: by ISA too
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    """The MLP that the shipped records were tuned on (benchmarks/tuning.py), at batch 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).eval()
+    path = tmp_path_factory.mktemp("records") / "mlp-dense-b1.onnx"
+    export_onnx(model, [torch.randn(1, 784)], path, input_names=["input"])
+    return path
+
+
+@x86_only
+@pytest.mark.parametrize("target", ["host", '{"kind": "llvm", "mcpu": "znver2", "num-cores": 2}'])
+def test_records_tuned_on_another_cpu_schedule_every_kernel(tmp_path, mlp, target):
+    expected = host_isa() if target == "host" else "x86-64-avx2"
+    if expected is None:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: no shipped records apply to it")
+    proc = subprocess.run([*CLI, "compile", str(mlp), "--target", target, "-o", str(tmp_path / "art"), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    tuning = json.loads(proc.stdout)["tuning"]
+    assert tuning["records_profile"] == expected and expected in tuning["records_note"]
+    assert tuning["scheduled_kernels"] == tuning["kernels"] > 0
+    x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
+    want = load(mlp).run({"input": x})
+    got = load(tmp_path / "art").run({"input": x})
+    (name,) = want
+    # float32, two layers of 784- and 1024-term sums (see tests/tolerance.py)
+    from tolerance import float32_rtol, relative_error
+    assert relative_error(got[name], want[name]) < float32_rtol(784, 1024, 1024)
+
+
+def test_compile_says_which_records_it_applied(tmp_path, mlp):
+    proc = subprocess.run([*CLI, "compile", str(mlp), "--target", '{"kind": "llvm", "mcpu": "core2"}',
+                           "-o", str(tmp_path / "art")], capture_output=True, text=True)
+    if host_arch() != "x86_64":
+        pytest.skip("an x86-64 JSON target compiles only on an x86-64 host here")
+    assert proc.returncode == 0, proc.stderr
+    assert "untuned (generic schedules: this core2 CPU has none of the instruction sets" in proc.stdout
