@@ -80,6 +80,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -88,21 +90,82 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc}); re-save or re-download it") from None
-    if meta.get("adntn.format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not an adntn-deploy checkpoint (no adntn.format)")
-    try:
-        version = int(meta.get("adntn.version", "0"))
-    except ValueError:
-        version = 0
-    if not 1 <= version <= VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {meta.get('adntn.version')}; this adntn-deploy reads 1..{VERSION}")
-    try:
-        architecture = json.loads(meta.get("adntn.architecture", "null"))
-        generators = {k: GeneratorIR.from_dict(v) for k, v in json.loads(meta.get("adntn.generators", "{}")).items()}
-        extra = json.loads(meta.get("adntn.extra", "{}"))
-    except (json.JSONDecodeError, GeneratorError, AttributeError) as exc:
-        raise CheckpointError(f"{path} has malformed metadata: {exc}") from None
+    architecture, generators, extra = parse_metadata(meta, str(path))
     return CheckpointInfo(path, architecture, generators, extra, shapes)
+
+
+def parse_metadata(
+    meta: Mapping[str, Any], where: str = "checkpoint",
+) -> tuple[dict[str, Any] | None, dict[str, GeneratorIR], dict[str, Any]]:
+    """(architecture, generators, extra) from a checkpoint's safetensors header metadata (see the module doc).
+
+    Every JSON value is parsed with a nesting bound (64 levels) and checked for its type; ``where`` (the
+    file) names the source in messages. Nothing here allocates more than the text itself.
+
+    Raises:
+        CheckpointError: not an adntn-deploy checkpoint, a newer version, malformed or too deeply nested
+            JSON, values of the wrong type, or an invalid generator IR.
+    """
+    from adntn_deploy.safejson import loads_bounded
+
+    if not isinstance(meta, Mapping) or meta.get("adntn.format") != FORMAT:
+        raise CheckpointError(f"{where} is a safetensors file but not an adntn-deploy checkpoint (no adntn.format)")
+    raw = meta.get("adntn.version", "0")
+    version = int(raw) if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) < 6 else 0
+    if not 1 <= version <= VERSION:
+        raise CheckpointError(f"{where} has checkpoint version {str(raw)[:20]}; this adntn-deploy reads 1..{VERSION}")
+    values = {}
+    for key, default in (("adntn.architecture", "null"), ("adntn.generators", "{}"), ("adntn.extra", "{}")):
+        text = meta.get(key, default)
+        try:
+            if not isinstance(text, str):
+                raise GeneratorError("not a string")
+            values[key] = loads_bounded(text, what=key)
+        except ValueError as exc:  # JsonLimitError, or json's own limits (an integer of over 4,300 digits)
+            raise CheckpointError(f"{where} has malformed metadata {key}: {str(exc)[:160]}") from None
+    architecture, stored, extra = values["adntn.architecture"], values["adntn.generators"], values["adntn.extra"]
+    if architecture is not None and not isinstance(architecture, dict):
+        raise CheckpointError(f"{where} has malformed metadata: adntn.architecture must be an object or null")
+    if not isinstance(stored, dict) or not isinstance(extra, dict):
+        raise CheckpointError(f"{where} has malformed metadata: adntn.generators and adntn.extra must be objects")
+    try:
+        generators = {str(k): GeneratorIR.from_dict(v) for k, v in stored.items()}
+    except GeneratorError as exc:
+        raise CheckpointError(f"{where} has malformed metadata: {exc}") from None
+    return architecture, generators, extra
+
+
+def check_declared_model(info: CheckpointInfo) -> None:
+    """Refuse, before building anything, a checkpoint whose architecture does not fit its own tensors.
+
+    The architecture is JSON: it may declare layers of any size. The state-dict shapes it implies must
+    equal the tensors the file holds (whose bytes are really there), and its generated weights must fit
+    the memory limit (:mod:`adntn_deploy.limits`), so building the model allocates no more than that.
+
+    Raises:
+        CheckpointError: no architecture, a malformed one, or one that does not fit the stored tensors.
+        LimitError: the generated weights exceed the limit.
+    """
+    from adntn_deploy.limits import check_generators, gib, tensor_bytes
+    from adntn_deploy.models.sequential import declared_state_shapes
+
+    if info.architecture is None:
+        raise CheckpointError(f"{info.path} stores no architecture: pass the model to load it into")
+    try:
+        expected = declared_state_shapes(info.architecture, info.generators)
+    except GeneratorError as exc:
+        raise CheckpointError(f"{info.path} has a malformed architecture: {exc}") from None
+    missing = sorted(set(expected) - set(info.tensor_shapes))
+    unexpected = sorted(set(info.tensor_shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{info.path} does not fit its own architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if info.tensor_shapes[name] != shape:
+            raise CheckpointError(
+                f"{info.path}: the architecture declares tensor {name!r} of shape {shape} ({gib(tensor_bytes(shape))}), "
+                f"the file holds {info.tensor_shapes[name]}; the checkpoint is corrupt or edited, re-save it"
+            )
+    check_generators(info.generators, what=f"the generated weights of {info.path}")
 
 
 def load_checkpoint(path: str | os.PathLike, model=None):
@@ -113,7 +176,9 @@ def load_checkpoint(path: str | os.PathLike, model=None):
 
     Raises:
         CheckpointError: anything in :func:`read_checkpoint`, no architecture stored and no model given,
-            or a mismatch between the file and the model (named in the message).
+            a stored architecture that does not fit the stored tensors (checked before building), or a
+            mismatch between the file and the model (named in the message).
+        LimitError: the stored generators' weights exceed the memory limit (:mod:`adntn_deploy.limits`).
     """
     from safetensors.torch import load_file
 
@@ -122,8 +187,7 @@ def load_checkpoint(path: str | os.PathLike, model=None):
 
     info = read_checkpoint(path)
     if model is None:
-        if info.architecture is None:
-            raise CheckpointError(f"{info.path} stores no architecture: pass the model to load it into")
+        check_declared_model(info)  # before any module exists: the JSON may declare anything
         model = build_sequential(info.architecture, info.generators)
     for name, gw in generated_layers(model):
         stored = info.generators.get(name)

@@ -105,5 +105,7 @@ def loads_bounded(text: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH, what: s
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise JsonLimitError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # an integer over Python's 4,300-digit conversion limit
+        raise JsonLimitError(f"{what} holds a number Python refuses to convert ({str(exc).split(';')[0]}); it must be plain JSON") from None
     except RecursionError:  # cannot happen below the depth check; kept so that no traceback ever escapes
         raise JsonLimitError(f"{what} nests arrays/objects deeper than {max_depth} levels, the most this reader accepts") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,23 @@ from adntn_deploy import __version__
 from adntn_deploy.ir.program import GeneratorError
 
 
+#: set to 1 to see the traceback of an unexpected error instead of its one-line summary
+DEBUG_ENV = "ADNTN_DEBUG"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 class _Group(click.Group):
-    """Turns the project's own errors into one-line messages and exit code 1, never a traceback."""
+    """Turns errors into one-line messages and exit code 1, never a traceback (unless ADNTN_DEBUG=1).
+
+    The project's own errors (GeneratorError) already say what is wrong and how to fix it. As a last line
+    of defence, OSError and MemoryError (an unreadable file, a folder where a file belongs, a size this
+    machine cannot hold) get one line too, and anything else -- a bug, or an input no check anticipated --
+    gets one line naming it and how to see its traceback.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,6 +39,22 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename}") from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+                raise
+            if isinstance(exc, OSError):
+                where = f": {exc.filename}" if exc.filename else ""
+                raise click.ClickException(f"{exc.strerror or _first_line(exc)}{where}") from None
+            if isinstance(exc, MemoryError):
+                raise click.ClickException(
+                    "out of memory: the model or inputs need more than this machine has (see --max-weight-bytes)"
+                ) from None
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {_first_line(exc)} (a malformed input or a bug; "
+                f"run with {DEBUG_ENV}=1 for the traceback)"
+            ) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,8 +144,8 @@ def _inspect_onnx(path: Path) -> list[dict]:
     if not summary:
         click.echo(f"{path}: no generated layers", err=True)
     return [
-        {"name": s["layer"], "family": s["family"], "weight_shape": [], "out_modes": [], "in_modes": [],
-         "bond_dim": None, "params": s["params"], "dense_params": s["dense_params"], "ratio": s["ratio"],
+        {"name": s.get("layer"), "family": s.get("family"), "weight_shape": [], "out_modes": [], "in_modes": [],
+         "bond_dim": None, "params": s.get("params"), "dense_params": s.get("dense_params"), "ratio": s.get("ratio"),
          "flops": 0, "peak_bytes": 0, "source": str(path), "op": "inlined (standard ops)"}
         for s in summary.values()
     ]

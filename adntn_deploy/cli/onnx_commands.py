@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def _set_max_weight_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    from adntn_deploy.limits import ENV, LimitError, parse_bytes
+
+    if value is None:
+        return
+    try:
+        parse_bytes(value)
+    except LimitError as exc:
+        raise click.BadParameter(str(exc)) from None
+    os.environ[ENV] = value  # read by every size check in this process (adntn_deploy.limits)
+
+
+#: ``--max-weight-bytes`` for commands that load models; it sets ADNTN_MAX_WEIGHT_BYTES for the process
+max_weight_bytes_option = click.option(
+    "--max-weight-bytes", metavar="SIZE", expose_value=False, callback=_set_max_weight_bytes,
+    help="Largest generated weights / input tensor a model may declare, e.g. 16GiB "
+         "(default: ADNTN_MAX_WEIGHT_BYTES, else an eighth of the available memory).",
+)
+
+
 def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
     if given:
         return [parse_input_shape(g) for g in given]
@@ -30,6 +51,13 @@ def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[in
     if not stored:
         raise click.ClickException(
             f"{info.path} records no input shape: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)"
+        )
+    well_formed = isinstance(stored, list) and all(
+        isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("shape"), list)
+        and i["shape"] and all(type(d) is int and d >= 1 for d in i["shape"]) for i in stored)
+    if not well_formed:
+        raise click.ClickException(
+            f"{info.path} records malformed input shapes: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)"
         )
     return [(i["name"], tuple(i["shape"])) for i in stored]
 
@@ -44,11 +72,13 @@ def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[in
 @click.option("--standard-ops", is_flag=True, help="Inline the generators: standard ONNX ops only, no ai.adntn domain.")
 @click.option("--output-name", "output_names", multiple=True, help="Graph output name(s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@max_weight_bytes_option
 def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, standard_ops, output_names, as_json):
     """Export a checkpoint's model to ONNX; generated layers become ai.adntn nodes holding only the cores."""
     import torch
 
     from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint
+    from adntn_deploy.limits import check_tensor
     from adntn_deploy.onnx_export import export_onnx
     from adntn_deploy.outputs import refuse_overwriting_inputs
 
@@ -58,9 +88,10 @@ def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, stand
     model = load_checkpoint(checkpoint)
     generator = torch.Generator().manual_seed(0)
     examples = []
-    for _, shape in inputs:
+    for name, shape in inputs:
         if dynamic_batch and shape[0] < 2:
             shape = (2,) + shape[1:]  # torch specialises a batch of 1; the exported axis is symbolic anyway
+        check_tensor(f"example input {name!r}", shape)
         examples.append(torch.randn(shape, generator=generator))
     start = time.perf_counter()
     result = export_onnx(
@@ -84,18 +115,56 @@ def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, stand
         )
 
 
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, each array's declared shape and dtype checked before it is read.
+
+    Refuses Python objects (no pickle) and arrays above the memory limit: a small compressed .npz can
+    declare terabytes.
+
+    Raises:
+        click.ClickException: not a readable .npz, a member that is not an array, or object arrays.
+        LimitError: an array above the limit (:mod:`adntn_deploy.limits`).
+    """
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from adntn_deploy.errors import GeneratorError
+    from adntn_deploy.limits import check_tensor
+
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename[:-4] if member.filename.endswith(".npy") else None
+                if name is None:
+                    raise ValueError(f"member {member.filename!r} is not a .npy array")
+                with archive.open(member) as f:
+                    version = npy.read_magic(f)
+                    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} holds Python objects, which are never unpickled")
+                check_tensor(f"array {name!r} in {path}", shape, dtype.itemsize)
+                with archive.open(member) as f:
+                    arrays[name] = npy.read_array(f, allow_pickle=False)
+    except GeneratorError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise click.ClickException(f"cannot read inputs from {path}: {str(exc)[:200]} (write them with numpy.savez)") from None
+    return arrays
+
+
 def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarray]:
+    from adntn_deploy.limits import check_tensor
+
     if path is None:
         rng = np.random.default_rng(seed)
-        return {
-            i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(i.dtype)
-            for i in predictor.inputs
-        }
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise click.ClickException(f"cannot read inputs from {path}: {exc} (write them with numpy.savez)") from None
+        shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in predictor.inputs}
+        for i in predictor.inputs:  # drawn as float64, then cast
+            check_tensor(f"random input {i.name!r}", shapes[i.name], max(8, np.dtype(i.dtype).itemsize))
+        return {i.name: rng.standard_normal(shapes[i.name]).astype(i.dtype) for i in predictor.inputs}
+    arrays = read_npz(path)
     if len(arrays) == 1 and len(predictor.inputs) == 1:  # a single unnamed array (arr_0) feeds the only input
         arrays = {predictor.inputs[0].name: next(iter(arrays.values()))}
     return arrays
@@ -111,9 +180,10 @@ def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarra
 @click.option("--repeat", default=1, show_default=True, help="Timed calls; > 1 prints latency statistics.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed calls before timing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads; for TVM, the size of its thread pool (default: usable CPUs).")
+              help="Intra-op threads; for TVM, the size of its thread pool (default and most: usable CPUs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs' shapes and latency as JSON.")
+@max_weight_bytes_option
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
     """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
     from adntn_deploy.outputs import refuse_overwriting_inputs

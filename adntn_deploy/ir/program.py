@@ -25,6 +25,9 @@ IR_VERSION = 1
 CORE_ROLES = ("leaf", "node", "top", "disentangler", "isometry", "mixer")
 _EQUATION = re.compile(r"^([a-zA-Z]*),([a-zA-Z]*)->([a-zA-Z]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+#: no tensor can have more elements (ONNX dimensions are int64); bounding them keeps every size and cost
+#: computed from a program (bytes, FLOPs, ratios) a finite float
+MAX_ELEMENTS = 2**62
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class GeneratorIR:
             raise GeneratorError("a generator needs at least one contraction step")
         if any(d <= 0 for d in self.weight_shape):
             raise GeneratorError(f"weight shape {self.weight_shape} has a non-positive dimension")
+        if math.prod(self.weight_shape) > MAX_ELEMENTS:
+            raise GeneratorError(f"weight shape {str(self.weight_shape)[:80]} has more than 2^62 elements")
         if not math.isfinite(self.output_scale) or self.output_scale == 0:
             raise GeneratorError(f"output_scale must be finite and non-zero, got {self.output_scale}")
         shapes: dict[str, tuple[int, ...]] = {}
@@ -114,6 +119,8 @@ class GeneratorIR:
                 raise GeneratorError(f"core {core.name!r} has unknown role {core.role!r}: use one of {CORE_ROLES}")
             if not core.shape or any(int(d) <= 0 for d in core.shape):
                 raise GeneratorError(f"core {core.name!r} has shape {core.shape}: every dimension (bond) must be >= 1")
+            if math.prod(core.shape) > MAX_ELEMENTS:
+                raise GeneratorError(f"core {core.name!r} has shape {str(core.shape)[:80]}: more than 2^62 elements")
             shapes[core.name] = tuple(int(d) for d in core.shape)
         for step in self.steps:
             get_activation(step.activation)
@@ -137,6 +144,8 @@ class GeneratorIR:
             if len(set(out)) != len(out) or any(s not in sizes for s in out):
                 raise GeneratorError(f"step {step.output!r}: output subscripts {out!r} are not a subset of the inputs'")
             shapes[step.output] = tuple(sizes[s] for s in out)
+            if math.prod(shapes[step.output]) > MAX_ELEMENTS:
+                raise GeneratorError(f"step {step.output!r} produces more than 2^62 elements")
         result_shape = shapes[self.steps[-1].output]
         if sorted(self.output_permutation) != list(range(len(result_shape))):
             raise GeneratorError(
@@ -252,28 +261,61 @@ class GeneratorIR:
         """
         if not isinstance(data, Mapping) or data.get("format") != IR_FORMAT:
             raise GeneratorError(f"not an ADNTN generator IR (expected format {IR_FORMAT!r})")
-        if int(data.get("version", -1)) > IR_VERSION or int(data.get("version", -1)) < 1:
+        version = data.get("version")
+        if type(version) is not int:
+            raise GeneratorError(f"generator IR version must be an integer, got {str(version)[:20]}")
+        if not 1 <= version <= IR_VERSION:
             raise GeneratorError(
-                f"generator IR version {data.get('version')} is not supported (this adntn-deploy reads 1..{IR_VERSION}); upgrade adntn-deploy"
+                f"generator IR version {str(version)[:20]} is not supported (this adntn-deploy reads 1..{IR_VERSION}); upgrade adntn-deploy"
             )
         try:
+            cores, steps, metadata = data["cores"], data["steps"], data.get("metadata", {})
+            if not isinstance(cores, list) or not isinstance(steps, list) or not isinstance(metadata, Mapping):
+                raise TypeError("'cores' and 'steps' must be lists, 'metadata' an object")
+            if not all(isinstance(c, Mapping) for c in cores) or not all(isinstance(s, Mapping) for s in steps):
+                raise TypeError("every core and step must be an object")
             return cls(
                 family=str(data["family"]),
-                weight_shape=tuple(data["weight_shape"]),
-                cores=tuple(Core(str(c["name"]), tuple(int(d) for d in c["shape"]), str(c["role"])) for c in data["cores"]),
-                steps=tuple(Step(**{k: str(v) for k, v in s.items()}) for s in data["steps"]),
-                output_permutation=tuple(data["output_permutation"]),
-                output_scale=float(data["output_scale"]),
-                metadata=dict(data.get("metadata", {})),
+                weight_shape=_int_tuple(data["weight_shape"], "weight_shape"),
+                cores=tuple(Core(str(c["name"]), _int_tuple(c["shape"], "core shape"), str(c["role"])) for c in cores),
+                steps=tuple(Step(**{str(k): str(v) for k, v in s.items()}) for s in steps),
+                output_permutation=_int_tuple(data["output_permutation"], "output_permutation"),
+                output_scale=_finite_float(data["output_scale"]),
+                metadata=dict(metadata),
             )
-        except (KeyError, TypeError) as exc:
+        except GeneratorError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise GeneratorError(f"generator IR is missing or has a malformed field: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "GeneratorIR":
-        """Parse :meth:`to_json` output; GeneratorError on malformed JSON."""
+        """Parse :meth:`to_json` output (str or UTF-8 bytes).
+
+        Raises:
+            GeneratorError: not UTF-8, malformed JSON, JSON nested deeper than 64 levels, or an invalid IR
+                (see :meth:`from_dict`).
+        """
+        from adntn_deploy.safejson import loads_bounded
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GeneratorError(f"generator IR is not valid JSON: {exc}") from None
+            data = loads_bounded(text, what="generator IR")
+        except GeneratorError:
+            raise
+        except ValueError as exc:  # json's own limits, e.g. an integer of more than 4,300 digits
+            raise GeneratorError(f"generator IR is not valid JSON: {str(exc)[:120]}") from None
         return cls.from_dict(data)
+
+
+def _int_tuple(value: Any, field: str) -> tuple[int, ...]:
+    """``value`` as a tuple of ints: a JSON list of integers (not booleans, floats or strings)."""
+    if not isinstance(value, (list, tuple)) or not all(type(d) is int for d in value):
+        raise TypeError(f"{field} must be a list of integers, got {str(value)[:60]}")
+    return tuple(value)
+
+
+def _finite_float(value: Any) -> float:
+    """A JSON number as float (validation rejects non-finite values later); strings and booleans refused."""
+    if type(value) not in (int, float):
+        raise TypeError(f"output_scale must be a number, got {str(value)[:60]}")
+    return float(value)

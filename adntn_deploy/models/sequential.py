@@ -67,12 +67,88 @@ def build_sequential(architecture: Mapping[str, Any], generators: Mapping[str, G
     layers = []
     for k, cfg in enumerate(architecture["layers"]):
         kind = cfg.get("type") if isinstance(cfg, Mapping) else None
-        if kind not in LAYER_TYPES:
-            raise GeneratorError(f"layer {k}: unknown type {kind!r}; known types are {', '.join(LAYER_TYPES)}")
+        if not isinstance(kind, str) or kind not in LAYER_TYPES:
+            raise GeneratorError(f"layer {k}: unknown type {str(kind)[:40]!r}; known types are {', '.join(LAYER_TYPES)}")
         try:
             layers.append(LAYER_TYPES[kind](dict(cfg), generators.get(str(k))))
-        except TypeError as exc:
-            raise GeneratorError(f"layer {k} ({kind}): {exc}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # torch's own checks (a negative size, p > 1)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GeneratorError(f"layer {k} ({kind}): {first}") from None
     model = nn.Sequential(*layers)
     model.adntn_architecture = {"type": "sequential", "layers": [dict(c) for c in architecture["layers"]]}
     return model
+
+
+_BATCHNORM_STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def _size(cfg: Mapping[str, Any], key: str, k: int, kind: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if type(value) is not int or value < 1:
+        raise GeneratorError(f"layer {k} ({kind}): {key} must be a positive integer, got {str(value)[:40]}")
+    return value
+
+
+def _flag(cfg: Mapping[str, Any], key: str, k: int, kind: str) -> bool:
+    value = cfg.get(key, True)
+    if not isinstance(value, bool):
+        raise GeneratorError(f"layer {k} ({kind}): {key} must be true or false, got {str(value)[:40]}")
+    return value
+
+
+def _kernel(cfg: Mapping[str, Any], k: int, kind: str) -> tuple[int, int]:
+    value = cfg.get("kernel_size")
+    pair = [value, value] if type(value) is int else value
+    if not isinstance(pair, list) or len(pair) != 2 or any(type(v) is not int or v < 1 for v in pair):
+        raise GeneratorError(f"layer {k} ({kind}): kernel_size must be a positive integer or a pair, got {str(value)[:40]}")
+    return pair[0], pair[1]
+
+
+def declared_state_shapes(architecture: Any, generators: Mapping[str, GeneratorIR]) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes ``build_sequential(architecture, generators)`` would create, without building it.
+
+    Lets a loader compare an untrusted architecture with the tensors a file really holds before any
+    module is allocated: a few bytes of JSON can declare a 20000 x 20000 layer. Every generated layer
+    must have its IR in ``generators`` (its cores' shapes come from it), as in a checkpoint.
+
+    Raises:
+        GeneratorError: not a sequential architecture, an unknown layer type, a size that is not a positive
+            integer, a flag that is not a boolean, channels that do not divide by groups, or a generated
+            layer without a stored generator.
+    """
+    if not isinstance(architecture, Mapping) or architecture.get("type") != "sequential" \
+            or not isinstance(architecture.get("layers"), list):
+        raise GeneratorError("architecture must be {'type': 'sequential', 'layers': [...]}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, cfg in enumerate(architecture["layers"]):
+        kind = cfg.get("type") if isinstance(cfg, Mapping) else None
+        if not isinstance(kind, str) or kind not in LAYER_TYPES:
+            raise GeneratorError(f"layer {k}: unknown type {str(kind)[:40]!r}; known types are {', '.join(LAYER_TYPES)}")
+        if kind in ("linear", "adntn_linear"):
+            rows, cols = _size(cfg, "out_features", k, kind), _size(cfg, "in_features", k, kind)
+            weight: tuple[int, ...] = (rows, cols)
+        elif kind in ("conv2d", "adntn_conv2d"):
+            rows, cin = _size(cfg, "out_channels", k, kind), _size(cfg, "in_channels", k, kind)
+            groups = _size(cfg, "groups", k, kind, 1)
+            if cin % groups or rows % groups:
+                raise GeneratorError(f"layer {k} ({kind}): in_channels {cin} and out_channels {rows} must divide by groups {groups}")
+            weight = (rows, cin // groups, *_kernel(cfg, k, kind))
+        elif kind in ("batchnorm1d", "batchnorm2d"):
+            features = _size(cfg, "num_features", k, kind)
+            shapes.update({f"{k}.{name}": (features,) for name in _BATCHNORM_STATE})
+            shapes[f"{k}.num_batches_tracked"] = ()
+            continue
+        else:
+            continue
+        if kind.startswith("adntn_"):
+            ir = generators.get(str(k))
+            if ir is None:
+                raise GeneratorError(f"layer {k} ({kind}) is generated but no generator is stored for it")
+            if ir.weight_shape != weight:
+                raise GeneratorError(f"layer {k} ({kind}): its generator makes a {ir.weight_shape} weight, the layer needs {weight}")
+            shapes.update({f"{k}.weight_generator.cores.{c.name.replace('.', '__')}": c.shape for c in ir.cores})
+        else:
+            shapes[f"{k}.weight"] = weight
+        if _flag(cfg, "bias", k, kind):
+            shapes[f"{k}.bias"] = (rows,)
+    return shapes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise OnnxModelError(f"{path} is a folder, not an ONNX file")
     if not path.is_file():
         raise OnnxModelError(f"ONNX file {path} does not exist")
     try:
@@ -66,16 +67,19 @@ def find_generators(model) -> list[OnnxGenerator]:
 
     Raises:
         OnnxModelError: a newer ai.adntn opset, an unknown ai.adntn op, an unreadable program, a missing
-            function body, or a core initializer that is missing or has the wrong shape.
+            function body, a core initializer that is missing or has the wrong shape, attributes of the wrong
+            type, or attributes / a function body that disagree with the program (a file edited after export).
     """
+    from onnx import AttributeProto
+
     version = next((o.version for o in model.opset_import if o.domain == DOMAIN), None)
     if version is not None and version > DOMAIN_VERSION:
         raise OnnxModelError(
             f"the model uses {DOMAIN} opset {version}; this adntn-deploy runs up to {DOMAIN_VERSION}: upgrade adntn-deploy"
         )
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    functions = {(f.domain, f.name, f.overload) for f in model.functions}
-    summary = json.loads(next((p.value for p in model.metadata_props if p.key == METADATA_KEY), "{}") or "{}")
+    functions = {(f.domain, f.name, f.overload): f for f in model.functions}
+    summary = generator_summary(model)
     found = []
     for node in model.graph.node:
         if node.domain != DOMAIN:
@@ -88,8 +92,13 @@ def find_generators(model) -> list[OnnxGenerator]:
         attrs = {a.name: a for a in node.attribute}
         if "program" not in attrs:
             raise OnnxModelError(f"{DOMAIN}::{node.op_type} node {node.name!r} has no 'program' attribute; re-export it")
+        if len(node.output) != 1:
+            raise OnnxModelError(f"node {node.name!r} has {len(node.output)} outputs, a generator has one; re-export the model")
+        for name, kind in (("program", AttributeProto.STRING), ("weight_shape", AttributeProto.INTS), ("family", AttributeProto.STRING)):
+            if name in attrs and attrs[name].type != kind:
+                raise OnnxModelError(f"attribute {name!r} of node {node.name!r} has the wrong type; re-export the model")
         try:
-            ir = GeneratorIR.from_json(attrs["program"].s.decode())
+            ir = GeneratorIR.from_json(attrs["program"].s)
         except GeneratorError as exc:
             raise OnnxModelError(f"node {node.name!r}: unreadable generator program ({exc})") from None
         if OP_FAMILIES[node.op_type] != ir.family:
@@ -103,15 +112,70 @@ def find_generators(model) -> list[OnnxGenerator]:
                 raise OnnxModelError(f"core initializer {name!r} of node {node.name!r} is missing")
             if inits[name] != core.shape:
                 raise OnnxModelError(f"core initializer {name!r} has shape {inits[name]}, the program expects {core.shape}")
-        layer = summary.get(node.output[0], {}).get("layer", node.overload)
+        declared = [int(d) for d in attrs["weight_shape"].ints] if "weight_shape" in attrs else list(ir.weight_shape)
+        family = attrs["family"].s.decode("utf-8", "replace") if "family" in attrs else ir.family
+        if declared != list(ir.weight_shape) or family != ir.family:
+            raise OnnxModelError(
+                f"node {node.name!r}: its weight_shape/family attributes disagree with its program (the file was "
+                "modified after export); re-export it with adntn-deploy"
+            )
+        _check_body(node, ir, functions[(DOMAIN, node.op_type, node.overload)])
+        entry = summary.get(node.output[0])
+        layer = entry.get("layer") if isinstance(entry, dict) and isinstance(entry.get("layer"), str) else node.overload
         found.append(OnnxGenerator(node.output[0], node.op_type, ir, tuple(node.input), layer))
     return found
 
 
 def generator_summary(model) -> dict[str, dict]:
-    """The ``adntn.generators`` metadata (present in both the ai.adntn and the standard-ops form)."""
-    raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), "{}")
+    """The ``adntn.generators`` metadata (present in both the ai.adntn and the standard-ops form).
+
+    The summary only informs (layer names, reports); a malformed or too deeply nested one reads as {}, and
+    entries that are not objects are dropped.
+    """
+    from adntn_deploy.safejson import loads_bounded
+
+    raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), "{}") or "{}"
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        summary = loads_bounded(raw, what=f"metadata {METADATA_KEY}")
+    except ValueError:  # JsonLimitError, or json's own limits (huge integers)
         return {}
+    if not isinstance(summary, dict):
+        return {}
+    return {k: v for k, v in summary.items() if isinstance(v, dict)}
+
+
+#: default-domain opsets the lowering is valid for (ReduceSum takes axes as an input from 13 on)
+_BODY_OPSETS = range(13, 24)
+
+
+def _body_signature(nodes) -> list[tuple]:
+    """What a function body computes, node by node: op, domain, inputs, outputs and attributes (not names)."""
+    return [
+        (n.op_type, n.domain, tuple(n.input), tuple(n.output),
+         tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in n.attribute)))
+        for n in nodes
+    ]
+
+
+def _check_body(node, ir: GeneratorIR, function) -> None:
+    """Refuse a function body that is not exactly what the exporter makes from ``ir``.
+
+    Why: ONNX Runtime and ``--weights load`` run the body, ``--weights stream`` and the checkpoints run the
+    program; a body edited after export would make them disagree silently. The body is rebuilt from the
+    program with the file's own formal names and compared structurally (node names may differ).
+    """
+    from adntn_deploy.onnx_export.lowering import lower_program
+
+    versions = {o.domain: o.version for o in function.opset_import}
+    same = (
+        len(function.input) == len(ir.cores) and len(function.output) == 1
+        and set(versions) == {""} and versions[""] in _BODY_OPSETS
+    )
+    if same:
+        expected = lower_program(ir, list(function.input), function.output[0])
+        same = _body_signature(function.node) == _body_signature(expected)
+    if not same:
+        raise OnnxModelError(
+            f"node {node.name!r}: its function body does not compute its 'program' attribute (the file was modified "
+            "after export); re-export it with adntn-deploy"
+        )

@@ -358,11 +358,16 @@ int Run(int argc, char** argv) {
   if (pos.size() != 3) Fail("usage: adntn-runner ARTIFACT_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N] [--threads N]");
   const std::string dir = pos[0];
   // The thread pool reads TVM_NUM_THREADS when it first runs a parallel loop, which is after this point.
+  cpu_set_t usable;
+  const int cpus = sched_getaffinity(0, sizeof(usable), &usable) == 0 ? CPU_COUNT(&usable) : 0;
   if (threads > 0) {
+    // more threads than usable CPUs only contend; thousands hang TVM's pool
+    if (cpus > 0 && threads > cpus) {
+      std::fprintf(stderr, "note: --threads %ld capped to the %d usable CPU(s)\n", threads, cpus);
+      threads = cpus;
+    }
     setenv("TVM_NUM_THREADS", std::to_string(threads).c_str(), 1);
   } else if (std::getenv("TVM_NUM_THREADS") == nullptr) {
-    cpu_set_t usable;
-    int cpus = sched_getaffinity(0, sizeof(usable), &usable) == 0 ? CPU_COUNT(&usable) : 0;
     if (cpus > 0) setenv("TVM_NUM_THREADS", std::to_string(cpus).c_str(), 1);
   }
 
