@@ -71,18 +71,18 @@ def choose_records(profile: DeviceProfile, target, schedules: Path) -> RecordsCh
     if has_database(own):
         return RecordsChoice(own, profile.name, f"records of profile {profile.name}")
     if str(target.kind.name) != "llvm":
-        return RecordsChoice(None, None, f"no shipped records for {profile.name} (tune them with adntn-deploy tune)")
+        return RecordsChoice(None, None, f"no shipped records for {profile.name}; tune them with adntn-deploy tune")
     arch = target_arch(profile, target)
     cpu = str(target.attrs.get("mcpu", "")) if "mcpu" in target.attrs else ""
     candidates = isa_profiles(arch)
     for isa in candidates:
         if supports(target, isa.extra["isa"].get("features", [])) and has_database(schedules / isa.name):
             return RecordsChoice(schedules / isa.name, isa.name,
-                                 f"records of {isa.name} (this {cpu or arch} CPU has its instruction set)")
+                                 f"records of {isa.name}: this {cpu or arch} CPU has its instruction set")
     if not candidates:
         why = f"no instruction-set profile for {arch}"
     else:
         usable = [p.name for p in candidates if supports(target, p.extra["isa"].get("features", []))]
         why = (f"no shipped records for {', '.join(usable)}" if usable
                else f"this {cpu or arch} CPU has none of the instruction sets of {', '.join(p.name for p in candidates)}")
-    return RecordsChoice(None, None, f"generic schedules: {why} (tune with adntn-deploy tune)")
+    return RecordsChoice(None, None, f"generic schedules: {why}; tune with adntn-deploy tune")
