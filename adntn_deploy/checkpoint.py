@@ -155,10 +155,7 @@ def check_declared_model(info: CheckpointInfo) -> None:
         expected = declared_state_shapes(info.architecture, info.generators)
     except GeneratorError as exc:
         raise CheckpointError(f"{info.path} has a malformed architecture: {exc}") from None
-    missing = sorted(set(expected) - set(info.tensor_shapes))
-    unexpected = sorted(set(info.tensor_shapes) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{info.path} does not fit its own architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _require_same_names(info, expected, "its own architecture")
     for name, shape in expected.items():
         if info.tensor_shapes[name] != shape:
             raise CheckpointError(
@@ -166,6 +163,14 @@ def check_declared_model(info: CheckpointInfo) -> None:
                 f"the file holds {info.tensor_shapes[name]}; the checkpoint is corrupt or edited, re-save it"
             )
     check_generators(info.generators, what=f"the generated weights of {info.path}")
+
+
+def _require_same_names(info, expected: dict, against: str) -> None:
+    """CheckpointError unless the file holds exactly the tensors named in ``expected``."""
+    missing = sorted(set(expected) - set(info.tensor_shapes))
+    unexpected = sorted(set(info.tensor_shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{info.path} does not fit {against}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def load_checkpoint(path: str | os.PathLike, model=None):
@@ -196,10 +201,7 @@ def load_checkpoint(path: str | os.PathLike, model=None):
         if stored.to_dict() != gw.ir.to_dict():
             raise CheckpointError(f"layer {name!r}: the model's generator differs from the one stored in {info.path}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(info.tensor_shapes))
-    unexpected = sorted(set(info.tensor_shapes) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{info.path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _require_same_names(info, expected, "the model")
     for k, shape in expected.items():
         if info.tensor_shapes[k] != shape:
             raise CheckpointError(f"tensor {k!r} has shape {info.tensor_shapes[k]} in {info.path}, the model expects {shape}")

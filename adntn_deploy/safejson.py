@@ -109,3 +109,15 @@ def loads_bounded(text: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH, what: s
         raise JsonLimitError(f"{what} holds a number Python refuses to convert ({str(exc).split(';')[0]}); it must be plain JSON") from None
     except RecursionError:  # cannot happen below the depth check; kept so that no traceback ever escapes
         raise JsonLimitError(f"{what} nests arrays/objects deeper than {max_depth} levels, the most this reader accepts") from None
+
+
+def loads_object(text: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH, what: str = "JSON") -> dict:
+    """:func:`loads_bounded` for a document that must be a JSON object.
+
+    Raises:
+        JsonLimitError: as :func:`loads_bounded`, or the document is not an object.
+    """
+    value = loads_bounded(text, max_depth=max_depth, what=what)
+    if not isinstance(value, dict):
+        raise JsonLimitError(f"{what} is not a JSON object")
+    return value

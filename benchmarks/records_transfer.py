@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isolated import interleaved_medians  # noqa: E402
 
-TARGETS = {"host": "host", "avx2 (znver2)": '{"kind": "llvm", "mcpu": "znver2", "num-cores": 2}'}
+TARGETS = {"host": "host", "AVX2 JSON target": '{"kind": "llvm", "mcpu": "znver2", "num-cores": 2}'}
 
 
 def models(blocks: bool):

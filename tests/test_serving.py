@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from adntn_deploy.nn import ADNTNLinear
-from adntn_deploy.onnx_export import export_onnx
 from adntn_deploy.runtime import load
+from processes import stop_group
 from adntn_deploy.serving.triton import package_triton
 
 
@@ -67,22 +62,7 @@ class Server:
         return self.request("POST", path or f"/v2/models/{model}/infer", body, {"content-type": "application/json"})
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = nn.Sequential(ADNTNLinear(16, 8, family="mera"), nn.ReLU(), ADNTNLinear(8, 3, family="ttn")).eval()
-    path = tmp_path_factory.mktemp("serve") / "clf.onnx"
-    export_onnx(model, [torch.randn(2, 16)], path, input_names=["input"], output_names=["logits"], dynamic_batch=True)
-    return path
+        stop_group(self.proc)
 
 
 @pytest.fixture(scope="module")

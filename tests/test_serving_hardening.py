@@ -10,7 +10,6 @@ import json
 import math
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -19,14 +18,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
-from adntn_deploy.nn import ADNTNLinear
-from adntn_deploy.onnx_export import export_onnx
 from adntn_deploy.runtime import load
+from processes import stop_group
 from adntn_deploy.serving.protocol import DATATYPES, InferRequest, ProtocolError, decode_request
 
 LIMIT = 20_000_000  # --max-request-bytes of the shared server: room for the 16 MiB bodies of the health test
@@ -86,13 +82,7 @@ class Server:
         return socket.create_connection(("127.0.0.1", self.port), timeout=30)
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 def read_response(sock: socket.socket, deadline_s: float = 30) -> tuple[int | None, bytes, float]:
@@ -111,17 +101,18 @@ def read_response(sock: socket.socket, deadline_s: float = 30) -> tuple[int | No
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = nn.Sequential(ADNTNLinear(16, 8, family="mera"), nn.ReLU(), ADNTNLinear(8, 3, family="ttn")).eval()
-    path = tmp_path_factory.mktemp("harden") / "clf.onnx"
-    export_onnx(model, [torch.randn(2, 16)], path, input_names=["input"], output_names=["logits"], dynamic_batch=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(onnx_model):
     return load(onnx_model)
+
+
+def run_while_probing(threads, probe, stop) -> list[float]:
+    """Run ``threads`` to completion, then stop the health ``probe`` and return its latencies (seconds)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.touch()
+    return json.loads(probe.communicate(timeout=60)[0])
 
 
 @pytest.fixture(scope="module")
@@ -378,12 +369,7 @@ def test_health_stays_fast_while_two_big_requests_are_decoded(server, reference,
         results[key] = server.infer(payload)
 
     threads = [threading.Thread(target=send, args=("good", body)), threading.Thread(target=send, args=("wrong", wrong))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.touch()
-    latencies = json.loads(probe.communicate(timeout=60)[0])
+    latencies = run_while_probing(threads, probe, stop)
     status, reply, headers = results["good"]
     assert status == 200, reply[:300]
     split = int(headers["Inference-Header-Content-Length"])
@@ -608,12 +594,7 @@ def _soak(server, reference, tmp_path, limit):
     stop = tmp_path / "stop"
     probe = probe_health(server.port, stop)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.touch()
-    latencies = json.loads(probe.communicate(timeout=60)[0])
+    latencies = run_while_probing(threads, probe, stop)
     assert counts["wrong"] == 0 and counts["5xx"] == 0 and counts["other"] == 0, counts
     assert counts["ok"] > 1000 and counts["4xx"] > 100, counts
     assert p99(latencies) < 0.1, sorted(latencies)[-10:]

@@ -284,15 +284,12 @@ def _read_meta(path: Path) -> dict:
     Raises:
         TuningError: the file is not a JSON object.
     """
-    from adntn_deploy.safejson import JsonLimitError, loads_bounded
+    from adntn_deploy.safejson import JsonLimitError, loads_object
 
     try:
-        info = loads_bounded(path.read_bytes(), what=str(path))
+        return loads_object(path.read_bytes(), what=str(path))
     except JsonLimitError as exc:
         raise TuningError(f"{exc}; delete it or tune again") from None
-    if not isinstance(info, dict):
-        raise TuningError(f"{path} is not a JSON object; delete it or tune again")
-    return info
 
 
 def list_schedules() -> list[dict[str, Any]]:

@@ -104,7 +104,7 @@ _HEX = frozenset("0123456789abcdef")
 
 def _load_manifest_json(folder: Path) -> dict:
     """The parsed ``folder/manifest.json`` (size- and depth-bounded), without any check of its fields."""
-    from adntn_deploy.safejson import JsonLimitError, loads_bounded
+    from adntn_deploy.safejson import JsonLimitError, loads_object
 
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
@@ -112,12 +112,9 @@ def _load_manifest_json(folder: Path) -> dict:
     if manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
         raise ArtifactError(f"{manifest_path} is larger than {MANIFEST_MAX_BYTES >> 20} MiB, so not a manifest this tool wrote; rebuild the artifact")
     try:
-        manifest = loads_bounded(manifest_path.read_bytes(), what=str(manifest_path))
+        return loads_object(manifest_path.read_bytes(), what=str(manifest_path))
     except JsonLimitError as exc:
         raise ArtifactError(f"{exc}; rebuild the artifact") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{manifest_path} is not a JSON object; rebuild the artifact")
-    return manifest
 
 
 def contained_file(folder: Path, name: object, field: str) -> Path:
