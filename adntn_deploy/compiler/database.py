@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adntn_deploy.compiler.profiles import DeviceProfile, host_arch, list_profiles
+from adntn_deploy.compiler.profiles import DeviceProfile, host_arch, list_profiles, triple_arch
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
-_TRIPLE_ARCH = (("aarch64", "aarch64"), ("arm64", "aarch64"), ("armv7", "armv7l"), ("arm", "armv7l"),
-                ("riscv64", "riscv64"), ("x86_64", "x86_64"))
 
 
 @dataclass(frozen=True)
@@ -43,10 +41,7 @@ def target_arch(profile: DeviceProfile, target) -> str:
     """The CPU architecture a tvm Target compiles for (its host's, for GPU targets)."""
     cpu = target.host if str(target.kind.name) != "llvm" and target.host is not None else target
     triple = str(cpu.attrs.get("mtriple", "")) if "mtriple" in cpu.attrs else ""
-    for prefix, arch in _TRIPLE_ARCH:
-        if triple.startswith(prefix):
-            return arch
-    return host_arch() if profile.arch == "native" else profile.arch
+    return triple_arch(triple) or (host_arch() if profile.arch == "native" else profile.arch)
 
 
 def isa_profiles(arch: str) -> list[DeviceProfile]:

@@ -162,12 +162,17 @@ _CROSS = {
 }
 
 
+def triple_arch(triple: str) -> str | None:
+    """The architecture (as profiles name it) of an LLVM target triple, or None for an empty/unknown one."""
+    return next((arch for prefix, arch in _TRIPLE_ARCH.items() if triple.startswith(prefix)), None)
+
+
 def _profile_for_target(name: str, target: dict[str, Any], description: str, tag: str | None = None) -> DeviceProfile:
     if not isinstance(target, dict) or "kind" not in target:
         raise ProfileError("a target must be a JSON dict with a 'kind', e.g. {\"kind\": \"llvm\", \"mcpu\": \"cortex-a72\"}")
     cpu = target.get("host", target) if target.get("kind") != "llvm" else target
     triple = str(cpu.get("mtriple", ""))
-    arch = next((a for prefix, a in _TRIPLE_ARCH.items() if triple.startswith(prefix)), "native")
+    arch = triple_arch(triple) or "native"
     device = {"cuda": "cuda", "opencl": "opencl"}.get(str(target.get("kind")), "cpu")
     cross = _CROSS.get(arch) if arch not in ("native", host_arch()) else None
     return DeviceProfile(

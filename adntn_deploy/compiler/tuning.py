@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from adntn_deploy.compiler.database import DB_FILES, RecordsChoice
+from adntn_deploy.compiler.database import DB_FILES, RecordsChoice, has_database
 from adntn_deploy.compiler.profiles import DeviceProfile, require_cross_compiler, resolve_target
 from adntn_deploy.errors import GeneratorError
 
@@ -231,7 +231,7 @@ def copy_database(source: Path, destination: Path) -> None:
         TuningError: a file is missing or a line is malformed or too deeply nested.
     """
     source, destination = Path(source), Path(destination)
-    if not all((source / f).is_file() for f in DB_FILES):
+    if not has_database(source):
         raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
     workloads = _checked_lines(source / DB_FILES[0], None)
     records = _checked_lines(source / DB_FILES[1], len(workloads))
@@ -316,13 +316,7 @@ def _publish(staging: Path, records: Path) -> None:
         data = source.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-        fd, tmp = tempfile.mkstemp(prefix=name, suffix=".tmp", dir=records)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a database is meant to be shared and shipped
-        os.replace(tmp, records / name)
+        _write_atomically(records / name, data)
 
 
 def build_candidate(mod, target, _params=None):
@@ -420,7 +414,7 @@ def tune_model(
     fused = prepare_for_tuning(imported.mod, tvm_tgt)
     records = Path(records)
     staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
-    if all((records / f).exists() for f in DB_FILES):  # resume: start from what was published, checked
+    if has_database(records):  # resume: start from what was published, checked
         copy_database(records, staging)
     builder = ms.builder.LocalBuilder(
         timeout_sec=timeout, f_build=build_candidate, f_export=partial(_export_with, compiler) if compiler else None,
