@@ -24,12 +24,15 @@ from torch import nn
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.fit import fit
 from adntn_deploy.generators import GeneratorSpec, build_generator, build_structure
+from adntn_deploy.generators.spec import LAYOUTS
 from adntn_deploy.generators.linear_init import LINEAR_GAINS
 from adntn_deploy.nn.layers import ADNTNConv2d, ADNTNLinear
 
-#: Tensorisations and bonds the ratio search tries (bond 1 would make a rank-1 weight: excluded).
+#: Tensorisations and bonds the ratio search tries. Bond 1 is excluded in the split layout (a rank-1
+#: weight) and allowed in the operator layout, where it still makes a full-rank (Kronecker) weight.
 SEARCH_MAX_MODES = (2, 4, 8, 16, 32, 64)
 SEARCH_BONDS = tuple(range(2, 33))
+OPERATOR_SEARCH_BONDS = tuple(range(1, 33))
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
 
 
@@ -170,7 +173,7 @@ def config_for_ratio(weight_shape: Sequence[int], ratio: float, base: GeneratorS
     fewest = None
     for share in (False, True):
         for max_mode in SEARCH_MAX_MODES:
-            for bond in SEARCH_BONDS:
+            for bond in (OPERATOR_SEARCH_BONDS if base.layout == "operator" else SEARCH_BONDS):
                 try:
                     spec = base.with_options(bond_dim=bond, max_mode=max_mode, share=share, out_modes=None, in_modes=None)
                     params = build_structure(spec, weight_shape)[0].params
@@ -186,6 +189,22 @@ def config_for_ratio(weight_shape: Sequence[int], ratio: float, base: GeneratorS
         reach = f"; the most compressed {base.family} configuration reaches {dense / fewest:,.0f}x" if fewest else ""
         raise GeneratorError(f"no {base.family} configuration reaches {ratio:,.0f}x on a {tuple(weight_shape)} weight{reach}: lower --ratio or pick another family")
     return best[1]
+
+
+def _fit_layer(spec: GeneratorSpec, weight: np.ndarray, fit_steps: int, seed: int, name: str,
+               progress: Callable[[str, int, int], None] | None):
+    """(generator, fitted float32 cores, initial and final relative errors, whether the SVD start was used)."""
+    linear_start = not spec.share and all(a in LINEAR_GAINS for a in spec.activations)
+    generator = build_generator(spec, weight.shape, target=weight if linear_start else None)
+    cores = {k: np.asarray(v, dtype=np.float32) for k, v in generator.cores.items()}
+    if fit_steps > 0:
+        result = fit(generator.ir, cores, weight, steps=fit_steps, seed=seed,
+                     callback=(lambda step, err: progress(name, step + 1, fit_steps)) if progress else None)
+        return generator, result.cores, result.initial_relative_error, result.relative_error, linear_start
+    from adntn_deploy.fit import relative_error
+
+    err = relative_error(generator.ir, cores, weight)
+    return generator, cores, err, err, linear_start
 
 
 def _replacement(layer: nn.Module, ir, cores: dict[str, np.ndarray]) -> nn.Module:
@@ -241,6 +260,7 @@ def compress(
     *,
     bond_dim: int | tuple[int, ...] | None = None,
     ratio: float | None = None,
+    layout: str = "operator",
     activation: str = "tanh",
     fit_steps: int = 200,
     seed: int = 0,
@@ -258,6 +278,9 @@ def compress(
         bond_dim / ratio: exactly one: a fixed bond dimension (with ``spec_options`` such as max_mode,
             out_modes, in_modes, share, mixing), or a per-layer ratio that every selected layer must reach
             (the configuration is searched per layer, see :func:`config_for_ratio`).
+        layout: "operator" (paired output/input sites: full-rank weights, the default), "split" (low-rank
+            weights, needed by ``compile --weights stream``) or "auto" (per layer, both are fitted and the one
+            with the lower fit error on the calibrated target is kept).
         activation: activation after each tree level (see adntn_deploy.ir.activations).
         fit_steps: Adam steps fitting the cores to the dense weight (0: keep the SVD / random start).
         calibration: example model inputs (a few thousand training images). With them each Linear layer's
@@ -280,28 +303,36 @@ def compress(
         raise GeneratorError("give exactly one of --bond-dim or --ratio")
     target = model if inplace else copy.deepcopy(model)
     chosen = select_layers(target, layers)
+    if layout not in LAYOUTS + ("auto",):
+        raise GeneratorError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS + ('auto',))}")
     base = GeneratorSpec(family=family, bond_dim=bond_dim if bond_dim is not None else 2, activation=activation, seed=seed, **spec_options)
-    specs = {name: (base if ratio is None else config_for_ratio(_weight_shape(layer), ratio, base)) for name, layer in chosen}
+    layouts = LAYOUTS if layout == "auto" else (layout,)
+    specs: dict[str, list[GeneratorSpec]] = {}
+    for name, layer in chosen:
+        options = []
+        for candidate in layouts:
+            base_layout = base.with_options(layout=candidate)
+            try:
+                options.append(base_layout if ratio is None else config_for_ratio(_weight_shape(layer), ratio, base_layout))
+            except GeneratorError:
+                if layout != "auto":
+                    raise
+        if not options:  # auto, and neither layout reaches the ratio: the operator layout's message says why
+            config_for_ratio(_weight_shape(layer), ratio, base.with_options(layout="operator"))
+        specs[name] = options
     report = CompressionReport(model_params_before=count_params(target))
     inputs = layer_inputs(target, chosen, calibration) if calibration is not None else {}
     architecture = getattr(target, "adntn_architecture", None)
     for name, layer in chosen:
-        spec = specs[name]
         weight = dense_weight = layer.weight.detach().double().cpu().numpy()
         if name in inputs:
             weight = weight @ input_projection(inputs[name], calibration_energy)
         start = time.perf_counter()
-        linear_start = not spec.share and all(a in LINEAR_GAINS for a in spec.activations)
-        generator = build_generator(spec, weight.shape, target=weight if linear_start else None)
-        cores = {k: np.asarray(v, dtype=np.float32) for k, v in generator.cores.items()}
-        if fit_steps > 0:
-            result = fit(generator.ir, cores, weight, steps=fit_steps, seed=seed,
-                         callback=(lambda step, err, n=name: progress(n, step + 1, fit_steps)) if progress else None)
-            cores, err0, err = result.cores, result.initial_relative_error, result.relative_error
-        else:
-            from adntn_deploy.fit import relative_error
-
-            err0 = err = relative_error(generator.ir, cores, weight)
+        candidates = []
+        for spec in specs[name]:
+            candidates.append((spec, *_fit_layer(spec, weight, fit_steps, seed, name, progress)))
+        # layout "auto": the candidate with the lower fit error on the (calibrated) target wins
+        spec, generator, cores, err0, err, linear_start = min(candidates, key=lambda c: c[4])
         # A generator hundreds of times smaller than the weight captures a few percent of a trained
         # layer's energy, so its weight comes out far smaller than the layer's: the next ReLUs see only
         # their biases, gradients through the near-zero cores fall below Adam's epsilon and fine-tuning

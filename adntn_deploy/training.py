@@ -70,9 +70,75 @@ def _param_groups(module: nn.Module, lr: float, core_lr: float) -> list[dict]:
     return ([{"params": dense, "lr": lr}] if dense else []) + cores
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation from a dense teacher while fine-tuning a compressed student.
+
+    The loss is ``(1 - weight) * CE(student, labels) + weight * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
+    plus, when ``match_layers`` > 0, ``match_layers`` times the mean over the compressed layers of
+    ``||student layer output - teacher layer output||^2 / ||teacher layer output||^2`` (layers matched by
+    module name). ``teacher`` must take the same inputs as the student (for scope "head", the same
+    Sequential model: it is cut at the same index).
+    """
+
+    teacher: nn.Module
+    temperature: float = 4.0
+    weight: float = 0.7
+    match_layers: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or not 0 <= self.weight <= 1 or not self.match_layers >= 0:
+            raise GeneratorError(
+                f"distillation needs temperature > 0, 0 <= weight <= 1 and match_layers >= 0 "
+                f"(got {self.temperature}, {self.weight}, {self.match_layers})"
+            )
+
+
+class _DistillLoss:
+    """Computes the distillation loss of one batch; hooks capture matched layers' outputs."""
+
+    def __init__(self, student: nn.Module, distill: Distillation) -> None:
+        self.distill, self.teacher = distill, distill.teacher
+        self.teacher.eval()
+        self.captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self.hooks = []
+        if distill.match_layers > 0:
+            teacher_modules = dict(self.teacher.named_modules())
+            for name, sub in student.named_modules():
+                if any(isinstance(m, GeneratedWeight) for m in sub.children()) and name in teacher_modules:
+                    self.hooks.append(sub.register_forward_hook(self._capture("student", name)))
+                    self.hooks.append(teacher_modules[name].register_forward_hook(self._capture("teacher", name)))
+
+    def _capture(self, who: str, name: str):
+        def hook(module, args, output):
+            self.captured[who][name] = output
+        return hook
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.distill
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        t = d.temperature
+        soft = nn.functional.kl_div(nn.functional.log_softmax(logits / t, -1), nn.functional.log_softmax(teacher_logits / t, -1),
+                                    reduction="batchmean", log_target=True) * t * t
+        loss = (1 - d.weight) * nn.functional.cross_entropy(logits, y) + d.weight * soft
+        names = [n for n in self.captured["student"] if n in self.captured["teacher"]]
+        if names:
+            terms = [((self.captured["student"][n] - self.captured["teacher"][n]) ** 2).sum()
+                     / self.captured["teacher"][n].pow(2).sum().clamp_min(1e-12) for n in names]
+            loss = loss + d.match_layers * torch.stack(terms).mean()
+        self.captured = {"student": {}, "teacher": {}}
+        return loss
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 def _fit_loop(
     module: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val: Callable[[], float], *,
     epochs: int, batch_size: int, lr: float, core_lr: float, seed: int, progress: bool, desc: str, warmup: int = 0,
+    distill: Distillation | None = None,
 ) -> TrainResult:
     from tqdm import tqdm
 
@@ -89,7 +155,12 @@ def _fit_loop(
         return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    loss_fn = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss()
+    distill_loss = _DistillLoss(module, distill) if distill is not None else None
+
+    def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return distill_loss(logits, x, y) if distill_loss is not None else cross_entropy(logits, y)
+
     result = TrainResult(epochs)
     start = time.perf_counter()
     shuffler = torch.Generator().manual_seed(seed)
@@ -101,7 +172,8 @@ def _fit_loop(
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(module(train_x[idx]), train_y[idx])
+            batch_x = train_x[idx]
+            loss = loss_fn(module(batch_x), batch_x, train_y[idx])
             loss.backward()
             opt.step()
             sched.step()
@@ -115,6 +187,8 @@ def _fit_loop(
         result.train_loss.append(total / max(seen, 1))
         result.val_accuracy.append(val())
     result.seconds = time.perf_counter() - start
+    if distill_loss is not None:
+        distill_loss.close()
     module.eval()
     return result
 
@@ -147,7 +221,8 @@ def first_generated_index(model: nn.Sequential) -> int:
 
 
 def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "all", batch_size: int = 128,
-             lr: float = 1e-3, core_lr: float = 3e-2, warmup: int = 200, seed: int = 0, progress: bool = True) -> TrainResult:
+             lr: float = 1e-3, core_lr: float = 3e-2, warmup: int = 200, seed: int = 0, progress: bool = True,
+             distill: Distillation | None = None) -> TrainResult:
     """Fine-tune a compressed model on ``data`` end to end (``scope="all"``) or only from its first generated
     layer on (``scope="head"``).
 
@@ -159,6 +234,10 @@ def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "
     high, and full-size first steps shrink the cores' product until the next ReLUs die (measured: a
     2,000x aTTN VGG classifier stuck at chance without warmup, trained with it).
 
+    ``distill`` (a :class:`Distillation` holding the dense model) adds knowledge distillation: the
+    student learns the teacher's softened logits (and optionally each compressed layer's output) as
+    well as the labels. With "head" the teacher is cut at the same index and runs on the cached features.
+
     Raises:
         GeneratorError: unknown scope, "head" on a model that is not Sequential or has no generated layer,
             invalid hyper-parameters, or a diverging run.
@@ -168,17 +247,21 @@ def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "
     if scope == "all":
         result = _fit_loop(model, data.train_x, data.train_y, lambda: evaluate(model, data.val_x, data.val_y),
                            epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune",
-                           warmup=warmup)
+                           warmup=warmup, distill=distill)
         return result
     k = first_generated_index(model)
     prefix, head = model[:k], model[k:]
+    if distill is not None:
+        if not isinstance(distill.teacher, nn.Sequential) or len(distill.teacher) != len(model):
+            raise GeneratorError("distillation with scope 'head' needs the dense teacher as the same Sequential model")
+        distill = Distillation(distill.teacher[k:], distill.temperature, distill.weight, distill.match_layers)
     for p in prefix.parameters():
         p.requires_grad_(False)
     try:
         train_f, val_f = predict_logits(prefix, data.train_x), predict_logits(prefix, data.val_x)
         result = _fit_loop(head, train_f, data.train_y, lambda: evaluate(head, val_f, data.val_y),
                            epochs=epochs, batch_size=batch_size, lr=lr, core_lr=core_lr, seed=seed, progress=progress, desc="finetune head",
-                           warmup=warmup)
+                           warmup=warmup, distill=distill)
     finally:
         for p in prefix.parameters():
             p.requires_grad_(True)

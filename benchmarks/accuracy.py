@@ -45,7 +45,7 @@ def run(args) -> list[dict]:
     from adntn_deploy.compression import compress
     from adntn_deploy.data import load_dataset
     from adntn_deploy.errors import GeneratorError
-    from adntn_deploy.training import evaluate, finetune
+    from adntn_deploy.training import Distillation, evaluate, finetune
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
@@ -56,7 +56,8 @@ def run(args) -> list[dict]:
         RESULTS.mkdir(exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "data": data.describe(),
                 "dense_epochs": args.dense_epochs, "finetune_epochs": args.epochs, "fit_steps": args.fit_steps,
-                "scope": args.scope, "activation": args.activation, "calibration_images": args.calibrate, "layers": "classifier (the two hidden Linear layers)"}
+                "scope": args.scope, "activation": args.activation,
+                "distill_weight": args.distill_weight, "distill_temperature": args.distill_temperature, "calibration_images": args.calibrate, "layers": "classifier (the two hidden Linear layers)"}
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
     for model_name in args.models:
@@ -65,22 +66,22 @@ def run(args) -> list[dict]:
         rows.append({"model": model_name, "family": "dense", "target_ratio": 1, "accuracy": dense_acc,
                      "seconds": dense_seconds, "layer_ratios": [], "model_ratio": 1.0})
         print(f"{model_name}: dense test accuracy {dense_acc:.4f} ({dense_seconds:.0f} s to train)", flush=True)
-        for family in args.families:
-            for ratio in args.ratios:
-                row = {"model": model_name, "family": family, "target_ratio": ratio, "dense_accuracy": dense_acc}
+        for layout, family, ratio in [(lo, f, r) for lo in args.layouts for f in args.families for r in args.ratios]:
+                row = {"model": model_name, "family": family, "layout": layout, "target_ratio": ratio, "dense_accuracy": dense_acc}
                 start = time.perf_counter()
                 try:
-                    model, report = compress(dense, "classifier", family, ratio=ratio, activation=args.activation,
+                    model, report = compress(dense, "classifier", family, ratio=ratio, layout=layout, activation=args.activation,
                                              fit_steps=args.fit_steps, seed=args.seed,
                                              calibration=data.train_x[:args.calibrate] if args.calibrate else None)
                 except GeneratorError as exc:
                     row.update(accuracy=None, unreachable=str(exc))
                     rows.append(row)
                     save()
-                    print(f"  {family} {ratio}x: {exc}", flush=True)
+                    print(f"  {layout} {family} {ratio}x: {exc}", flush=True)
                     continue
                 fitted_acc = evaluate(model, data.test_x, data.test_y)
-                tuned = finetune(model, data, epochs=args.epochs, scope=args.scope, seed=args.seed)
+                teacher = Distillation(dense, args.distill_temperature, args.distill_weight) if args.distill_weight > 0 else None
+                tuned = finetune(model, data, epochs=args.epochs, scope=args.scope, seed=args.seed, distill=teacher)
                 acc = evaluate(model, data.test_x, data.test_y)
                 row.update(
                     accuracy=acc, accuracy_after_fit=fitted_acc, delta_points=100 * (acc - dense_acc),
@@ -91,23 +92,34 @@ def run(args) -> list[dict]:
                 )
                 rows.append(row)
                 save()
-                print(f"  {family} {ratio}x: accuracy {acc:.4f} ({row['delta_points']:+.2f} points), layer ratios "
+                print(f"  {layout} {family} {ratio}x: accuracy {acc:.4f} ({row['delta_points']:+.2f} points), layer ratios "
                       f"{row['layer_ratios']}, model {report.model_ratio:.1f}x, {row['seconds']:.0f} s", flush=True)
     save()
     return rows
 
 
+def describe(meta: dict) -> str:
+    """The results page's first paragraph, from the run's meta."""
+    distill = (f"knowledge distillation from the dense net (weight {meta['distill_weight']}, T {meta['distill_temperature']})"
+               if meta.get("distill_weight") else "labels only")
+    return (f"Test accuracy on {meta['data']['name'] if isinstance(meta.get('data'), dict) else meta.get('data')}; dense "
+            f"{meta['dense_epochs']} epochs; compressed: fit {meta['fit_steps']} Adam steps (calibrated on "
+            f"{meta.get('calibration_images', 0)} training images, bias-corrected), then {meta['finetune_epochs']} fine-tuning "
+            f"epoch(s) (scope {meta['scope']}, {distill}), activation {meta['activation']}.\n\n")
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | family | target ratio | per-layer ratios | whole model | test accuracy | vs dense (points) | time (s) |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| model | layout | family | target ratio | per-layer ratios | whole model | test accuracy | vs dense (points) | time (s) |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        layout = r.get("layout", "split")  # rows written before the operator layout existed
         if r["family"] == "dense":
-            lines.append(f"| {r['model']} | dense | 1 | - | 1.0x | {100 * r['accuracy']:.2f}% | - | {r['seconds']:.0f} (train) |")
+            lines.append(f"| {r['model']} | - | dense | 1 | - | 1.0x | {100 * r['accuracy']:.2f}% | - | {r['seconds']:.0f} (train) |")
         elif r.get("accuracy") is None:
-            lines.append(f"| {r['model']} | {r['family']} | {r['target_ratio']:,} | unreachable | - | - | - | - |")
+            lines.append(f"| {r['model']} | {layout} | {r['family']} | {r['target_ratio']:,} | unreachable | - | - | - | - |")
         else:
             ratios = ", ".join(f"{x:,.0f}x" for x in r["layer_ratios"])
-            lines.append(f"| {r['model']} | {r['family']} | {r['target_ratio']:,} | {ratios} | {r['model_ratio']:.1f}x | "
+            lines.append(f"| {r['model']} | {layout} | {r['family']} | {r['target_ratio']:,} | {ratios} | {r['model_ratio']:.1f}x | "
                          f"{100 * r['accuracy']:.2f}% | {r['delta_points']:+.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -124,10 +136,13 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["model"] == model]
         dense = next(r for r in mine if r["family"] == "dense")
         ax.axhline(100 * dense["accuracy"], color="black", linestyle="--", label="dense")
-        for family in dict.fromkeys(r["family"] for r in mine if r["family"] != "dense"):
-            pts = sorted((min(r["layer_ratios"]), 100 * r["accuracy"]) for r in mine if r["family"] == family and r.get("accuracy") is not None)
+        lines = dict.fromkeys((r.get("layout", "split"), r["family"]) for r in mine if r["family"] != "dense")
+        for layout, family in lines:
+            pts = sorted((min(r["layer_ratios"]), 100 * r["accuracy"]) for r in mine
+                         if r["family"] == family and r.get("layout", "split") == layout and r.get("accuracy") is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if layout == "operator" else ":",
+                        label=f"{family} ({layout})")
         ax.set_xscale("log")
         ax.set_xlabel("per-layer compression ratio (smallest of the compressed layers)")
         ax.set_ylabel("test accuracy (%)")
@@ -142,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vgg", "alexnet"])
     parser.add_argument("--families", nargs="+", default=["ttn", "attn", "mera"])
+    parser.add_argument("--layouts", nargs="+", default=["operator", "split"], choices=["operator", "split", "auto"])
     parser.add_argument("--ratios", nargs="+", type=int, default=[2000, 10000, 20000])
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--dense-epochs", type=int, default=3)
@@ -150,6 +166,8 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=2000, help="training images for calibration (0: plain weight fit)")
     parser.add_argument("--scope", default="head", choices=["head", "all"])
     parser.add_argument("--activation", default="tanh")
+    parser.add_argument("--distill-weight", type=float, default=0.7, help="knowledge distillation weight (0: labels only)")
+    parser.add_argument("--distill-temperature", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
@@ -162,9 +180,7 @@ def main() -> None:
         m = saved["meta"]
         text = table(saved["rows"])
         print(text)
-        header = (f"Fashion-MNIST test accuracy; dense {m['dense_epochs']} epochs, compressed: fit {m['fit_steps']} Adam steps "
-                  f"(calibrated on {m.get('calibration_images', 0)} training images) then {m['finetune_epochs']} fine-tuning "
-                  f"epochs (scope {m['scope']}), activation {m['activation']}.\n\n")
+        header = describe(m)
         (RESULTS / f"{args.name}.md").write_text(header + text + "\n")
         plot(saved["rows"], RESULTS / f"{args.name}.png")
         return
@@ -174,9 +190,7 @@ def main() -> None:
     rows = run(args)
     text = table(rows)
     print(text)
-    header = (f"Fashion-MNIST test accuracy ({args.data}); dense {args.dense_epochs} epochs, compressed: fit {args.fit_steps} "
-              f"Adam steps (calibrated on {args.calibrate} training images, bias-corrected) then {args.epochs} fine-tuning epochs "
-              f"(scope {args.scope}), activation {args.activation}.\n\n")
+    header = describe(json.loads((RESULTS / f"{args.name}.json").read_text())["meta"])
     (RESULTS / f"{args.name}.md").write_text(header + text + "\n")
     plot(rows, RESULTS / f"{args.name}.png")
     print(f"wrote {RESULTS / (args.name + '.json')}, .md and .png", file=sys.stderr)

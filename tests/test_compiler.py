@@ -38,11 +38,12 @@ def elf_machine(path):
     return struct.unpack("<H", header[18:20])[0]
 
 
-def models(family):
+def models(family, layout="split"):
     torch.manual_seed(0)
-    linear = nn.Sequential(ADNTNLinear(64, 32, family=family, bond_dim=3), nn.GELU(), ADNTNLinear(32, 10, family=family))
-    conv = nn.Sequential(ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), ADNTNLinear(8 * 4 * 4, 6, family=family))
+    linear = nn.Sequential(ADNTNLinear(64, 32, family=family, bond_dim=3, layout=layout), nn.GELU(),
+                           ADNTNLinear(32, 10, family=family, layout=layout))
+    conv = nn.Sequential(ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2, layout=layout), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), ADNTNLinear(8 * 4 * 4, 6, family=family, layout=layout))
     return {"linear": (linear.eval(), (1, 64)), "conv": (conv.eval(), (1, 3, 8, 8))}
 
 
@@ -86,9 +87,9 @@ def test_bad_targets(spec, message):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.parametrize("weights", ["load", "fold"])
-def test_tvm_matches_onnxruntime_and_torch(tmp_path, family, kind, weights):
-    model, shape = models(family)[kind]
+@pytest.mark.parametrize("weights, layout", [("load", "split"), ("fold", "split"), ("load", "operator"), ("fold", "operator")])
+def test_tvm_matches_onnxruntime_and_torch(tmp_path, family, kind, weights, layout):
+    model, shape = models(family, layout)[kind]
     path = tmp_path / "m.onnx"
     export_onnx(model, [torch.randn(*shape)], path, input_names=["input"])
     artifact = compile_model(path, "host", tmp_path / "art", weights=weights)

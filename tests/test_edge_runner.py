@@ -197,8 +197,8 @@ def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
         runtime_libs_dir("aarch64")
 
 
-@pytest.mark.parametrize("weights", ["load", "stream"])
-def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, weights):
+@pytest.mark.parametrize("weights, layout", [("load", "split"), ("stream", "split"), ("load", "operator"), ("fold", "operator")])
+def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, weights, layout):
     """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86.
 
     With ``stream`` the Conv and the last Linear run factored and the tanh-topped Linear through the fused
@@ -215,9 +215,9 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     from adntn_deploy.runtime import load
 
     torch.manual_seed(0)
-    model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2), nn.ReLU(), nn.Flatten(),
-                          ADNTNLinear(4 * 6 * 6, 8, family="mera", top_activation="tanh"), nn.Tanh(),
-                          ADNTNLinear(8, 3, family="ttn")).eval()
+    model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2, layout=layout), nn.ReLU(), nn.Flatten(),
+                          ADNTNLinear(4 * 6 * 6, 8, family="mera", top_activation="tanh", layout=layout), nn.Tanh(),
+                          ADNTNLinear(8, 3, family="ttn", layout="split")).eval()  # 8 -> 3: too small to pair
     onnx_path = tmp_path / "m.onnx"
     export_onnx(model, [torch.randn(1, 1, 6, 6)], onnx_path, input_names=["input"], output_names=["logits"])
     host = compile_model(onnx_path, "host", tmp_path / "host", weights=weights)

@@ -16,21 +16,26 @@ from adntn_deploy.runtime import load
 FAMILIES = ["ttn", "attn", "mera"]
 
 
-def linear_model(family):
-    return nn.Sequential(ADNTNLinear(48, 64, family=family, bond_dim=3), nn.Tanh(), ADNTNLinear(64, 10, family=family))
+LAYOUTS = ["split", "operator"]
 
 
-def conv_model(family):
+def linear_model(family, layout="split"):
+    return nn.Sequential(ADNTNLinear(48, 64, family=family, bond_dim=3, layout=layout), nn.Tanh(),
+                         ADNTNLinear(64, 10, family=family, layout=layout))
+
+
+def conv_model(family, layout="split"):
     return nn.Sequential(
-        ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2), nn.ReLU(), nn.MaxPool2d(2),
-        ADNTNConv2d(8, 8, 3, stride=2, family=family), nn.Flatten(), ADNTNLinear(8 * 2 * 2, 5, family=family),
+        ADNTNConv2d(3, 8, 3, padding=1, family=family, bond_dim=2, layout=layout), nn.ReLU(), nn.MaxPool2d(2),
+        ADNTNConv2d(8, 8, 3, stride=2, family=family, layout=layout), nn.Flatten(),
+        ADNTNLinear(8 * 2 * 2, 5, family=family, layout=layout),
     )
 
 
 class Attention(nn.Module):
-    def __init__(self, family):
+    def __init__(self, family, layout="split"):
         super().__init__()
-        self.attn = ADNTNMultiheadAttention(32, 4, family=family, bond_dim=2)
+        self.attn = ADNTNMultiheadAttention(32, 4, family=family, bond_dim=2, layout=layout)
         self.head = nn.Linear(32, 3)
 
     def forward(self, x):
@@ -52,12 +57,13 @@ def _ort_outputs(path, x):
     return session.run(None, {"input": x.numpy()})[0]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_torch_equals_onnxruntime(tmp_path, family, kind):
+def test_torch_equals_onnxruntime(tmp_path, family, kind, layout):
     make, shape = KINDS[kind]
     torch.manual_seed(0)
-    model = make(family).eval()
+    model = make(family, layout).eval()
     checks = []
     dynamic = export_onnx(model, [torch.randn(2, *shape)], tmp_path / "dyn.onnx", input_names=["input"], dynamic_batch=True)
     standard = tmp_path / "dyn_std.onnx"

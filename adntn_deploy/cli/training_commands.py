@@ -93,6 +93,9 @@ def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, see
 @click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default="ttn", show_default=True)
 @click.option("--bond-dim", type=int, default=None, help="Bond dimension (with --max-mode); or give --ratio.")
 @click.option("--ratio", type=float, default=None, help="Per-layer compression ratio to reach at least (searches the configuration).")
+@click.option("--layout", type=click.Choice(["operator", "split", "auto"]), default="operator", show_default=True,
+              help="operator: paired (out, in) sites, full-rank weights; split: low-rank weights (for --weights stream); "
+                   "auto: per layer, the one with the lower fit error.")
 @click.option("--max-mode", type=int, default=4, show_default=True, help="Largest tensorisation mode (with --bond-dim).")
 @click.option("--mixing", is_flag=True, help="Lateral mixing tensors (TTN, aTTN).")
 @click.option("--activation", default="tanh", show_default=True, help="Activation after each tree level.")
@@ -105,18 +108,24 @@ def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, see
 @click.option("--lr", default=1e-3, show_default=True, help="Fine-tuning learning rate of dense parameters.")
 @click.option("--core-lr", default=3e-2, show_default=True, help="Cores' learning rate, relative to each core's RMS.")
 @click.option("--warmup", default=200, show_default=True, help="Fine-tuning steps over which learning rates ramp up from 0.")
+@click.option("--distill/--no-distill", default=True, show_default=True,
+              help="Fine-tune with knowledge distillation from the dense model (its softened logits) as well as the labels.")
+@click.option("--distill-temperature", default=4.0, show_default=True, help="Softmax temperature of distillation.")
+@click.option("--distill-weight", default=0.7, show_default=True, help="Weight of the distillation term (0..1); the labels get the rest.")
+@click.option("--match-layers", default=0.0, show_default=True,
+              help="Weight of matching each compressed layer's output to the dense layer's (relative squared error; 0: off).")
 @click.option("--dense-epochs", default=3, show_default=True, help="Epochs of the dense baseline when --model is a zoo name.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
 @data_options
-def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixing, activation, fit_steps, epochs, scope,
-                     lr, core_lr, warmup, calibrate, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
+def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mode, mixing, activation, fit_steps, epochs, scope,
+                     lr, core_lr, warmup, calibrate, distill, distill_temperature, distill_weight, match_layers, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
     """Replace layers of a trained model by generators fitted to their weights, fine-tune, report accuracy."""
     from tqdm import tqdm
 
     from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.compression import compress
     from adntn_deploy.data import load_dataset
-    from adntn_deploy.training import evaluate, finetune
+    from adntn_deploy.training import Distillation, evaluate, finetune
 
     if (bond_dim is None) == (ratio is None):
         raise click.UsageError("give exactly one of --bond-dim N or --ratio R")
@@ -124,6 +133,7 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixin
     data = load_dataset(data_name, data_dir)
     dense, source = _load_or_train(model_arg, data, dense_epochs, batch_size, seed, as_json)
     dense_acc = evaluate(dense, data.test_x, data.test_y)
+    teacher = Distillation(dense, distill_temperature, distill_weight, match_layers) if distill else None
     options = {"max_mode": max_mode} if bond_dim is not None else {}
     if mixing:
         options["mixing"] = True
@@ -134,12 +144,12 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixin
         bar.set_postfix(layer=layer)
         bar.update(1)
 
-    model, report = compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, activation=activation,
+    model, report = compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, layout=layout, activation=activation,
                              fit_steps=fit_steps, seed=seed, progress=progress,
                              calibration=data.train_x[:calibrate] if calibrate > 0 else None, **options)
     bar.close()
     tuned = finetune(model, data, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr,
-                     warmup=warmup, seed=seed, progress=not as_json) if epochs > 0 else None
+                     warmup=warmup, seed=seed, progress=not as_json, distill=teacher) if epochs > 0 else None
     accuracy = evaluate(model, data.test_x, data.test_y)
     summary = {"source": source, "data": data.describe(), "dense_accuracy": dense_acc, "accuracy": accuracy,
                "compression": report.as_dict(), "finetune": tuned.as_dict() if tuned else None,
@@ -152,7 +162,8 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, max_mode, mixin
     from adntn_deploy.cli.tables import render_table
 
     rows = [[r.name, r.kind, "x".join(map(str, r.weight_shape)), family,
-             f"bond {r.spec['bond_dim']}, max_mode {r.spec['max_mode']}{', shared' if r.spec['share'] else ''}",
+             f"{r.spec.get('layout', 'split')}, bond {r.spec['bond_dim']}, max_mode {r.spec['max_mode']}"
+             f"{', shared' if r.spec['share'] else ''}",
              f"{r.params:,}", f"{r.ratio:,.0f}x", f"{r.fit_error:.3f}"] for r in report.layers]
     click.echo(render_table(["layer", "type", "weight", "family", "config", "params", "ratio", "fit error"], rows))
     click.echo(f"test accuracy: dense {100 * dense_acc:.2f}% -> compressed {100 * accuracy:.2f}% "

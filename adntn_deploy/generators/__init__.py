@@ -55,7 +55,7 @@ def build_generator(spec: GeneratorSpec, weight_shape: Sequence[int], target: np
     """
     ir, inits, ctx = _plan(spec, weight_shape)
     if target is None:
-        cores = sample_cores(ir, inits, spec.seed)
+        cores = sample_cores(ir, inits, 0 if spec.seed is None else spec.seed)
         ir = calibrate_scale(ir, cores, target_std(spec, ir.weight_shape))
         return Generator(ir, cores)
     from adntn_deploy.generators.linear_init import linear_cores
@@ -65,7 +65,7 @@ def build_generator(spec: GeneratorSpec, weight_shape: Sequence[int], target: np
         raise GeneratorError(f"target has shape {weight.shape}, the generator makes {ir.weight_shape}")
     scale = float(weight.std()) or 1.0
     matrix = weight.reshape(weight.shape[0], -1)
-    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, spec.seed, weight.shape))
+    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, spec.seed or 0, weight.shape))
 
 
 __all__ = ["FAMILIES", "Generator", "GeneratorSpec", "build_generator", "build_structure", "factorize"]

@@ -1,12 +1,17 @@
 """The three generator families, each a function that declares its network on a NetworkBuilder.
 
-Every family uses the *split layout*: the output modes and the input modes each get their own half
-network, whose top carries one bond; a top core joins the two halves:
+A family builds two *half networks* over physical *sites* and a top core joins them over one bond:
 
-    W[o..., i...] = top_activation( sum_ab L[o..., a] G[a, b] R[i..., b] ) * scale
+    W = scale * top_activation( sum_ab L[sites of L, a] G[a, b] R[sites of R, b] )
 
-so the weight's top-level contraction separates output modes from input modes (what streamed weights and
-low-rank products rely on). The families differ in their halves; docs/generators.md has the math.
+Two layouts decide what a site is (docs/generators.md has the math and drawings):
+
+* split: a site is one mode; the output modes form one half and the input modes the other, so
+  W = L G R^T is a low-rank product (what streamed weights rely on);
+* operator: a site is a pair (o_k, i_k) of an output and an input mode; the first half of the sites
+  forms L, the rest R, so W = sum_b L_b (x) R_b, a sum of Kronecker products that can be full rank.
+
+In both the join is one node whose last pairwise step contracts the two halves over one bond.
 """
 
 from __future__ import annotations
@@ -31,6 +36,19 @@ class Half:
     bond: str
 
 
+@dataclass(frozen=True)
+class Site:
+    """A physical site: its index names (one mode, or an (output, input) pair), their product, its position.
+
+    ``position`` is what :attr:`FamilyContext.beneath` records for the indices above it: the mode's
+    position in the weight's output order (split layout) or the pair's site number (operator layout).
+    """
+
+    indices: tuple[str, ...]
+    dim: int
+    position: int
+
+
 @dataclass
 class _Item:
     ref: TensorRef
@@ -53,8 +71,17 @@ class FamilyContext:
         self.node_roles: list[tuple[list[TensorRef], list[TensorRef], str]] = []
 
     def core(self, name: str, shared_name: str, indices: list[str], role: str, init: CoreInit) -> TensorRef:
-        """Declare a core; with ``spec.share`` all cores of one (half, level, kind) use ``shared_name``."""
+        """Declare a core; with ``spec.share`` all cores of one (half, level, kind) use ``shared_name``.
+
+        In the operator layout, sites of unequal sizes (a padded site, a kernel mode) are common, so sharing
+        there groups cores by shape too: cores whose shape differs from the first get ``shared_name.<shape>``.
+        """
         key = shared_name if self.spec.share else name
+        if self.spec.share and self.spec.layout == "operator":
+            shape = tuple(self.builder.sizes[i] for i in indices)
+            first = self.builder.cores.get(shared_name)
+            if first is not None and first.shape != shape:
+                key = f"{shared_name}.{'x'.join(map(str, shape))}"
         self.inits.setdefault(key, init)
         self.core_indices.setdefault(key, list(indices))
         return self.builder.core(key, indices, role)
@@ -69,26 +96,31 @@ class FamilyContext:
         self.beneath[name] = tuple(beneath)
         return self.builder.index(name, size)
 
+    def relabel(self, name: str) -> str:
+        """A new index like ``name`` (same size, same positions beneath): the output leg of a gate."""
+        if name in self.beneath:
+            return self.index(f"{name}.d", self.builder.sizes[name], self.beneath[name])
+        return self.builder.index(f"{name}.d", self.builder.sizes[name])  # an operator-layout physical index
+
     def fan(self, indices: list[str]) -> float:
         """1/sqrt(product of the sizes of ``indices``): the std that keeps a contraction at unit variance."""
         return 1.0 / math.sqrt(math.prod(self.builder.sizes[i] for i in indices))
 
 
-def _leaves_bottom_up(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int) -> list[_Item]:
+def _leaves_bottom_up(ctx: FamilyContext, side: str, sites: list[Site]) -> list[_Item]:
     spec = ctx.spec
     items = []
-    for k, d in enumerate(modes):
-        phys = ctx.index(f"{side}.m{k}", d, (offset + k,))
-        bond = ctx.index(f"{side}.l0.b{k}", min(spec.bond_at(0), d), (offset + k,))
-        ref = ctx.core(f"{side}.leaf{k}", f"{side}.leaf", [phys, bond], "leaf", ("normal", 1.0))
-        items.append(_Item(ref, bond, d, [phys]))
+    for k, site in enumerate(sites):
+        bond = ctx.index(f"{side}.l0.b{k}", min(spec.bond_at(0), site.dim), (site.position,))
+        ref = ctx.core(f"{side}.leaf{k}", f"{side}.leaf", [*site.indices, bond], "leaf", ("normal", 1.0))
+        items.append(_Item(ref, bond, site.dim, list(site.indices)))
     return items
 
 
-def ttn_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int) -> Half:
-    """Bottom-up tree: leaves map modes to bonds; each node contracts ``arity`` children into a parent bond."""
+def ttn_half(ctx: FamilyContext, side: str, sites: list[Site]) -> Half:
+    """Bottom-up tree: leaves map sites to bonds; each node contracts ``arity`` children into a parent bond."""
     b, spec = ctx.builder, ctx.spec
-    items = _leaves_bottom_up(ctx, side, modes, offset)
+    items = _leaves_bottom_up(ctx, side, sites)
     height = 0
     while len(items) > 1:
         height += 1
@@ -102,7 +134,7 @@ def ttn_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int)
             inputs = [it.ref for it in group]
             child_bonds = [it.bond for it in group]
             physical = [p for it in group for p in it.physical]
-            under = tuple(pos for p in physical for pos in ctx.beneath[p])
+            under = tuple(pos for it in group for pos in ctx.beneath[it.bond])
             if spec.mixing:
                 mixed = [
                     ctx.index(f"{side}.l{height}.g{g}.x{c}", b.sizes[cb], ctx.beneath[cb]) for c, cb in enumerate(child_bonds)
@@ -130,18 +162,23 @@ def boundary_pairs(n: int, arity: int) -> list[tuple[int, int]]:
     return [(k, k + 1) for k in range(arity - 1, n - 1, arity)]
 
 
-def attn_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int) -> Half:
-    """A TTN half followed by a linear layer of two-mode disentanglers on the boundary pairs."""
-    half = ttn_half(ctx, side, modes, offset)
-    pairs = boundary_pairs(len(modes), ctx.spec.arity)
+def attn_half(ctx: FamilyContext, side: str, sites: list[Site]) -> Half:
+    """A TTN half followed by a linear layer of two-site disentanglers on the boundary pairs.
+
+    In the operator layout a gate acts on the *output* modes of its two sites (a local operator applied
+    from the left, W -> D W), which keeps the weight's Kronecker structure and costs (o_p o_q)^2 parameters.
+    """
+    half = ttn_half(ctx, side, sites)
+    pairs = boundary_pairs(len(sites), ctx.spec.arity)
     if not pairs:
         return half
     b = ctx.builder
     physical = list(half.physical)
+    per_site = len(sites[0].indices)  # 1 (split) or 2 (operator: output index first)
     gates = []
-    for k, (p, q) in enumerate(pairs):
-        new_p = ctx.index(f"{side}.m{p}.d", b.sizes[physical[p]], ctx.beneath[physical[p]])
-        new_q = ctx.index(f"{side}.m{q}.d", b.sizes[physical[q]], ctx.beneath[physical[q]])
+    for k, (site_p, site_q) in enumerate(pairs):
+        p, q = site_p * per_site, site_q * per_site
+        new_p, new_q = ctx.relabel(physical[p]), ctx.relabel(physical[q])
         gates.append(
             ctx.core(f"{side}.dis{k}", f"{side}.dis", [new_p, new_q, physical[p], physical[q]], "disentangler",
                      ("identity", 0.1))
@@ -152,42 +189,42 @@ def attn_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int
     return Half(ref, physical, half.bond)
 
 
-def mera_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int) -> Half:
+def mera_half(ctx: FamilyContext, side: str, sites: list[Site]) -> Half:
     """Top-down MERA: isometries refine each site into two, disentanglers mix across isometry boundaries."""
     b, spec = ctx.builder, ctx.spec
-    n = len(modes)
-    physical = [ctx.index(f"{side}.m{k}", d, (offset + k,)) for k, d in enumerate(modes)]
+    n = len(sites)
+    physical = [i for site in sites for i in site.indices]
     if n == 1:
-        bond = ctx.index(f"{side}.top", min(spec.bond_at(0), modes[0]), (offset,))
-        ref = ctx.core(f"{side}.leaf0", f"{side}.leaf", [physical[0], bond], "leaf", ("normal", 1.0))
+        bond = ctx.index(f"{side}.top", min(spec.bond_at(0), sites[0].dim), (sites[0].position,))
+        ref = ctx.core(f"{side}.leaf0", f"{side}.leaf", [*sites[0].indices, bond], "leaf", ("normal", 1.0))
         return Half(ref, physical, bond)
     counts = [n]
-    below = [list(modes)]
-    under = [[(offset + k,) for k in range(n)]]
+    below = [[site.dim for site in sites]]
+    under = [[(site.position,) for site in sites]]
     while counts[-1] > 1:
         prev, prev_under = below[-1], under[-1]
         below.append([math.prod(prev[2 * j : 2 * j + 2]) for j in range((len(prev) + 1) // 2)])
         under.append([sum(prev_under[2 * j : 2 * j + 2], ()) for j in range((len(prev) + 1) // 2)])
         counts.append(len(below[-1]))
     levels = len(counts) - 1
-    sites = [
+    levels_sites = [
         [ctx.index(f"{side}.s{lvl}.{j}", min(spec.bond_at(lvl), below[lvl][j]), under[lvl][j]) for j in range(counts[lvl])]
         for lvl in range(levels + 1)
     ]
-    top = sites[levels][0]
+    top = levels_sites[levels][0]
     state: TensorRef | None = None
     for lvl in range(levels - 1, -1, -1):
         act = spec.activation_at(lvl + 1)
         isometries = []
-        for j, parent in enumerate(sites[lvl + 1]):
-            children = sites[lvl][2 * j : 2 * j + 2]
+        for j, parent in enumerate(levels_sites[lvl + 1]):
+            children = levels_sites[lvl][2 * j : 2 * j + 2]
             kind = "iso" if len(children) == 2 else "iso1"
             std = 1.0 if state is None else ctx.fan([parent])
             isometries.append(
                 ctx.core(f"{side}.l{lvl}.{kind}{j}", f"{side}.l{lvl}.{kind}", [parent] + children, "isometry",
                          ("normal", std))
             )
-        current = list(sites[lvl])
+        current = list(levels_sites[lvl])
         if state is None:
             state = isometries[0]  # the top isometry starts the state; it has no input to activate
         else:
@@ -203,21 +240,42 @@ def mera_half(ctx: FamilyContext, side: str, modes: tuple[int, ...], offset: int
             current[p], current[q] = new_p, new_q
         if gates:
             state = ctx.node(f"{side}.l{lvl}.disentangled", [state], gates, [top] + current, act)
-        sites[lvl] = current
+        levels_sites[lvl] = current
     leaves = [
-        ctx.core(f"{side}.leaf{k}", f"{side}.leaf", [physical[k], sites[0][k]], "leaf", ("normal", ctx.fan([sites[0][k]])))
-        for k in range(n)
+        ctx.core(f"{side}.leaf{k}", f"{side}.leaf", [*site.indices, levels_sites[0][k]], "leaf",
+                 ("normal", ctx.fan([levels_sites[0][k]])))
+        for k, site in enumerate(sites)
     ]
     assert state is not None
     ref = ctx.node(f"{side}.leaves", [state], leaves, [top] + physical, spec.activation_at(1))
     return Half(ref, physical, top)
 
 
-HALVES: dict[str, Callable[[FamilyContext, str, tuple[int, ...], int], Half]] = {
+HALVES: dict[str, Callable[[FamilyContext, str, list[Site]], Half]] = {
     "ttn": ttn_half,
     "attn": attn_half,
     "mera": mera_half,
 }
+
+
+def declare_sites(ctx: FamilyContext, out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> list[Site]:
+    """Declare the physical indices of ``ctx.spec.layout`` and return the sites in weight order.
+
+    Split: one site per mode, output modes first (positions 0..p+q-1). Operator: site k pairs ``o{k}``
+    with ``i{k}`` (positions 0..n-1; ``out_modes`` and ``in_modes`` have equal counts, see pair_modes).
+    """
+    if ctx.spec.layout == "operator":
+        sites = []
+        for k, (o, i) in enumerate(zip(out_modes, in_modes)):
+            o_index = ctx.builder.index(f"o{k}", o)
+            i_index = ctx.builder.index(f"i{k}", i)
+            sites.append(Site((o_index, i_index), o * i, k))
+        return sites
+    sites = []
+    for side, modes, offset in (("out", out_modes, 0), ("in", in_modes, len(out_modes))):
+        for k, d in enumerate(modes):
+            sites.append(Site((ctx.index(f"{side}.m{k}", d, (offset + k,)),), d, offset + k))
+    return sites
 
 
 def declare_network(spec: GeneratorSpec, weight_shape: tuple[int, ...]) -> tuple[FamilyContext, TensorRef, list[str]]:
@@ -225,9 +283,17 @@ def declare_network(spec: GeneratorSpec, weight_shape: tuple[int, ...]) -> tuple
     out_modes, in_modes = spec.tensorize(weight_shape)
     ctx = FamilyContext(spec.family, spec)
     half = HALVES[spec.family]
-    out_half = half(ctx, "out", out_modes, 0)
-    in_half = half(ctx, "in", in_modes, len(out_modes))
+    sites = declare_sites(ctx, out_modes, in_modes)
+    if spec.layout == "operator":
+        middle = (len(sites) + 1) // 2
+        out_half = half(ctx, "left", sites[:middle])
+        in_half = half(ctx, "right", sites[middle:])
+        physical = out_half.physical + in_half.physical  # (o_k, i_k) interleaved, sites in order
+        order = physical[0::2] + physical[1::2]
+    else:
+        out_half = half(ctx, "out", sites[: len(out_modes)])
+        in_half = half(ctx, "in", sites[len(out_modes):])
+        order = out_half.physical + in_half.physical
     top = ctx.core("top", "top", [out_half.bond, in_half.bond], "top", ("normal", ctx.fan([out_half.bond, in_half.bond])))
-    order = out_half.physical + in_half.physical
     result = ctx.node("weight", [out_half.ref, in_half.ref], [top], order, spec.top_activation)
     return ctx, result, order

@@ -85,8 +85,14 @@ def linear_cores(
                 f"({', '.join(LINEAR_GAINS)}), not {act!r}"
             )
     out_modes, in_modes = ctx.spec.tensorize(weight_shape or weight.shape)
-    modes = list(out_modes) + list(in_modes)
-    bases = _bases(ctx, weight, modes, len(out_modes), seed)
+    if ctx.spec.layout == "operator":
+        # Van Loan-Pitsianis rearrangement: the weight as a tensor over paired sites (o_k i_k), unfolded
+        # into (left sites) x (right sites). Its SVD is the nearest sum of Kronecker products; the HT-SVD
+        # below applies the same rearrangement recursively down each half's tree.
+        weight, modes, n_left = _rearrange_paired(weight, out_modes, in_modes)
+    else:
+        modes, n_left = list(out_modes) + list(in_modes), len(out_modes)
+    bases = _bases(ctx, weight, modes, n_left, seed)
     sizes = ctx.builder.sizes
     cores: dict[str, np.ndarray] = {}
     for name, indices in ctx.core_indices.items():
@@ -98,6 +104,10 @@ def linear_cores(
         elif role == "top":
             u_out, u_in = bases[indices[0]], bases[indices[1]]
             cores[name] = u_out.T @ weight @ u_in
+        elif any(i not in ctx.beneath for i in indices):
+            # an operator-layout leaf A[o_k, i_k, b]: the bond's basis over the site, split into its pair
+            bond = indices[-1]
+            cores[name] = bases[bond].reshape([sizes[i] for i in indices])
         else:
             operands = []
             for index in indices:
@@ -107,6 +117,16 @@ def linear_cores(
             cores[name] = opt_einsum.contract(*operands, [("i", i) for i in indices])
     _rescale(ctx, cores, output_scale)
     return cores
+
+
+def _rearrange_paired(weight: np.ndarray, out_modes, in_modes) -> tuple[np.ndarray, list[int], int]:
+    """(W as a (left sites) x (right sites) matrix, the site sizes o_k*i_k, the number of left sites)."""
+    n = len(out_modes)
+    tensor = weight.reshape(list(out_modes) + list(in_modes))
+    tensor = tensor.transpose([a for k in range(n) for a in (k, n + k)])
+    sites = [int(o) * int(i) for o, i in zip(out_modes, in_modes)]
+    n_left = (n + 1) // 2  # the families' split of the sites into halves
+    return tensor.reshape(math.prod(sites[:n_left]), -1), sites, n_left
 
 
 def _rescale(ctx: FamilyContext, cores: dict[str, np.ndarray], output_scale: float) -> None:

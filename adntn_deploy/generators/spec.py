@@ -12,6 +12,9 @@ from adntn_deploy.ir.program import GeneratorError
 
 FAMILIES = ("ttn", "attn", "mera")
 INITS = ("kaiming", "xavier")
+#: "split": one half network over the output modes, one over the input modes (low-rank join);
+#: "operator": paired (output mode, input mode) sites, the halves split the sites (Kronecker join).
+LAYOUTS = ("split", "operator")
 
 
 def prime_factors(n: int) -> list[int]:
@@ -63,7 +66,11 @@ class GeneratorSpec:
         share: one core per (half, level) -- a uniform network; needs equal mode sizes per half.
         mixing: lateral mixing tensors between sibling bonds before each coarse-graining (TTN and aTTN).
         init: variance target of the generated weight: "kaiming" (2/fan_in) or "xavier" (2/(fan_in+fan_out)).
-        seed: seed of the core initialisation.
+        seed: seed of the core initialisation; None draws one from torch's global RNG when a torch layer is
+            built (so ``torch.manual_seed`` decides, as for torch's own layers) and uses 0 elsewhere.
+        layout: "split" (output modes and input modes in separate halves: the weight's matrix rank is at
+            most the top bond) or "operator" (each site pairs an output mode with an input mode; the
+            halves split the sites, so the weight is a sum of Kronecker products and can be full rank).
         planner: path optimizer splitting each node into pairwise steps (see adntn_deploy.ir.planner).
     """
 
@@ -78,8 +85,9 @@ class GeneratorSpec:
     share: bool = False
     mixing: bool = False
     init: str = "kaiming"
-    seed: int = 0
+    seed: int | None = None
     planner: str = "min-peak"
+    layout: str = "split"
 
     def __post_init__(self) -> None:
         for name in ("bond_dim", "activation", "out_modes", "in_modes"):
@@ -95,6 +103,10 @@ class GeneratorSpec:
             get_activation(act)
         if self.arity < 2:
             raise GeneratorError(f"arity must be >= 2, got {self.arity}")
+        if self.layout not in LAYOUTS:
+            raise GeneratorError(f"unknown layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise GeneratorError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         if self.init not in INITS:
             raise GeneratorError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
         if self.mixing and self.family == "mera":
@@ -151,6 +163,8 @@ class GeneratorSpec:
                     f"{label}={list(modes)} multiply to {math.prod(modes)}, not to the dimension {dim}: "
                     f"give modes whose product is {dim} (its prime factors are {prime_factors(dim)})"
                 )
+        if self.layout == "operator":
+            out_modes, in_modes = pair_modes(out_modes, in_modes)
         return out_modes, in_modes
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +173,11 @@ class GeneratorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorSpec":
-        """Inverse of :meth:`to_dict`; GeneratorError on unknown fields."""
+        """Inverse of :meth:`to_dict`; GeneratorError on unknown fields.
+
+        A dict without ``layout`` (written before the operator layout existed) is the split layout.
+        """
+        data = {"layout": "split", **data}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -169,6 +187,29 @@ class GeneratorSpec:
     def with_options(self, **changes: Any) -> "GeneratorSpec":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+def pair_modes(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Output and input modes of equal count for the operator layout: site k pairs ``out[k]`` with ``in[k]``.
+
+    Modes of size 1 are dropped, then the shorter list is padded with 1s at its end (for a convolution the
+    kernel's spatial modes, last on the input side, then pair with output modes of size 1 or with the last
+    output modes). The layout needs two sites: a single pair raises.
+
+    Raises:
+        GeneratorError: fewer than two sites (both dimensions fit one mode each).
+    """
+    out = [int(m) for m in out_modes if int(m) > 1]
+    inp = [int(m) for m in in_modes if int(m) > 1]
+    count = max(len(out), len(inp))
+    if count < 2:
+        raise GeneratorError(
+            f"the operator layout needs at least two paired sites, but out_modes={list(out_modes)} and "
+            f"in_modes={list(in_modes)} give {count}: lower max_mode or pass out_modes/in_modes with two modes"
+        )
+    out += [1] * (count - len(out))
+    inp += [1] * (count - len(inp))
+    return tuple(out), tuple(inp)
 
 
 def fan_in_out(weight_shape: Sequence[int]) -> tuple[int, int]:

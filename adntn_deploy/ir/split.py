@@ -125,6 +125,12 @@ def split_generator(ir: GeneratorIR) -> SplitGenerator:
             not built in the split layout, or one planned so that the sides meet earlier); the message
             says which indices mix.
     """
+    spec = ir.metadata.get("spec") if isinstance(ir.metadata, dict) else None
+    if isinstance(spec, dict) and spec.get("layout") == "operator":
+        raise GeneratorError(
+            f"this {ir.family} generator uses the operator layout, whose weight is a sum of Kronecker products, not "
+            "a product of output and input factors; streaming it is not supported yet: use --weights load or fold"
+        )
     last = ir.steps[-1]
     lhs, rhs, out = last.subscripts
     result_shape = ir.shape_of(ir.result)

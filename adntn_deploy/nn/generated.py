@@ -39,7 +39,13 @@ class GeneratedWeight(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: GeneratorSpec, weight_shape: Sequence[int]) -> "GeneratedWeight":
-        """Build and initialise a generator for ``weight_shape`` (see :func:`build_generator`)."""
+        """Build and initialise a generator for ``weight_shape`` (see :func:`build_generator`).
+
+        ``spec.seed=None`` draws the seed from torch's global RNG (``torch.manual_seed`` decides, and two
+        layers of one shape start different); the drawn seed is recorded in the IR's spec.
+        """
+        if spec.seed is None:
+            spec = spec.with_options(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         generator = build_generator(spec, weight_shape)
         return cls(generator.ir, generator.cores)
 

@@ -196,11 +196,12 @@ class ADNTNMultiheadAttention(nn.Module):
         if unknown:
             raise GeneratorError(f"unknown projection(s) {sorted(unknown)}: choose from {self.PROJECTIONS}")
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
-        seed = int(spec_options.pop("seed", 0))
+        seed = spec_options.pop("seed", None)  # None: each projection draws from torch's global RNG
         for k, name in enumerate(self.PROJECTIONS):
             if name in projections:
                 layer: nn.Module = ADNTNLinear(
-                    embed_dim, embed_dim, family, bond_dim, activation, bias, seed=seed + k, **spec_options
+                    embed_dim, embed_dim, family, bond_dim, activation, bias,
+                    seed=None if seed is None else int(seed) + k, **spec_options
                 )
             else:
                 layer = nn.Linear(embed_dim, embed_dim, bias=bias)
