@@ -173,6 +173,16 @@ def _require_same_names(info, expected: dict, against: str) -> None:
         raise CheckpointError(f"{info.path} does not fit {against}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def _structure(ir) -> dict:
+    """The IR as a dict without what a layer's random start decides (its seed and output scale)."""
+    data = ir.to_dict()
+    data.pop("output_scale", None)
+    spec = dict(data.get("metadata", {}).get("spec", {}))
+    spec.pop("seed", None)
+    data["metadata"] = {**data.get("metadata", {}), "spec": spec}
+    return data
+
+
 def load_checkpoint(path: str | os.PathLike, model=None):
     """Load a checkpoint into ``model``, or build the model from the stored architecture when None.
 
@@ -198,8 +208,10 @@ def load_checkpoint(path: str | os.PathLike, model=None):
         stored = info.generators.get(name)
         if stored is None:
             raise CheckpointError(f"layer {name!r} is generated in the model but not in {info.path}")
-        if stored.to_dict() != gw.ir.to_dict():
+        if _structure(stored) != _structure(gw.ir):
             raise CheckpointError(f"layer {name!r}: the model's generator differs from the one stored in {info.path}")
+        # same program; the stored output scale (and seed) belong to the stored cores
+        gw.ir, gw._cache = stored, None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _require_same_names(info, expected, "the model")
     for k, shape in expected.items():

@@ -39,6 +39,7 @@ class DemoOptions:
     model: str = "alexnet"
     epochs: int = 2
     family: str = "ttn"
+    layout: str = "operator"
     ratio: float = 2000.0
     fit_steps: int = 50
     finetune_epochs: int = 1
@@ -132,7 +133,7 @@ def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[st
     from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.compression import compress
     from adntn_deploy.models.zoo import build_model
-    from adntn_deploy.training import evaluate, finetune, predict_logits, train
+    from adntn_deploy.training import Distillation, evaluate, finetune, predict_logits, train
 
     opts = options or DemoOptions()
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -158,10 +159,12 @@ def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[st
     rows.append({"stage": "dense model", "backend": "torch", "file": dense_path.name, "bytes": _dir_bytes(dense_path),
                  "ratio": 1.0, "accuracy": dense_acc, "latency_ms": dense_ms, "max_rel_diff": None, "note": f"{opts.epochs} epoch(s)"})
 
-    say(f"[2/6] compress the classifier: {opts.family} at >= {opts.ratio:,.0f}x per layer, then fine-tune {opts.finetune_epochs} epoch(s)")
-    model, report = compress(dense, "classifier", opts.family, ratio=opts.ratio, fit_steps=opts.fit_steps, seed=opts.seed,
-                             calibration=data.train_x[:2000])
-    finetune(model, data, epochs=opts.finetune_epochs, scope="head", seed=opts.seed, progress=not quiet)
+    say(f"[2/6] compress the classifier: {opts.family} ({opts.layout} layout) at >= {opts.ratio:,.0f}x per layer, then "
+        f"fine-tune {opts.finetune_epochs} epoch(s) distilling from the dense model")
+    model, report = compress(dense, "classifier", opts.family, ratio=opts.ratio, layout=opts.layout, fit_steps=opts.fit_steps,
+                             seed=opts.seed, calibration=data.train_x[:2000])
+    finetune(model, data, epochs=opts.finetune_epochs, scope="head", seed=opts.seed, progress=not quiet,
+             distill=Distillation(dense))
     model.eval()
     acc = evaluate(model, data.test_x, data.test_y)
     small_path = save_checkpoint(work / "compressed.ckpt", model, {"inputs": inputs, "dataset": data.name, "test_accuracy": acc,

@@ -48,7 +48,26 @@ def test_compress_then_export(dense_ckpt, tmp_path):
 def test_compress_prints_a_table(dense_ckpt, tmp_path):
     out = run("compress", "--model", str(dense_ckpt), "--data", "digits", "--layers", "3", "--bond-dim", "3",
               "--fit-steps", "5", "--epochs", "0", "-o", str(tmp_path / "c.ckpt")).stdout
-    assert "bond 3, max_mode 4" in out and "test accuracy: dense" in out and "whole model" in out
+    assert "operator, bond 3, max_mode 4" in out and "test accuracy: dense" in out and "whole model" in out
+
+
+def test_compress_split_layout_and_distillation_flags(dense_ckpt, tmp_path):
+    result = json.loads(run("compress", "--model", str(dense_ckpt), "--data", "digits", "--layers", "3", "--ratio", "300",
+                            "--layout", "split", "--fit-steps", "5", "--epochs", "1", "--scope", "head", "--calibrate", "0",
+                            "--distill-weight", "0.5", "--match-layers", "0.1", "-o", str(tmp_path / "s.ckpt"), "--json").stdout)
+    assert result["compression"]["layers"][0]["spec"]["layout"] == "split"
+
+
+def test_train_with_generated_layers_from_scratch(tmp_path):
+    path = tmp_path / "scratch.ckpt"
+    out = json.loads(run("train", "--model", "mlp", "--data", "digits", "--epochs", "3", "--family", "ttn", "--ratio", "500",
+                         "-o", str(path), "--json").stdout)
+    assert out["generated"]["layout"] == "operator" and out["test_accuracy"] > 0.3
+    info = read_checkpoint(path)
+    assert set(info.generators) == {"1", "3"}
+    assert all(ir.report().compression_ratio >= 500 for ir in info.generators.values())
+    bad = run("train", "--model", "mlp", "--data", "digits", "--family", "ttn", "-o", str(tmp_path / "x.ckpt"), check=False)
+    assert bad.returncode == 2 and "--family and --ratio together" in bad.stderr
 
 
 @pytest.mark.parametrize("args, env, message", [
@@ -84,4 +103,4 @@ def test_compress_bad_input_is_one_line(dense_ckpt, tmp_path, args, env, message
 
 def test_train_unknown_model_is_one_line(tmp_path):
     proc = run("train", "--model", "resnet", "--data", "digits", "-o", str(tmp_path / "x.ckpt"), check=False)
-    assert proc.returncode == 1 and "unknown model 'resnet': the zoo has vgg, alexnet, mlp" in proc.stderr
+    assert proc.returncode == 1 and "unknown model 'resnet': the zoo has vgg, alexnet, mlp, mlp4096" in proc.stderr

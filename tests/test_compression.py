@@ -157,3 +157,49 @@ def test_generated_weight_keeps_the_dense_weights_norm(trained_mlp):
     for r in report.layers:
         assert r.norm_rescale > 1  # a 500x generator captures a small part of a trained weight
         torch.testing.assert_close(model[int(r.name)].weight.norm(), trained_mlp[int(r.name)].weight.norm(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["operator", "split", "auto"])
+def test_compress_layouts(trained_mlp, layout):
+    model, report = compress(trained_mlp, "classifier", "ttn", ratio=300, fit_steps=5, layout=layout)
+    layouts = [r.spec["layout"] for r in report.layers]
+    assert all(lo == layout for lo in layouts) if layout != "auto" else set(layouts) <= {"split", "operator"}
+    assert all(r.ratio >= 300 for r in report.layers)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_auto_layout_keeps_the_lower_fit_error(trained_mlp):
+    errors = {lo: compress(trained_mlp, "3", "ttn", ratio=300, fit_steps=5, layout=lo)[1].layers[0].fit_error
+              for lo in ("operator", "split", "auto")}
+    assert errors["auto"] == min(errors["operator"], errors["split"])
+
+
+def test_distillation_fine_tunes_towards_the_teacher(trained_mlp, digits):
+    from adntn_deploy.training import Distillation
+
+    model, _ = compress(trained_mlp, "classifier", "ttn", ratio=200, fit_steps=0)
+    result = finetune(model, digits, epochs=4, scope="head", batch_size=32, progress=False,
+                      distill=Distillation(trained_mlp, temperature=2.0, weight=0.5, match_layers=0.1))
+    assert result.train_loss[-1] < result.train_loss[0]
+    assert evaluate(model, digits.test_x, digits.test_y) > 0.6 * evaluate(trained_mlp, digits.test_x, digits.test_y)
+    # hooks are removed afterwards: the teacher runs as before
+    assert not trained_mlp[1]._forward_hooks
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"weight": 1.5}, {"match_layers": -1}])
+def test_distillation_bad_arguments(trained_mlp, kwargs):
+    from adntn_deploy.training import Distillation
+
+    with pytest.raises(GeneratorError, match="distillation needs"):
+        Distillation(trained_mlp, **kwargs)
+
+
+def test_generated_layers_train_from_scratch(digits):
+    from adntn_deploy.compression import generated_from_scratch
+
+    torch.manual_seed(0)
+    model, report = generated_from_scratch(build_model("mlp"), "classifier", "mera", ratio=500, layout="operator")
+    assert [r.init for r in report.layers] == ["random", "random"] and all(r.ratio >= 500 for r in report.layers)
+    assert not torch.equal(model[1].weight[:16, :16], model[3].weight[:16, :16])
+    train(model, digits, epochs=4, batch_size=32, progress=False)
+    assert evaluate(model, digits.test_x, digits.test_y) > 0.5  # chance is 0.1

@@ -22,11 +22,15 @@ def test_every_layer_and_family_has_a_2k_and_a_most_compressed_preset():
     for model, layers in LAYERS.items():
         for layer, shape in layers.items():
             for family in ("ttn", "attn", "mera"):
-                tiers = {p.tier for p in PRESETS.values() if (p.model, p.layer, p.spec.family) == (model, layer, family)}
+                tiers = {p.tier for p in PRESETS.values() if (p.model, p.layer, p.spec.family, p.spec.layout) == (model, layer, family, "split")}
                 assert "2k" in tiers
                 assert tiers & {"50k", "35k", "10k"}
                 if (layer != "fc8") or family == "ttn":
                     assert "50k" in tiers
+                operator = {p.tier for p in PRESETS.values() if (p.model, p.layer, p.spec.family, p.spec.layout) == (model, layer, family, "operator")}
+                assert "2k" in operator and (operator & {"77k", "25k"})
+                if (layer, family) != ("fc8", "attn"):
+                    assert {"50k", "77k"} <= operator
 
 
 # Hand counts. A TTN leaf is (mode, bond); a binary node (bond, bond, bond); the join (bond, bond).
@@ -41,6 +45,9 @@ HAND_COUNTS = {
     # single-child isometry 4 + one disentangler 16; level 0: three isometries 24 + two disentanglers 32;
     # six leaves (4,2) 48; join 4
     "vgg16-fc7-mera-50k": 2 * (8 + 8 + 4 + 16 + 24 + 32 + 48) + 4,
+    # operator layout, sites (4, 4) x 6 (16 elements), bond 3, shared per (half, level, shape): per half one
+    # leaf 16*3, a level-1 node 27 (the third site is carried up), a level-2 node 27; join 3*3
+    "vgg16-fc7-ttn-operator-77k": 2 * (16 * 3 + 27 + 27) + 9,
 }
 
 
@@ -55,7 +62,8 @@ def _relative(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("vgg16-") or "fc6" in n))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if (n.startswith("vgg16-") or "fc6" in n) and "operator" not in n)
+                         + sorted(n for n in PRESETS if n.startswith("vgg16-fc7") and "operator" in n))
 def test_preset_weight_is_the_same_in_numpy_and_torch(name):
     # alexnet fc7/fc8 presets share their configuration with vgg16's, so they are covered by those
     preset = PRESETS[name]

@@ -154,10 +154,12 @@ def _inspect_onnx(path: Path) -> list[dict]:
 @cli.command()
 @click.option("--data", default="auto", show_default=True,
               help="fashion-mnist, digits, or auto (Fashion-MNIST when installed, else the built-in digits).")
-@click.option("--model", "model_name", default="alexnet", show_default=True, help="Zoo model to train (alexnet, vgg, mlp).")
+@click.option("--model", "model_name", default="alexnet", show_default=True, help="Zoo model to train (alexnet, vgg, mlp, mlp4096).")
 @click.option("--epochs", default=2, show_default=True, help="Dense training epochs.")
 @click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default="ttn", show_default=True)
 @click.option("--ratio", default=2000.0, show_default=True, help="Per-layer compression ratio of the classifier layers.")
+@click.option("--layout", type=click.Choice(["operator", "split", "auto"]), default="operator", show_default=True,
+              help="Generator layout (docs/generators.md): operator keeps accuracy at high ratios.")
 @click.option("--finetune-epochs", default=1, show_default=True, help="Fine-tuning epochs after compression.")
 @click.option("--fit-steps", default=50, show_default=True, help="Adam steps fitting the cores to the trained weights.")
 @click.option("--target", "cross_target", default="rpi4", show_default=True, help="Profile to cross-compile for besides the host.")
@@ -166,11 +168,11 @@ def _inspect_onnx(path: Path) -> list[dict]:
               help="Keep the checkpoints, ONNX file and artifacts in this folder (default: a temporary folder).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
-def demo(data, model_name, epochs, family, ratio, finetune_epochs, fit_steps, cross_target, no_serve, output, seed, as_json):
+def demo(data, model_name, epochs, family, ratio, layout, finetune_epochs, fit_steps, cross_target, no_serve, output, seed, as_json):
     """The main job: train, compress (>= 2,000x), export, compile (host + Raspberry Pi), verify, serve; one table."""
     from adntn_deploy.demo import DemoOptions, run_demo
 
-    options = DemoOptions(data=data, model=model_name, epochs=epochs, family=family, ratio=ratio, fit_steps=fit_steps,
+    options = DemoOptions(data=data, model=model_name, epochs=epochs, family=family, ratio=ratio, layout=layout, fit_steps=fit_steps,
                           finetune_epochs=finetune_epochs, cross_target=cross_target, workdir=output, serve=not no_serve, seed=seed)
     result = run_demo(options, quiet=as_json)
     if as_json:

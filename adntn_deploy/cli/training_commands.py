@@ -42,20 +42,33 @@ def _guard_output(output: Path, *inputs: Path) -> None:
 @click.option("--model", "model_name", required=True, help="Zoo model: vgg, alexnet or mlp.")
 @click.option("--epochs", default=3, show_default=True, help="Training epochs.")
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default=None,
+              help="Train with generated layers from the start (with --ratio): the layers named by --layers.")
+@click.option("--ratio", type=float, default=None, help="Per-layer compression ratio of the generated layers (with --family).")
+@click.option("--layout", type=click.Choice(["operator", "split"]), default="operator", show_default=True,
+              help="Generator layout of the generated layers.")
+@click.option("--layers", default="classifier", show_default=True, help="Layers to generate (with --family), as in compress.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write (.ckpt).")
 @data_options
-def train_command(model_name, epochs, lr, output, data_name, data_dir, batch_size, seed, as_json):
-    """Train a dense zoo model on a dataset; writes a checkpoint that compress and export read."""
+def train_command(model_name, epochs, lr, family, ratio, layout, layers, output, data_name, data_dir, batch_size, seed, as_json):
+    """Train a zoo model on a dataset (dense, or with generated layers from the start); writes a checkpoint."""
     from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.data import load_dataset
     from adntn_deploy.models.zoo import build_model
     from adntn_deploy.training import evaluate, train
 
+    if (family is None) != (ratio is None):
+        raise click.UsageError("give --family and --ratio together to train generated layers from scratch")
     model = build_model(model_name, seed=seed)  # unknown names fail before the data is read
+    if family is not None:
+        from adntn_deploy.compression import generated_from_scratch
+
+        model, _ = generated_from_scratch(model, layers, family, ratio=ratio, layout=layout, seed=seed)
     data = load_dataset(data_name, data_dir)
     result = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
     accuracy = evaluate(model, data.test_x, data.test_y)
     summary = {"model": model_name, "data": data.describe(), "test_accuracy": accuracy, "training": result.as_dict(),
+               "generated": {"family": family, "ratio": ratio, "layout": layout, "layers": layers} if family else None,
                "params": sum(p.numel() for p in model.parameters()), "checkpoint": str(output)}
     save_checkpoint(output, model, {"inputs": _inputs_extra(data), "dataset": data.name, "test_accuracy": accuracy,
                                     "training": result.as_dict(), "zoo": model_name})

@@ -76,7 +76,17 @@ def mlp(num_classes: int = 10, in_channels: int = 1) -> dict[str, Any]:
     ]}
 
 
-ZOO: dict[str, Callable[..., dict[str, Any]]] = {"vgg": vgg, "alexnet": alexnet, "mlp": mlp}
+def mlp4096(num_classes: int = 10, in_channels: int = 1) -> dict[str, Any]:
+    """784 -> 4096 -> 4096 -> classes MLP: a paper-sized 4096x4096 hidden layer (77,000x leaves ~218 parameters)."""
+    return {"type": "sequential", "layers": [
+        {"type": "flatten"},
+        {"type": "linear", "in_features": in_channels * 28 * 28, "out_features": 4096}, {"type": "relu"},
+        {"type": "linear", "in_features": 4096, "out_features": 4096}, {"type": "relu"},
+        {"type": "linear", "in_features": 4096, "out_features": num_classes},
+    ]}
+
+
+ZOO: dict[str, Callable[..., dict[str, Any]]] = {"vgg": vgg, "alexnet": alexnet, "mlp": mlp, "mlp4096": mlp4096}
 INPUT_SHAPE = (1, 28, 28)
 
 
