@@ -179,6 +179,7 @@ def _structure(ir) -> dict:
     data.pop("output_scale", None)
     spec = dict(data.get("metadata", {}).get("spec", {}))
     spec.pop("seed", None)
+    spec.setdefault("layout", "split")  # written before layouts existed
     data["metadata"] = {**data.get("metadata", {}), "spec": spec}
     return data
 

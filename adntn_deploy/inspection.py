@@ -18,6 +18,7 @@ def describe(name: str, ir: GeneratorIR) -> dict[str, Any]:
     return {
         "name": name,
         "family": ir.family,
+        "layout": spec.get("layout", "split"),
         "weight_shape": list(ir.weight_shape),
         "out_modes": list(ir.metadata.get("out_modes", [])),
         "in_modes": list(ir.metadata.get("in_modes", [])),
@@ -38,12 +39,13 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Headers and formatted rows for :func:`adntn_deploy.cli.tables.render_table`."""
     from adntn_deploy.cli.tables import human_bytes, human_count
 
-    headers = ["layer", "family", "shape", "modes (out | in)", "bond", "params", "dense", "ratio", "gen FLOPs", "peak"]
+    headers = ["layer", "family", "layout", "shape", "modes (out | in)", "bond", "params", "dense", "ratio", "gen FLOPs", "peak"]
     out = []
     for r in rows:
         out.append([
             r["name"],
             r["family"],
+            r["layout"],
             "x".join(map(str, r["weight_shape"])),
             f"{'.'.join(map(str, r['out_modes']))} | {'.'.join(map(str, r['in_modes']))}",
             r["bond_dim"],

@@ -69,6 +69,11 @@ def run(args) -> list[dict]:
         for layout, family, ratio in [(lo, f, r) for lo in args.layouts for f in args.families for r in args.ratios]:
                 row = {"model": model_name, "family": family, "layout": layout, "target_ratio": ratio, "dense_accuracy": dense_acc}
                 start = time.perf_counter()
+                if args.from_scratch:
+                    rows.append(scratch_row(row, model_name, data, family, layout, ratio, args))
+                    save()
+                    print(f"  scratch {layout} {family} {ratio}x: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
+                    continue
                 try:
                     model, report = compress(dense, "classifier", family, ratio=ratio, layout=layout, activation=args.activation,
                                              fit_steps=args.fit_steps, seed=args.seed,
@@ -96,6 +101,25 @@ def run(args) -> list[dict]:
                       f"{row['layer_ratios']}, model {report.model_ratio:.1f}x, {row['seconds']:.0f} s", flush=True)
     save()
     return rows
+
+
+def scratch_row(row: dict, model_name: str, data, family: str, layout: str, ratio: float, args) -> dict:
+    """Train the zoo net with generated classifier layers from random cores (no dense net), as long as the dense one."""
+    from adntn_deploy.compression import generated_from_scratch
+    from adntn_deploy.models.zoo import build_model
+    from adntn_deploy.training import evaluate, train
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model, report = generated_from_scratch(build_model(model_name, data.num_classes, args.seed), "classifier", family,
+                                           ratio=ratio, layout=layout, activation=args.activation, seed=args.seed)
+    train(model, data, epochs=args.dense_epochs, seed=args.seed)
+    acc = evaluate(model, data.test_x, data.test_y)
+    row.update(layout=f"{layout} (from scratch, {args.dense_epochs} epochs)", accuracy=acc,
+               delta_points=100 * (acc - row["dense_accuracy"]), layer_ratios=[round(r.ratio, 1) for r in report.layers],
+               layer_params=[r.params for r in report.layers], model_ratio=report.model_ratio,
+               seconds=time.perf_counter() - start)
+    return row
 
 
 def describe(meta: dict) -> str:
@@ -168,6 +192,8 @@ def main() -> None:
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--distill-weight", type=float, default=0.7, help="knowledge distillation weight (0: labels only)")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train the nets with generated layers from random cores for --dense-epochs instead of compressing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")

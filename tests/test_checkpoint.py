@@ -128,3 +128,27 @@ def test_mismatches_give_clear_errors(tmp_path, model):
     reseeded = build_sequential({**ARCH, "layers": [dict(ARCH["layers"][0], generator={"family": "ttn"})] + ARCH["layers"][1:]})
     with pytest.raises(CheckpointError, match="generator differs"):
         load_checkpoint(path, reseeded)
+
+
+def test_files_written_before_layouts_existed_still_load(tmp_path):
+    """A checkpoint whose generator specs carry no 'layout' (and a fixed seed 0) loads, alone or into a new model."""
+    import json
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = build_sequential(ARCH).eval()
+    path = save_checkpoint(tmp_path / "new.ckpt", model)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    generators = json.loads(meta["adntn.generators"])
+    for ir in generators.values():
+        del ir["metadata"]["spec"]["layout"]
+    meta["adntn.generators"] = json.dumps(generators)
+    old = tmp_path / "old.ckpt"
+    save_file(tensors, str(old), metadata=meta)
+    x = torch.randn(2, 1, 28, 28)
+    alone = load_checkpoint(old)
+    fresh = load_checkpoint(old, build_sequential(ARCH))  # a new model: another random seed and output scale
+    torch.testing.assert_close(alone(x), model(x))
+    torch.testing.assert_close(fresh(x), model(x))

@@ -58,10 +58,26 @@ def _bases(ctx: FamilyContext, weight: np.ndarray, modes: list[int], n_out: int,
         axes = [p - first for p in under]
         rest = [a for a in range(tensor.ndim) if a not in axes]
         unfolded = tensor.transpose(axes + rest).reshape(math.prod(modes[p] for p in under), -1)
-        gram = unfolded @ unfolded.T
-        vals, vecs = np.linalg.eigh(gram)
-        bases[index] = vecs[:, ::-1][:, :size]
+        bases[index] = _leading_basis(unfolded, size, rng)
     return bases
+
+
+def _leading_basis(unfolded: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` orthonormal columns spanning ``unfolded``'s leading left singular subspace first.
+
+    Tall unfoldings (the operator layout's sites below a half's top bond can hold 10^6 rows against a
+    few columns) take a thin SVD instead of the rows x rows Gram matrix, and are completed with random
+    orthonormal directions when the bond is wider than the unfolding's rank.
+    """
+    rows, cols = unfolded.shape
+    if rows <= max(cols, SKETCH_ABOVE):
+        vals, vecs = np.linalg.eigh(unfolded @ unfolded.T)
+        return vecs[:, ::-1][:, :size]
+    u = np.linalg.svd(unfolded, full_matrices=False)[0][:, :size]
+    if u.shape[1] < size:
+        filler = rng.standard_normal((rows, size - u.shape[1]))
+        u = np.linalg.qr(np.concatenate([u, filler], axis=1))[0]
+    return u
 
 
 def linear_cores(
