@@ -42,7 +42,7 @@ class DemoOptions:
     layout: str = "operator"
     ratio: float = 2000.0
     fit_steps: int = 50
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     cross_target: str = "rpi4"
     workdir: Path | None = None
     serve: bool = True

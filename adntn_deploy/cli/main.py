@@ -160,7 +160,7 @@ def _inspect_onnx(path: Path) -> list[dict]:
 @click.option("--ratio", default=2000.0, show_default=True, help="Per-layer compression ratio of the classifier layers.")
 @click.option("--layout", type=click.Choice(["operator", "split", "auto"]), default="operator", show_default=True,
               help="Generator layout (docs/generators.md): operator keeps accuracy at high ratios.")
-@click.option("--finetune-epochs", default=1, show_default=True, help="Fine-tuning epochs after compression.")
+@click.option("--finetune-epochs", default=2, show_default=True, help="Fine-tuning epochs after compression (with distillation).")
 @click.option("--fit-steps", default=50, show_default=True, help="Adam steps fitting the cores to the trained weights.")
 @click.option("--target", "cross_target", default="rpi4", show_default=True, help="Profile to cross-compile for besides the host.")
 @click.option("--no-serve", is_flag=True, help="Skip starting the HTTP server.")
