@@ -29,7 +29,7 @@ assert "AVX2" in found and "AVX512F" not in found, f"emulated CPU features: {sor
 print("test-avx2: emulated CPU has AVX2 + FMA3, no AVX-512", flush=True)
 PY
 if [ $# -eq 0 ]; then
-    set -- tests/test_tolerance.py "tests/test_onnx_export.py::test_torch_equals_onnxruntime[conv-attn]" \
-        "tests/test_onnx_export.py::test_torch_equals_onnxruntime[linear-ttn]" -q -p no:cacheprovider
+    set -- tests/test_tolerance.py "tests/test_onnx_export.py::test_torch_equals_onnxruntime[conv-attn-split]" \
+        "tests/test_onnx_export.py::test_torch_equals_onnxruntime[linear-ttn-operator]" -q -p no:cacheprovider
 fi
 exec qemu-x86_64 -cpu Haswell "$PY" -m pytest "$@"

@@ -36,8 +36,9 @@ def test_presets_json_lists_every_preset_with_its_ratio():
 
 def test_inspect_presets_by_pattern_prints_a_table():
     out = run("inspect", "vgg16-fc6-*").stdout
-    assert out.count("vgg16-fc6-") == 6
+    assert out.count("vgg16-fc6-") == len([n for n in PRESETS if n.startswith("vgg16-fc6-")])  # 6 split + 9 operator
     assert "50,872x" in out  # vgg16-fc6-ttn-50k
+    assert "operator" in out and "79,168x" in out  # vgg16-fc6-ttn-operator-77k
 
 
 def test_inspect_checkpoint(tmp_path):
