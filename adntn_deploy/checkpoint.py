@@ -212,7 +212,7 @@ def load_checkpoint(path: str | os.PathLike, model=None):
         if _structure(stored) != _structure(gw.ir):
             raise CheckpointError(f"layer {name!r}: the model's generator differs from the one stored in {info.path}")
         # same program; the stored output scale (and seed) belong to the stored cores
-        gw.ir, gw._cache = stored, None
+        gw.use_program(stored)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _require_same_names(info, expected, "the model")
     for k, shape in expected.items():

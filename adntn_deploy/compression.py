@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from adntn_deploy.errors import GeneratorError
-from adntn_deploy.fit import fit
+from adntn_deploy.fit import fit, relative_error
 from adntn_deploy.generators import GeneratorSpec, build_generator, build_structure
 from adntn_deploy.generators.spec import LAYOUTS
 from adntn_deploy.generators.linear_init import LINEAR_GAINS
@@ -201,8 +201,6 @@ def _fit_layer(spec: GeneratorSpec, weight: np.ndarray, fit_steps: int, seed: in
         result = fit(generator.ir, cores, weight, steps=fit_steps, seed=seed,
                      callback=(lambda step, err: progress(name, step + 1, fit_steps)) if progress else None)
         return generator, result.cores, result.initial_relative_error, result.relative_error, linear_start
-    from adntn_deploy.fit import relative_error
-
     err = relative_error(generator.ir, cores, weight)
     return generator, cores, err, err, linear_start
 
@@ -251,6 +249,14 @@ def _match_norm(ir, cores: dict[str, np.ndarray], weight: np.ndarray):
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _install(model: nn.Module, name: str, layer: nn.Module, new: nn.Module, spec: GeneratorSpec) -> None:
+    """Swap ``layer`` for ``new`` and record it in a JSON-built model's architecture, so it saves and reloads."""
+    _set_submodule(model, name, new)
+    architecture = getattr(model, "adntn_architecture", None)
+    if architecture is not None and isinstance(model, nn.Sequential) and name.isdigit():
+        architecture["layers"][int(name)] = _architecture_entry(layer, spec)
 
 
 def compress(
@@ -309,20 +315,18 @@ def compress(
     layouts = LAYOUTS if layout == "auto" else (layout,)
     specs: dict[str, list[GeneratorSpec]] = {}
     for name, layer in chosen:
-        options = []
+        options, unreachable = [], []
         for candidate in layouts:
             base_layout = base.with_options(layout=candidate)
             try:
                 options.append(base_layout if ratio is None else config_for_ratio(_weight_shape(layer), ratio, base_layout))
-            except GeneratorError:
-                if layout != "auto":
-                    raise
-        if not options:  # auto, and neither layout reaches the ratio: the operator layout's message says why
-            config_for_ratio(_weight_shape(layer), ratio, base.with_options(layout="operator"))
+            except GeneratorError as exc:
+                unreachable.append(exc)
+        if not options:  # with "auto", the operator layout's message (the last tried) says what is reachable
+            raise unreachable[-1]
         specs[name] = options
     report = CompressionReport(model_params_before=count_params(target))
     inputs = layer_inputs(target, chosen, calibration) if calibration is not None else {}
-    architecture = getattr(target, "adntn_architecture", None)
     for name, layer in chosen:
         weight = dense_weight = layer.weight.detach().double().cpu().numpy()
         if name in inputs:
@@ -348,9 +352,7 @@ def compress(
             shift = (dense_weight.reshape(len(generated), -1) - generated.reshape(len(generated), -1)) @ mean_input
             with torch.no_grad():
                 new.bias.add_(torch.as_tensor(shift, dtype=new.bias.dtype))
-        _set_submodule(target, name, new)
-        if architecture is not None and isinstance(target, nn.Sequential) and name.isdigit():
-            architecture["layers"][int(name)] = _architecture_entry(layer, spec)
+        _install(target, name, layer, new, spec)
         r = ir.report()
         report.layers.append(LayerReport(
             name=name, kind=type(layer).__name__, weight_shape=tuple(weight.shape), spec=spec.to_dict(),
@@ -361,7 +363,6 @@ def compress(
     report.model_params_after = count_params(target)
     target.eval()
     return target, report
-
 
 
 def generated_from_scratch(
@@ -384,19 +385,13 @@ def generated_from_scratch(
     Raises:
         GeneratorError: a bad selection, layout or configuration, or a ratio some layer cannot reach.
     """
-    if layout not in LAYOUTS:
-        raise GeneratorError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    base = GeneratorSpec(family=family, activation=activation, layout=layout, **spec_options)  # validates layout
     chosen = select_layers(model, layers)
-    base = GeneratorSpec(family=family, activation=activation, layout=layout, **spec_options)
     report = CompressionReport(model_params_before=count_params(model))
-    architecture = getattr(model, "adntn_architecture", None)
     for k, (name, layer) in enumerate(chosen):
         spec = config_for_ratio(_weight_shape(layer), ratio, base).with_options(seed=seed + k)
         generator = build_generator(spec, _weight_shape(layer))
-        new = _replacement(layer, generator.ir, generator.cores)
-        _set_submodule(model, name, new)
-        if architecture is not None and isinstance(model, nn.Sequential) and name.isdigit():
-            architecture["layers"][int(name)] = _architecture_entry(layer, spec)
+        _install(model, name, layer, _replacement(layer, generator.ir, generator.cores), spec)
         r = generator.ir.report()
         report.layers.append(LayerReport(
             name=name, kind=type(layer).__name__, weight_shape=_weight_shape(layer), spec=spec.to_dict(), params=r.params,

@@ -39,7 +39,7 @@ def _guard_output(output: Path, *inputs: Path) -> None:
 
 
 @click.command("train")
-@click.option("--model", "model_name", required=True, help="Zoo model: vgg, alexnet or mlp.")
+@click.option("--model", "model_name", required=True, help="Zoo model: vgg, alexnet, mlp or mlp4096.")
 @click.option("--epochs", default=3, show_default=True, help="Training epochs.")
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--family", type=click.Choice(["ttn", "attn", "mera"]), default=None,

@@ -54,8 +54,9 @@ def build_generator(spec: GeneratorSpec, weight_shape: Sequence[int], target: np
             a degenerate initialisation, or a target init for shared cores or non-linear-at-zero activations.
     """
     ir, inits, ctx = _plan(spec, weight_shape)
+    seed = 0 if spec.seed is None else spec.seed  # torch layers resolve None from torch's RNG before this
     if target is None:
-        cores = sample_cores(ir, inits, 0 if spec.seed is None else spec.seed)
+        cores = sample_cores(ir, inits, seed)
         ir = calibrate_scale(ir, cores, target_std(spec, ir.weight_shape))
         return Generator(ir, cores)
     from adntn_deploy.generators.linear_init import linear_cores
@@ -65,7 +66,7 @@ def build_generator(spec: GeneratorSpec, weight_shape: Sequence[int], target: np
         raise GeneratorError(f"target has shape {weight.shape}, the generator makes {ir.weight_shape}")
     scale = float(weight.std()) or 1.0
     matrix = weight.reshape(weight.shape[0], -1)
-    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, spec.seed or 0, weight.shape))
+    return Generator(replace(ir, output_scale=scale), linear_cores(ctx, matrix, scale, seed, weight.shape))
 
 
 __all__ = ["FAMILIES", "Generator", "GeneratorSpec", "build_generator", "build_structure", "factorize"]

@@ -66,24 +66,19 @@ def alexnet(num_classes: int = 10, in_channels: int = 1) -> dict[str, Any]:
     return {"type": "sequential", "layers": layers + _classifier(64 * 4 * 4, num_classes)}
 
 
-def mlp(num_classes: int = 10, in_channels: int = 1) -> dict[str, Any]:
-    """784 -> 1024 -> 1024 -> classes MLP."""
+def mlp(num_classes: int = 10, in_channels: int = 1, hidden: int = 1024) -> dict[str, Any]:
+    """784 -> hidden -> hidden -> classes MLP (hidden 1024)."""
     return {"type": "sequential", "layers": [
         {"type": "flatten"},
-        {"type": "linear", "in_features": in_channels * 28 * 28, "out_features": 1024}, {"type": "relu"},
-        {"type": "linear", "in_features": 1024, "out_features": 1024}, {"type": "relu"},
-        {"type": "linear", "in_features": 1024, "out_features": num_classes},
+        {"type": "linear", "in_features": in_channels * 28 * 28, "out_features": hidden}, {"type": "relu"},
+        {"type": "linear", "in_features": hidden, "out_features": hidden}, {"type": "relu"},
+        {"type": "linear", "in_features": hidden, "out_features": num_classes},
     ]}
 
 
 def mlp4096(num_classes: int = 10, in_channels: int = 1) -> dict[str, Any]:
     """784 -> 4096 -> 4096 -> classes MLP: a paper-sized 4096x4096 hidden layer (77,000x leaves ~218 parameters)."""
-    return {"type": "sequential", "layers": [
-        {"type": "flatten"},
-        {"type": "linear", "in_features": in_channels * 28 * 28, "out_features": 4096}, {"type": "relu"},
-        {"type": "linear", "in_features": 4096, "out_features": 4096}, {"type": "relu"},
-        {"type": "linear", "in_features": 4096, "out_features": num_classes},
-    ]}
+    return mlp(num_classes, in_channels, hidden=4096)
 
 
 ZOO: dict[str, Callable[..., dict[str, Any]]] = {"vgg": vgg, "alexnet": alexnet, "mlp": mlp, "mlp4096": mlp4096}

@@ -10,7 +10,7 @@ from torch import nn
 
 from adntn_deploy.generators import GeneratorSpec, build_generator
 from adntn_deploy.ir.executors import generate_torch
-from adntn_deploy.ir.program import GeneratorIR, GeneratorReport
+from adntn_deploy.ir.program import GeneratorError, GeneratorIR, GeneratorReport
 
 
 def _param_key(core_name: str) -> str:
@@ -76,6 +76,16 @@ class GeneratedWeight(nn.Module):
         """The weight generated with float64 intermediates (no autograd): what inference and export use."""
         with torch.no_grad():
             return generate_torch(self.ir, self.core_tensors(), precise=True)
+
+    def use_program(self, ir: GeneratorIR) -> None:
+        """Adopt ``ir`` (same cores, e.g. a stored program with its own output scale) and drop the cached weight.
+
+        Raises:
+            GeneratorError: ``ir`` names other cores or other core shapes than this module holds.
+        """
+        if {c.name: c.shape for c in ir.cores} != {c.name: c.shape for c in self.ir.cores}:
+            raise GeneratorError("the new generator program has other cores than this layer")
+        self.ir, self._cache, self._cache_key = ir, None, None
 
     def report(self) -> GeneratorReport:
         """Parameter counts, compression ratio and generation costs of this generator."""
