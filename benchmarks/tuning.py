@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 def default_records_folder(target: str) -> Path:
     """Where tuning results go by default: the shipped folder compile applies for ``target`` (for host:
     the best instruction-set profile this CPU supports, e.g. schedules/x86-64-avx512)."""
-    from adntn_deploy.compiler.build import tvm_target
+    from adntn_deploy.compiler.target import tvm_target
     from adntn_deploy.compiler.profiles import resolve_target
-    from adntn_deploy.compiler.tuning import default_records
+    from adntn_deploy.compiler.database import default_records
 
     profile = resolve_target(target)
     choice = default_records(profile, tvm_target(profile))

@@ -17,9 +17,10 @@ import torch  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adntn_deploy.compiler.build import CompileError, compile_model  # noqa: E402
+from adntn_deploy.compiler.build import compile_model  # noqa: E402
+from adntn_deploy.compiler.errors import CompileError  # noqa: E402
 from adntn_deploy.compiler.profiles import ProfileError, list_profiles, resolve_target  # noqa: E402
-from adntn_deploy.compiler.tvm_runtime import ArtifactError  # noqa: E402
+from adntn_deploy.compiler.errors import ArtifactError  # noqa: E402
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
@@ -151,7 +152,7 @@ def test_generated_cuda_source_compiles_with_nvcc(small_onnx, arch):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from adntn_deploy.compiler.build import _sanitize_initializer_names
+    from adntn_deploy.compiler.frontend import _sanitize_initializer_names
 
     model = onnx.inliner.inline_local_functions(onnx.load(small_onnx))
     _sanitize_initializer_names(model)  # what compile_model does; torch's "0.bias" is no C identifier
@@ -208,7 +209,7 @@ def small_artifact(tmp_path_factory, small_onnx):
 def test_tvm_thread_pool_size(small_onnx, small_artifact, asked, env, expected):
     import tvm
 
-    from adntn_deploy.compiler.tvm_runtime import configure_threads
+    from adntn_deploy.compiler.target import configure_threads
 
     saved = os.environ.pop("TVM_NUM_THREADS", None)
     try:

@@ -14,8 +14,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tolerance import float32_rtol, relative_error  # noqa: E402
-from adntn_deploy.compiler import dense  # noqa: E402
-from adntn_deploy.compiler.build import compile_model, import_model  # noqa: E402
+from adntn_deploy.compiler.build import compile_model  # noqa: E402
+from adntn_deploy.compiler.frontend import import_model  # noqa: E402
+from adntn_deploy.compiler.schedules import common, fuse_kernels, is_scheduled, schedule_untuned  # noqa: E402
+from adntn_deploy.compiler.target import vector_shape  # noqa: E402
 from adntn_deploy.nn import ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
@@ -28,7 +30,7 @@ CUDA = {"kind": "cuda", "arch": "sm_80"}
 
 @pytest.mark.parametrize("target, lanes, registers", [(AVX512, 16, 32), (AVX2, 8, 16), (AARCH64, 4, 32)])
 def test_vector_shape(target, lanes, registers):
-    assert dense.vector_shape(tvm.target.Target(target)) == (lanes, registers)
+    assert vector_shape(tvm.target.Target(target)) == (lanes, registers)
 
 
 @pytest.mark.parametrize("target, out_dim, width", [
@@ -36,19 +38,19 @@ def test_vector_shape(target, lanes, registers):
     (AVX2, 4096, 16), (AVX2, 10, 16), (AARCH64, 1024, 8), (AARCH64, 6, 8),
 ])
 def test_panel_width(target, out_dim, width):
-    assert dense.panel_width(tvm.target.Target(target), out_dim) == width
+    assert common.panel_width(tvm.target.Target(target), out_dim) == width
 
 
 @pytest.mark.parametrize("target, rows, panels, width, blocks", [
-    (AVX512, 32, 128, 32, (8, 1)),   # 8 rows x 2 vectors = half the 32 registers
+    (AVX512, 32, 128, 32, (4, 2)),   # 4 rows x 2 panels x 2 vectors = half the 32 registers, 2 FMAs per load
     (AVX512, 1, 128, 32, (1, 8)),    # one row: more panels instead
     (AVX512, 1, 4, 32, (1, 1)),      # too few panels to block and still keep both threads busy
     (AVX512, 3, 64, 32, (3, 2)),
     (AVX2, 32, 64, 16, (4, 1)),      # 16 registers
-    (AARCH64, 32, 128, 8, (8, 1)),
+    (AARCH64, 32, 128, 8, (4, 2)),
 ])
 def test_default_blocks(target, rows, panels, width, blocks):
-    assert dense.default_blocks(tvm.target.Target(target), rows, panels, width, threads=2) == blocks
+    assert common.default_blocks(tvm.target.Target(target), rows, panels, width, threads=2) == blocks
 
 
 def _onnx(tmp_path, nodes, inputs, inits, name, out_shape):
@@ -86,7 +88,7 @@ CASES = {
 def test_which_matmuls_are_packed(tmp_path, case, weights):
     build, target, expected = CASES[case]
     imported = import_model(build(tmp_path), weights, prepack_target=tvm.target.Target(target))
-    assert imported.packed_dense == expected
+    assert imported.prepacked["adntn_packed_dense"] == expected
     if expected and weights == "load":  # the packing is load-time work, not per call
         assert "layout_transform" in imported.mod["main_transform_params"].script()
         assert "layout_transform" not in imported.mod["main"].script()
@@ -119,14 +121,12 @@ def test_packed_equals_ort_and_generic(tmp_path, batch, weights):
 def test_epilogue_runs_in_the_parallel_loop(tmp_path, activation):
     from tvm import s_tir, tirx
 
-    from adntn_deploy.compiler.tuning import is_scheduled, prepare_for_tuning
-
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
     export_onnx(nn.Sequential(nn.Linear(48, 64), activation()).eval(), [torch.randn(8, 48)], path, input_names=["input"])
     target = tvm.target.Target(AVX512)
-    mod, scheduled = dense.schedule_untuned(prepare_for_tuning(import_model(path, "load", prepack_target=target).mod, target), target)
-    assert scheduled == 1
+    mod, scheduled = schedule_untuned(fuse_kernels(import_model(path, "load", prepack_target=target).mod, target), target)
+    assert scheduled["adntn_packed_dense"] == 1
     (func,) = [f for _, f in mod.functions_items() if type(f).__name__ == "PrimFunc" and is_scheduled(f)]
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))

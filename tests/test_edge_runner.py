@@ -232,3 +232,5 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     assert relative_error(on_board, on_x86) < float32_rtol(9, 144, 8)  # NEON vs x86 kernels
     if weights == "stream":
         assert {layer["kernel"] for layer in board.manifest["streamed"]} == {"factored", "fused"}
+    else:  # the generated conv runs on the packed NEON conv kernel on the board
+        assert board.manifest["tuning"]["packed_conv2d"] == 1 == host.manifest["tuning"]["packed_conv2d"]

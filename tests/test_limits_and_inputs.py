@@ -339,7 +339,7 @@ def test_run_threads_5000_is_capped_with_a_note(files):
 
 
 def test_tvm_thread_pool_is_capped(monkeypatch, capsys):
-    from adntn_deploy.compiler.tvm_runtime import THREADS_ENV, configure_threads
+    from adntn_deploy.compiler.target import THREADS_ENV, configure_threads
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
     assert configure_threads(5000) == usable_cpus()

@@ -11,7 +11,6 @@ from tolerance import float32_rtol, relative_error
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear, ADNTNMultiheadAttention
 from adntn_deploy.onnx_export import DOMAIN, export_onnx, to_standard_ops
 from adntn_deploy.onnx_export.reader import find_generators, load_onnx
-from adntn_deploy.runtime import load
 
 FAMILIES = ["ttn", "attn", "mera"]
 

@@ -14,9 +14,9 @@ tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adntn_deploy.compiler.build import compile_model, tvm_target  # noqa: E402
+from adntn_deploy.compiler.target import tvm_target  # noqa: E402
 from adntn_deploy.compiler.profiles import host_arch, resolve_target  # noqa: E402
-from adntn_deploy.compiler.tuning import default_records, schedules_dir  # noqa: E402
+from adntn_deploy.compiler.database import default_records, schedules_dir  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
 

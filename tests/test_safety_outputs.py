@@ -28,8 +28,10 @@ from torch import nn  # noqa: E402
 
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.compiler.bundle import _RUN_SH, is_bundle_dir, make_bundle  # noqa: E402
-from adntn_deploy.compiler.tuning import DB_FILES, TuningError, clean_database, copy_database, schedules_dir  # noqa: E402
-from adntn_deploy.compiler.tvm_runtime import ArtifactError, is_artifact_dir, read_manifest  # noqa: E402
+from adntn_deploy.compiler.database import DB_FILES, clean_database, copy_database, schedules_dir  # noqa: E402
+from adntn_deploy.compiler.errors import TuningError  # noqa: E402
+from adntn_deploy.compiler.artifact import is_artifact_dir, read_manifest  # noqa: E402
+from adntn_deploy.compiler.errors import ArtifactError  # noqa: E402
 from adntn_deploy.nn import ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.outputs import OutputError, refuse_overwriting_inputs, replace_output_dir, staging_dir  # noqa: E402

@@ -8,7 +8,6 @@ that cannot run is refused at start, and the request decoder survives fuzzing.
 import http.client
 import json
 import math
-import os
 import resource
 import socket
 import subprocess

@@ -82,14 +82,14 @@ def test_streamed_artifact_never_materialises_a_dense_weight(tmp_path):
 def test_fused_kernel_holds_one_tile_of_the_weight():
     from tvm import s_tir, te
 
-    from adntn_deploy.compiler.streaming import schedule_streamed, streamed_dense_te
+    from adntn_deploy.compiler.schedules.streamed_dense import schedule, streamed_dense_te
 
     x = te.placeholder((1, 1024), name="x")
     left_t, right = te.placeholder((8, 512), name="left_t"), te.placeholder((1024, 8), name="right")
     bias = te.placeholder((512,), name="bias")
     func = te.create_prim_func([x, left_t, right, bias, streamed_dense_te(x, left_t, right, bias, "tanh", 0.5)])
     sch = s_tir.Schedule(func)
-    schedule_streamed(sch, sch.get_sblock("streamed"), (64, 32))
+    schedule(sch, sch.get_sblock("streamed"), (64, 32))
     passes = s_tir.transform
     lowered = tvm.transform.Sequential([passes.LowerInitBlock(), passes.PlanAndUpdateBufferAllocationLocation(),
                                         passes.ConvertBlocksToOpaque(), passes.CompactBufferAllocation()])(sch.mod)
@@ -99,7 +99,7 @@ def test_fused_kernel_holds_one_tile_of_the_weight():
 
 
 def test_fused_kernel_on_a_gpu_target_is_a_clear_error(tmp_path):
-    from adntn_deploy.compiler.streaming import StreamCompileError
+    from adntn_deploy.compiler.errors import StreamCompileError
 
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
@@ -129,7 +129,7 @@ def test_cli_tune_stream_kernel_then_compile_applies_it(tmp_path):
                 "-o", tmp_path / "art", "--json")
     assert proc.returncode == 0, proc.stderr
     tuning = json.loads(proc.stdout)["tuning"]
-    assert tuning["scheduled_kernels"] >= 1 and tuning["default_streamed_schedules"] == 0
+    assert tuning["scheduled_kernels"] >= 1 and tuning["default_schedules"]["adntn_streamed_dense"] == 0
     proc = _cli("tune", path, "--target", "host", "--only", "no_such_kernel", "--trials", "4", "--tuning-records", records)
     assert proc.returncode != 0 and "no kernel's task name contains" in proc.stderr and "Traceback" not in proc.stderr
 

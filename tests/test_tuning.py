@@ -19,7 +19,9 @@ from torch import nn  # noqa: E402
 
 from tolerance import float32_rtol, relative_error  # noqa: E402
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
-from adntn_deploy.compiler.tuning import DB_FILES, TuningError, clean_database, list_schedules, tune_model  # noqa: E402
+from adntn_deploy.compiler.database import DB_FILES, clean_database, list_schedules  # noqa: E402
+from adntn_deploy.compiler.errors import TuningError  # noqa: E402
+from adntn_deploy.compiler.tuning import tune_model  # noqa: E402
 from adntn_deploy.nn import ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402

@@ -160,7 +160,7 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
 def schedules_command(as_json):
     """List the tuning databases shipped in schedules/, per device profile."""
     from adntn_deploy.cli.tables import render_table
-    from adntn_deploy.compiler.tuning import list_schedules
+    from adntn_deploy.compiler.database import list_schedules
 
     rows = list_schedules()
     if as_json:
@@ -221,7 +221,7 @@ def rpc_server_command(tracker, key, host, port):
     import os
     import sys
 
-    from adntn_deploy.compiler.tvm_runtime import configure_threads
+    from adntn_deploy.compiler.target import configure_threads
 
     _warn_if_exposed(host, "RPC server")
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from adntn_deploy.compiler.tvm_runtime import is_artifact_dir, read_manifest
+from adntn_deploy.compiler.artifact import is_artifact_dir, read_manifest
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.outputs import check_replaceable, only_listed, refuse_overwriting_inputs, replace_output_dir, staging_dir
 

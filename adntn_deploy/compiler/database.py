@@ -1,4 +1,10 @@
-"""Which shipped tuning database a compile applies: records that travel between CPUs of one ISA.
+"""Tuning databases: which shipped one a compile applies, and reading, checking, copying and applying them.
+
+A database is a MetaSchedule JSON work dir: ``database_workload.json`` + ``database_tuning_record.json``
+(one JSON record per line). Every line is checked before TVM's reader sees it (:func:`copy_database`), and
+files change only by write-to-temp-and-rename (:func:`publish`, :func:`clean_database`).
+
+Records travel between CPUs of one ISA.
 
 MetaSchedule matches records to kernels by workload hash, and a kernel's TIR does not depend on ``-mcpu``
 or ``num-cores`` (it does depend on the vector width, through the packed-dense panels). So records tuned
@@ -15,10 +21,18 @@ Resolution for a compile target:
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.profiles import DeviceProfile, host_arch, list_profiles, triple_arch
+
+SCHEDULES_ENV = "ADNTN_SCHEDULES_DIR"
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
@@ -81,3 +95,204 @@ def choose_records(profile: DeviceProfile, target, schedules: Path) -> RecordsCh
         why = (f"no shipped records for {', '.join(usable)}" if usable
                else f"this {cpu or arch} CPU has none of the instruction sets of {', '.join(p.name for p in candidates)}")
     return RecordsChoice(None, None, f"generic schedules: {why}; tune with adntn-deploy tune")
+
+
+def schedules_dir() -> Path:
+    """The shipped tuning databases: $ADNTN_SCHEDULES_DIR or the repository's schedules/ folder."""
+    env = os.environ.get(SCHEDULES_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "schedules"
+
+
+def clean_database(folder: Path) -> None:
+    """Drop incomplete trailing lines from a JSON database (what an interrupted writer leaves).
+
+    A file that changes is rewritten through a temporary file and a rename, never in place: a reader (or
+    a crash) sees the old file or the new one.
+    """
+    # records are appended one line at a time, so only the tail can be incomplete: check the last line
+    # instead of parsing the whole (multi-MB) database
+    for name in DB_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        body = data.rstrip(b"\n")
+        cut = body.rfind(b"\n") + 1
+        try:
+            json.loads(body[cut:]) if body[cut:].strip() else None
+            fixed = body + b"\n" if body else b""
+        except (json.JSONDecodeError, RecursionError):
+            fixed = body[:cut]
+        if fixed != data:
+            _write_atomically(path, fixed)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` through a temporary file beside it and a rename (mode 0644)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a database is meant to be shared and shipped
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
+    """The lines of one database file, each checked before TVM's JSON reader may see it.
+
+    TVM parses records (and the IR inside each workload, base64 after an 8-byte length) with a recursive
+    reader that a deeply nested line crashes: every line and every embedded IR must nest at most
+    DEFAULT_MAX_DEPTH levels, strings included (trace strings hold JSON too). A workload line is
+    ``[hash, base64]``; a record line is ``[workload index, [trace, ...]]`` with an index into the
+    ``workloads`` lines read before. A last line without its newline that does not parse is dropped
+    (an interrupted writer left it); any other bad line is an error.
+
+    Raises:
+        TuningError: the file and line number, and what is wrong there.
+    """
+    import base64
+    import binascii
+
+    from adntn_deploy.safejson import DEFAULT_MAX_DEPTH, JsonLimitError, check_depth
+
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            check_depth(line, what=where, strings=True)
+            value = json.loads(line)
+        except JsonLimitError as exc:
+            raise TuningError(f"{exc}; it is not a tuning database this tool wrote (run adntn-deploy tune again)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            if number == len(lines):  # no newline after it: an interrupted append
+                break
+            raise TuningError(f"{where} is not valid JSON; remove the line or tune again") from None
+        if workloads is None:
+            ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value))
+            if ok:
+                try:
+                    ir = base64.b64decode(value[1], validate=True)
+                except (binascii.Error, ValueError):
+                    ok = False
+                else:
+                    ok = len(ir) >= 8 and int.from_bytes(ir[:8], "little") == len(ir) - 8
+                    if ok:
+                        try:
+                            check_depth(ir[8:], DEFAULT_MAX_DEPTH, f"the IR in {where}", strings=True)
+                        except JsonLimitError as exc:
+                            raise TuningError(f"{exc}; it is not a tuning database this tool wrote") from None
+            what = "a workload [hash, base64 IR]"
+        else:
+            ok = (isinstance(value, list) and len(value) == 2 and type(value[0]) is int
+                  and 0 <= value[0] < workloads and isinstance(value[1], list))
+            what = f"a record [workload index below {workloads}, [trace, ...]]"
+        if not ok:
+            raise TuningError(f"{where} is not {what}; it is not a tuning database this tool wrote (tune again)")
+        kept.append(line)
+    return kept
+
+
+def copy_database(source: Path, destination: Path) -> None:
+    """Copy the database in ``source`` into the folder ``destination``, checked line by line.
+
+    ``source`` is only read. Incomplete trailing lines are left out of the copy (see :func:`_checked_lines`).
+
+    Raises:
+        TuningError: a file is missing or a line is malformed or too deeply nested.
+    """
+    source, destination = Path(source), Path(destination)
+    if not has_database(source):
+        raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    workloads = _checked_lines(source / DB_FILES[0], None)
+    records = _checked_lines(source / DB_FILES[1], len(workloads))
+    destination.mkdir(parents=True, exist_ok=True)
+    for name, lines in zip(DB_FILES, (workloads, records)):
+        (destination / name).write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
+    """Apply the database in ``records`` to ``fused`` (from :func:`~adntn_deploy.compiler.schedules.fuse_kernels`).
+
+    ``records`` is only read: TVM gets a checked private copy (:func:`copy_database`).
+    Returns (module, kernels scheduled, kernels in all).
+
+    Raises:
+        TuningError: the folder is not a tuning database, a line is malformed, or TVM refused it.
+    """
+    from tvm import relax
+
+    from adntn_deploy.compiler.schedules import count_scheduled
+
+    records = Path(records)
+    private = Path(tempfile.mkdtemp(prefix="adntn-records-"))
+    try:
+        copy_database(records, private)
+        with target:
+            try:
+                applied = relax.transform.MetaScheduleApplyDatabase(str(private))(fused)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TuningError(f"the tuning records in {records} could not be applied ({first}); tune again") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    scheduled, total = count_scheduled(applied)
+    return applied, scheduled, total
+
+
+def default_records(profile: DeviceProfile, target) -> RecordsChoice:
+    """The shipped database to apply when compiling ``profile`` as ``target``, and a note saying why.
+
+    See :mod:`adntn_deploy.compiler.database`: the profile's own records, else those of the best
+    instruction-set profile the target's CPU supports (records travel between CPUs of one ISA), else none.
+    """
+    return choose_records(profile, target, schedules_dir())
+
+
+def _read_meta(path: Path) -> dict:
+    """A schedules folder's adntn_schedule.json (depth-bounded), as a dict.
+
+    Raises:
+        TuningError: the file is not a JSON object.
+    """
+    from adntn_deploy.safejson import JsonLimitError, loads_object
+
+    try:
+        return loads_object(path.read_bytes(), what=str(path))
+    except JsonLimitError as exc:
+        raise TuningError(f"{exc}; delete it or tune again") from None
+
+
+def list_schedules() -> list[dict[str, Any]]:
+    """What schedules/ ships: per profile folder, the target, models, workloads and records."""
+    rows = []
+    root = schedules_dir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        meta_path = folder / "adntn_schedule.json"
+        meta = _read_meta(meta_path) if meta_path.exists() else {}
+        counts = {f: sum(1 for line in (folder / f).read_text().splitlines() if line.strip()) if (folder / f).exists() else 0
+                  for f in DB_FILES}
+        rows.append({"profile": folder.name, "target": meta.get("target") or (meta.get("tuned_on") or {}).get("target"), "models": meta.get("models", []),
+                     "trials": meta.get("trials"), "workloads": counts[DB_FILES[0]], "records": counts[DB_FILES[1]]})
+    return rows
+
+
+def publish(staging: Path, records: Path) -> None:
+    """Copy the staging database to ``records`` atomically (temp file + rename per file)."""
+    records.mkdir(parents=True, exist_ok=True)
+    for name in DB_FILES:
+        source = staging / name
+        if not source.exists():
+            continue
+        data = source.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+        _write_atomically(records / name, data)

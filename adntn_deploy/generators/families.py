@@ -172,7 +172,6 @@ def attn_half(ctx: FamilyContext, side: str, sites: list[Site]) -> Half:
     pairs = boundary_pairs(len(sites), ctx.spec.arity)
     if not pairs:
         return half
-    b = ctx.builder
     physical = list(half.physical)
     per_site = len(sites[0].indices)  # 1 (split) or 2 (operator: output index first)
     gates = []

@@ -10,7 +10,7 @@ load, like the generators in ``--weights load``). The layer that consumed the we
 * a non-linear top activation: ``Gemm`` / ``MatMul`` become one ``ai.adntn::StreamedDense(x, L, R[, bias])``
   node (attributes ``activation``, ``scale``). The TVM compiler lowers it to a fused kernel that builds
   ``sigma(L R^T)`` one cache-sized tile at a time and multiplies it into the output
-  (:mod:`adntn_deploy.compiler.streaming`). A Conv with a non-linear top has no such kernel: clear error.
+  (:mod:`adntn_deploy.compiler.schedules.streamed_dense`). A Conv with a non-linear top has no such kernel: clear error.
 
 The result is for the compiler's private copy of the model; the user's file is never touched.
 """

@@ -1,4 +1,4 @@
-"""Predictors: one interface (``inputs``, ``outputs``, ``run``) over ONNX Runtime and, later, TVM."""
+"""Predictors: one interface (``inputs``, ``outputs``, ``run``) over ONNX Runtime (:mod:`.ort`) and the TVM runtime (:mod:`.tvm`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
 
         return OrtPredictor(path, **options)
     if backend == "tvm":
-        from adntn_deploy.compiler.tvm_runtime import TvmPredictor
+        from adntn_deploy.runtime.tvm import TvmPredictor
 
         return TvmPredictor(path, **options)
     raise GeneratorError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -1,19 +1,18 @@
 """The fused streamed-dense kernel for TVM: ``y = scale * x sigma(L R^T)^T + b`` without the dense weight.
 
 :mod:`adntn_deploy.onnx_export.streaming` turns a generated Gemm / MatMul whose top activation is
-non-linear into an ``ai.adntn::StreamedDense`` node. This module imports that node into Relax (a
-converter added to TVM's ONNX importer while ``compile`` / ``tune`` import the model) as one TIR kernel
-with two blocks:
+non-linear into an ``ai.adntn::StreamedDense`` node. :mod:`adntn_deploy.compiler.frontend` imports that
+node into Relax as one TIR kernel made by :func:`streamed_dense_te`, with three blocks:
 
     weight_tile[i, o] = sum_k R[i, k] * Lt[k, o]                 (a tile of W^T, rank-k products)
     weight_act[i, o]  = sigma(weight_tile[i, o])                  (once per element, not per batch row)
     streamed[n, o]   += x[n, i] * weight_act[i, o]                (the matrix product)
 
-The schedule (:func:`schedule_streamed`) splits the output and the reduction axes into tiles and computes
+The schedule (:func:`schedule`) splits the output and the reduction axes into tiles and computes
 ``weight_tile`` and ``weight_act`` inside the tile loops, so only a ``tile_in x tile_out`` scratch block exists at any time
 (16 KiB at the default 64x64) and the dense weight is never allocated. Tile sizes are MetaSchedule
 decisions: the block carries the annotation ``schedule_rule = adntn_streamed_dense``, for which this
-project registers a custom rule (``tuning.register_schedule_rules``), so ``adntn-deploy tune`` searches them like any other task and
+project registers a custom rule (:mod:`adntn_deploy.compiler.schedules`), so ``adntn-deploy tune`` searches them like any other task and
 ``compile`` replays the best trace from the database. Untuned kernels get :data:`DEFAULT_TILE`.
 
 Activations use TVM's rational approximations where libm would be called per element (tanh, sigmoid via
@@ -22,21 +21,17 @@ tanh, erf for gelu): accurate to a few float32 ulps and vectorised.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.compiler.errors import StreamCompileError
+from adntn_deploy.compiler.schedules.common import divisor_at_most
 
 RULE_NAME = "adntn_streamed_dense"
 KERNEL_ATTR = "adntn_streamed"
 #: (output tile, input tile) of an untuned kernel: a 16 KiB float32 scratch tile
 DEFAULT_TILE = (64, 64)
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: never fuse the kernel with its neighbours
-
-
-class StreamCompileError(GeneratorError):
-    """A streamed kernel cannot be built for this target; the message says what to do instead."""
 
 
 def _tanh(x, dtype: str):
@@ -106,11 +101,7 @@ def streamed_dense_te(x, left_t, right, bias, activation: str, scale: float):
                       attrs={"schedule_rule": "None"})
 
 
-def _divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
-def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
+def schedule(sch, block, tiles: tuple[int, int] | None = None):
     """Tile ``block`` (the ``streamed`` product) and compute its weight tile inside the tiles.
 
     ``tiles`` = (output tile, input tile) in elements; None samples both (MetaSchedule decisions, perfect
@@ -125,8 +116,8 @@ def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
     else:
         extent_out = int(sch.get(out_loop).extent)
         extent_in = int(sch.get(in_loop).extent)
-        out_factors = [None, _divisor_at_most(extent_out, tiles[0])]
-        in_factors = [None, _divisor_at_most(extent_in, tiles[1])]
+        out_factors = [None, divisor_at_most(extent_out, tiles[0])]
+        in_factors = [None, divisor_at_most(extent_in, tiles[1])]
     out_outer, out_inner = sch.split(out_loop, out_factors)
     in_outer, in_inner = sch.split(in_loop, in_factors)
     sch.reorder(out_outer, in_outer, batch, in_inner, out_inner)
@@ -143,7 +134,7 @@ def schedule_streamed(sch, block, tiles: tuple[int, int] | None = None):
     sch.decompose_reduction(block, in_outer)
     (epilogue,) = sch.get_consumers(block)
     epi_batch, epi_out = sch.get_loops(epilogue)[-2:]
-    sch.vectorize(sch.split(epi_out, [None, _divisor_at_most(int(sch.get(epi_out).extent), 16)])[1])
+    sch.vectorize(sch.split(epi_out, [None, divisor_at_most(int(sch.get(epi_out).extent), 16)])[1])
     return sch
 
 
@@ -160,94 +151,22 @@ def mark_kernel(func):
     return sch.mod["main"].with_attr("op_pattern", _OPAQUE).with_attr(KERNEL_ATTR, 1)
 
 
-def _converter_class():
-    import numpy as np
-    from tvm import relax
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
-
-    class StreamedDense(OnnxOpConverter):
-        """ai.adntn::StreamedDense(x, L, R[, bias]) -> one fused call_tir kernel."""
-
-        @classmethod
-        def _impl_v1(cls, bb, inputs, attr, params):
-            x, left, right = inputs[0], inputs[1], inputs[2]
-            bias = inputs[3] if len(inputs) > 3 else None
-            activation = attr.get("activation", "identity")
-            activation = activation.decode() if isinstance(activation, bytes) else str(activation)
-            scale = float(attr.get("scale", 1.0))
-            shape = [int(d) for d in x.ty.shape]
-            out_dim = int(left.ty.shape[0])
-            in_dim = int(right.ty.shape[0])
-            flat = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (-1, in_dim)))
-            left_t = bb.emit(relax.op.permute_dims(left, [1, 0]))
-            if bias is None:
-                bias = relax.const(np.zeros(out_dim, dtype="float32"))
-            call = bb.emit_te(streamed_dense_te, flat, left_t, right, bias, activation, scale,
-                              primfunc_name_hint="adntn_streamed_dense")
-            gvar = call.args[0] if hasattr(call, "args") else bb.lookup_binding(call).args[0]
-            bb.update_func(gvar, mark_kernel(bb.get()[gvar]))
-            if len(shape) != 2:
-                call = bb.emit(relax.op.reshape(call, shape[:-1] + [out_dim]))
-            return call
-
-    return StreamedDense
-
-
-@contextlib.contextmanager
-def onnx_streamed_ops() -> Iterator[None]:
-    """While active, TVM's ONNX importer converts ``StreamedDense`` nodes (its map has no extension hook)."""
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    original = getattr(onnx_frontend, "_get_convert_map", None)
-    if original is None:
-        raise StreamCompileError("this TVM's ONNX importer has no converter map to extend; use the pinned apache-tvm")
-    from adntn_deploy.onnx_export.streaming import STREAMED_OP
-
-    extra = _converter_class()
-
-    def patched():
-        table = dict(original())
-        table[STREAMED_OP] = extra
-        return table
-
-    onnx_frontend._get_convert_map = patched
-    try:
-        yield
-    finally:
-        onnx_frontend._get_convert_map = original
-
-
 def streamed_kernels(mod) -> list[Any]:
     """GlobalVars of the fused streamed kernels in ``mod``."""
     return [gv for gv, f in mod.functions_items() if type(f).__name__ == "PrimFunc" and f.attrs is not None
             and KERNEL_ATTR in f.attrs]
 
 
-def schedule_untuned(mod, target) -> tuple[Any, int]:
-    """Give every streamed kernel without a schedule from the database the default tiling.
-
-    Returns (module, kernels scheduled here). Without it the kernel would compute the whole weight tile
-    buffer -- the dense weight -- before the product.
+def schedule_default(sch, block, target):
+    """:func:`schedule` with :data:`DEFAULT_TILE`. Without it the kernel would compute the whole weight
+    tile buffer -- the dense weight -- before the product.
 
     Raises:
-        StreamCompileError: fused kernels on a non-CPU target (only the CPU schedule exists).
+        StreamCompileError: a non-CPU target (only the CPU schedule exists).
     """
-    from tvm import s_tir
-
-    from adntn_deploy.compiler.tuning import is_scheduled
-
-    scheduled = 0
-    for gvar in streamed_kernels(mod):
-        func = mod[gvar]
-        if is_scheduled(func):
-            continue
-        if target.kind.name != "llvm":
-            raise StreamCompileError(
-                f"the fused streamed kernel (non-linear top activation) has a CPU schedule only; for {target.kind.name} "
-                "compile with --weights load, or use generators with an identity top activation (they stream as two matmuls)"
-            )
-        sch = s_tir.Schedule(func)
-        schedule_streamed(sch, sch.get_sblock("streamed"), DEFAULT_TILE)
-        mod[gvar] = sch.mod["main"]
-        scheduled += 1
-    return mod, scheduled
+    if target.kind.name != "llvm":
+        raise StreamCompileError(
+            f"the fused streamed kernel (non-linear top activation) has a CPU schedule only; for {target.kind.name} "
+            "compile with --weights load, or use generators with an identity top activation (they stream as two matmuls)"
+        )
+    return schedule(sch, block, DEFAULT_TILE)

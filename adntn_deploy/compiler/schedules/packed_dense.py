@@ -1,0 +1,128 @@
+"""Packed dense kernels for CPU targets: ``y = x W`` with W pre-packed into vector-width panels at load.
+
+Untuned TVM matmuls on CPU are naive loops, and MetaSchedule's generic search needs hundreds of trials per
+shape to approach a BLAS. A dense layer whose weight is known before the first call (a model parameter,
+a generated weight, a streamed factor) does not need a search: the weight can be re-laid out once, the
+way BLAS libraries pack their B operand, and then a fixed register-blocked kernel runs near peak.
+
+Rewrite (:func:`rewrite`, on the imported Relax module, before weight-only work is lifted):
+
+    y = matmul(x, w)            x: (M, K) activations; w: (K, N), computed from parameters only
+ -> wp = layout_transform(w)    wp[p, k, j] = w[k, p * bn + j]: N cut into panels of bn = 2 vectors
+    y = call_tir(packed_dense, x, wp)
+
+``wp`` depends on parameters only, so LiftTransformParams moves the packing into
+``main_transform_params`` (``--weights load`` / ``stream``: once, on the device, at load) and FoldConstant
+folds it into the library (``--weights fold``). The kernel reads each panel contiguously.
+
+Kernel (:func:`schedule`): for each block of ``rows x panels`` -- the parallel loop -- keep the
+accumulators in vector registers over the whole reduction (each row broadcast against 2 vectors of each
+panel per k), then apply the fused epilogue (bias, activation) while writing them back. The block shape
+is a MetaSchedule decision of the rule ``adntn_packed_dense`` (``adntn-deploy tune`` searches it,
+``compile`` replays the database); untuned kernels get :func:`~.common.default_blocks`.
+
+Only static 2-D activations in float32 are rewritten; other matmuls (dynamic batch, N-d inputs, widths
+that no panel divides) keep the generic path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from adntn_deploy.compiler.schedules.common import (
+    add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width, static_shape,
+)
+
+RULE_NAME = "adntn_packed_dense"
+BLOCK_NAME = "packed_dense"
+OP_NAME = "relax.matmul"
+
+
+def packed_dense_te(x, wp, out_dim: int):
+    """TE compute of ``x (M, K) @ unpack(wp)[:, :out_dim]``, ``wp`` of shape (ceil(N / bn), K, bn).
+
+    The block carries our schedule rule.
+    """
+    from tvm import te, tirx
+
+    rows, depth = x.shape
+    width = wp.shape[2]
+    out_dim = tirx.IntImm("int64", int(out_dim))  # relax shapes are int64; FuseTIR matches buffers by type
+    k = te.reduce_axis((0, depth), "k")
+    return te.compute(
+        (rows, out_dim),
+        lambda m, n: te.sum(x[m, k] * wp[n // width, k, n % width], axis=k),
+        name=BLOCK_NAME,
+        attrs={"schedule_rule": RULE_NAME},
+    )
+
+
+def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[Any, str]:
+    """The packed form of a Relax ``matmul(x, w)`` call, emitted into ``builder``: (new call, "") or
+    (None, why it stays generic). ``weight_only(expr)`` says whether an expression depends on parameters only."""
+    from tvm import relax, te
+
+    if len(call.args) != 2:
+        return None, "not a two-operand product"
+    x, w = call.args
+    x_shape, w_shape = static_shape(x, 2), static_shape(w, 2)
+    if x_shape is None or w_shape is None:
+        return None, "not a static 2-D float32 product"
+    if weight_only(x) or not weight_only(w):
+        return None, "its right operand is computed from activations"
+    depth, out_dim = w_shape
+    width = panel_width(target, out_dim)
+    if width is None or x_shape[1] != depth:
+        return None, f"{out_dim} columns fit no vector panel"
+    packed = builder.emit(relax.op.layout_transform(w, lambda k, n: (n // width, k, n % width), pad_value=0.0))
+    panels = -(-out_dim // width)
+    x_ph = int64_placeholder(x_shape, "x")
+    wp_ph = int64_placeholder((panels, depth, width), "wp")
+    func = te.create_prim_func([x_ph, wp_ph, packed_dense_te(x_ph, wp_ph, out_dim)])
+    gvar = add_kernel(builder, func, "adntn_packed_dense")
+    return relax.call_tir(gvar, [x, packed], relax.TensorType((x_shape[0], out_dim), "float32")), ""
+
+
+def _panel_width_of(sch, block) -> int:
+    for region in sch.get(block).reads:
+        if len(region.source.shape) == 3:
+            return int(region.source.shape[2])
+    raise ValueError("not a packed-dense block: it reads no packed (3-D) weight")
+
+
+def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None):
+    """Register-block the ``packed_dense`` ``block`` and write its fused epilogue from the accumulators.
+
+    A register block is ``row_block`` rows x ``panel_block`` panels: that many independent accumulator
+    chains per k, which hides the FMA latency (one row and one panel would leave 2 chains). None samples
+    each (MetaSchedule decisions: divisors of the rows up to 16, of the panels up to 8). Returns ``sch``.
+    """
+    width = _panel_width_of(sch, block)
+    rows_loop, cols_loop, red_loop = sch.get_loops(block)[-3:]
+    row_factors = (sch.sample_perfect_tile(rows_loop, n=2, max_innermost_factor=16) if row_block is None
+                   else [None, row_block])
+    row_outer, row_inner = sch.split(rows_loop, row_factors)
+    panel, lane = sch.split(cols_loop, [None, width])
+    panel_factors = (sch.sample_perfect_tile(panel, n=2, max_innermost_factor=8) if panel_block is None
+                     else [None, panel_block])
+    panel_outer, panel_inner = sch.split(panel, panel_factors)
+    sch.reorder(panel_outer, row_outer, red_loop, panel_inner, row_inner, lane)
+    writeback = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(writeback, row_outer, preserve_unit_loops=True)
+    fuse_epilogue(sch, writeback, row_outer)
+    sch.parallel(sch.fuse(panel_outer, row_outer))
+    sch.unroll(panel_inner)
+    sch.unroll(row_inner)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, red_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(writeback)[-1])
+    return sch
+
+
+def schedule_default(sch, block, target):
+    """:func:`schedule` with the untuned register block of :func:`~.common.default_blocks`."""
+    threads = int(target.attrs.get("num-cores", 1)) if target.attrs else 1
+    rows, cols = (int(sch.get(loop).extent) for loop in sch.get_loops(block)[-3:-1])
+    width = _panel_width_of(sch, block)
+    return schedule(sch, block, *default_blocks(target, rows, -(-cols // width), width, threads))
