@@ -1,6 +1,8 @@
 """adntn-deploy: tensor-network generated layers, from PyTorch to devices."""
 
-__version__ = "0.1.0"
+from adntn_deploy.version import __version__
+
+__all__ = ["__version__", "compress", "export_onnx", "finetune", "load"]
 
 
 def load(path, backend=None, **options):

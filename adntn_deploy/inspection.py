@@ -36,8 +36,8 @@ def describe(name: str, ir: GeneratorIR) -> dict[str, Any]:
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Headers and formatted rows for :func:`adntn_deploy.cli.tables.render_table`."""
-    from adntn_deploy.cli.tables import human_bytes, human_count
+    """Headers and formatted rows for :func:`adntn_deploy.reporting.render_table`."""
+    from adntn_deploy.reporting import human_bytes, human_count
 
     headers = ["layer", "family", "layout", "shape", "modes (out | in)", "bond", "params", "dense", "ratio", "gen FLOPs", "peak"]
     out = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from adntn_deploy import __version__
+from adntn_deploy.version import __version__
 from adntn_deploy.ir.program import GeneratorError
 
 
@@ -64,7 +64,7 @@ def cli() -> None:
 
 
 def _emit(rows: list[dict], as_json: bool, title: str | None = None) -> None:
-    from adntn_deploy.cli.tables import render_table
+    from adntn_deploy.reporting import render_table
     from adntn_deploy.inspection import table_rows
 
     if as_json:

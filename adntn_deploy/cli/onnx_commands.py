@@ -107,7 +107,7 @@ def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, stand
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        from adntn_deploy.cli.tables import human_bytes
+        from adntn_deploy.reporting import human_bytes
 
         click.echo(
             f"wrote {result.path} ({human_bytes(result.bytes)}; {len(result.generators)} generated layer(s) "

@@ -172,7 +172,7 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mod
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    from adntn_deploy.cli.tables import render_table
+    from adntn_deploy.reporting import render_table
 
     rows = [[r.name, r.kind, "x".join(map(str, r.weight_shape)), family,
              f"{r.spec.get('layout', 'split')}, bond {r.spec['bond_dim']}, max_mode {r.spec['max_mode']}"

@@ -14,7 +14,7 @@ from adntn_deploy.cli.onnx_commands import max_weight_bytes_option, parse_input_
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def targets_command(as_json: bool) -> None:
     """List the device profiles (--target accepts these names, TVM tags, or a JSON target dict)."""
-    from adntn_deploy.cli.tables import render_table
+    from adntn_deploy.reporting import render_table
     from adntn_deploy.compiler.profiles import list_profiles
 
     profiles = list_profiles()
@@ -43,13 +43,16 @@ def targets_command(as_json: bool) -> None:
               help="CPU targets: run dense layers from weights packed into vector panels at load (fast without tuning); "
                    "--no-prepack keeps TVM's generic matmul for MetaSchedule to tune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show TVM's own messages as they come (default: into the artifact's build.log, one summary line) "
+                   "and name every operator left to a generic schedule.")
 @max_weight_bytes_option
 def compile_command(model, target, output, weights, cross_compiler, opt_level, dump_ir, input_shapes, tuning_records,
-                    prepack, as_json):
+                    prepack, as_json, verbose):
     """Compile an ONNX model (ai.adntn or standard ops) with TVM into a deployable artifact folder."""
     from tqdm import tqdm
 
-    from adntn_deploy.cli.tables import human_bytes
+    from adntn_deploy.reporting import human_bytes
     from adntn_deploy.compiler.build import compile_model
 
     stages = ["validate and import", "apply tuning records", "build", "export"]
@@ -59,11 +62,15 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
         bar.set_postfix_str(message)
         bar.update(1)
 
+    def note(line: str) -> None:  # one line each on stderr; operators on generic schedules only with -v
+        if verbose or line.startswith("note:"):
+            click.echo(line if line.startswith("note:") else f"note: {line}", err=True)
+
     try:
         artifact = compile_model(
             model, target, output, weights=weights, cross_compiler=cross_compiler, opt_level=opt_level,
             dump_ir=dump_ir, input_shapes=dict(parse_input_shape(s) for s in input_shapes),
-            tuning_records=tuning_records, prepack=prepack, progress=progress,
+            tuning_records=tuning_records, prepack=prepack, progress=progress, verbose=verbose, notes=note,
         )
     finally:
         bar.close()
@@ -76,8 +83,10 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     note = tuned.get("records_note") or "no records for this target: adntn-deploy tune"
     tuning = (f"{tuned['scheduled_kernels']}/{tuned['kernels']} kernels tuned ({note})"
               if tuned["records"] else f"untuned ({note})")
-    if tuned.get("packed_dense"):
-        tuning += f"; {tuned['packed_dense']} dense layers on packed weights"
+    packed = [f"{tuned[key]} {what}" for key, what in (("packed_dense", "dense layers"), ("packed_conv2d", "convolutions"))
+              if tuned.get(key)]
+    if packed:
+        tuning += f"; {' and '.join(packed)} on packed weights"
     streamed = ""
     if m.get("streamed"):
         kinds = sorted({layer["kernel"] for layer in m["streamed"]})
@@ -159,7 +168,7 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def schedules_command(as_json):
     """List the tuning databases shipped in schedules/, per device profile."""
-    from adntn_deploy.cli.tables import render_table
+    from adntn_deploy.reporting import render_table
     from adntn_deploy.compiler.database import list_schedules
 
     rows = list_schedules()

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from adntn_deploy import __version__
+from adntn_deploy.version import __version__
 from adntn_deploy.compiler.artifact import (
     ARTIFACT_FORMAT, ARTIFACT_VERSION, LIFTED_MODES, WEIGHT_MODES, Artifact, is_artifact_dir, write_manifest,
 )

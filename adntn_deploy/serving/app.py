@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from adntn_deploy import __version__
+from adntn_deploy.version import __version__
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.serving.protocol import (
     HEADER_LENGTH, DEFAULT_MAX_DEPTH, ProtocolError, datatype_of, decode_request, encode_response_parts,

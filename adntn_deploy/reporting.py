@@ -1,4 +1,4 @@
-"""Plain-text tables and number formatting for the CLI (no third-party dependency)."""
+"""Plain-text tables and number formatting for reports (the CLI, the demo, inspection); no third-party dependency."""
 
 from __future__ import annotations
 

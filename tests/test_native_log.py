@@ -1,0 +1,72 @@
+"""Quiet compiles: TVM's native messages go to the artifact's build.log with one summary line, unless -v."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adntn_deploy.compiler.native_log import NativeLog
+
+TVM_WARNING = b"[04:06:30] /project/include/tvm/topi/transform.h:1261: Warning: Fast mode segfaults when there are out-of-bounds indices.\n"
+
+
+def test_capture_takes_native_writes_and_summarises(tmp_path, capfd):
+    log = NativeLog()
+    with log.capture():
+        for _ in range(3):
+            os.write(2, TVM_WARNING)  # what C++ code does: straight to the file descriptor
+        os.write(2, b"[04:06:31] /project/src/x.cc:9: Warning: something else\n")
+    assert capfd.readouterr().err == ""
+    assert log.count == 4
+    summary = log.summary(tmp_path / "build.log")
+    assert "\n" not in summary and summary.startswith("note: TVM printed 4 warnings (2 distinct; most often 3x")
+    assert "Fast mode segfaults" in summary and str(tmp_path / "build.log") in summary
+
+
+def test_verbose_lets_native_writes_through(capfd):
+    log = NativeLog(verbose=True)
+    with log.capture():
+        os.write(2, TVM_WARNING)
+    assert "Fast mode" in capfd.readouterr().err and log.count == 0
+
+
+def test_capture_restores_stderr_after_an_error(capfd):
+    log = NativeLog()
+    with pytest.raises(RuntimeError):
+        with log.capture():
+            os.write(2, b"inside\n")
+            raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n" and log.text == "inside\n"
+
+
+def _cli(*args):
+    env = {**{k: v for k, v in os.environ.items() if k != "ADNTN_DEBUG"}, "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_compile_is_quiet_and_verbose_names_generic_kernels(tmp_path):
+    """A model whose import prints TVM warnings (a gather: adaptive pooling 5 -> 3) and has a depthwise conv."""
+    pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+    import torch
+    from torch import nn
+
+    from adntn_deploy.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+                          nn.AdaptiveAvgPool2d(3)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(1, 3, 5, 5)], path, input_names=["input"])
+    quiet = _cli("compile", path, "--target", "host", "-o", tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: TVM printed") and "quiet/build.log" in lines[0], lines
+    assert "Fast mode" in (tmp_path / "quiet" / "build.log").read_text()
+    assert "1 convolutions on packed weights" in quiet.stdout
+    loud = _cli("compile", path, "--target", "host", "-o", tmp_path / "loud", "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert "Fast mode" in loud.stderr and not (tmp_path / "loud" / "build.log").exists()
+    assert any("relax.nn.conv2d" in line and "depthwise" in line for line in loud.stderr.splitlines())
