@@ -172,3 +172,46 @@ def test_schedules_listing(tmp_path, monkeypatch):
     assert row == {"profile": "host", "target": "llvm -x", "models": ["m.onnx"], "trials": 64, "workloads": 2, "records": 5}
     proc = subprocess.run([*CLI, "schedules", "--json"], capture_output=True, text=True, env={**os.environ})
     assert json.loads(proc.stdout)[0]["records"] == 5
+
+
+def _task_names(mod, target) -> list[str]:
+    from tvm.s_tir import meta_schedule as ms
+
+    return sorted(task.task_name for task in ms.relax_integration.extract_tasks(mod, target))
+
+
+def test_load_kernels_are_left_out_unless_asked(tiny):
+    """The generator's contractions run once at load: tune leaves them out of the budget by default."""
+    from adntn_deploy.compiler.frontend import import_model
+    from adntn_deploy.compiler.schedules import fuse_kernels
+    from adntn_deploy.compiler.target import tvm_target
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.tuning import inference_only
+
+    target = tvm_target(resolve_target("host"))
+    fused = fuse_kernels(import_model(tiny, "load", prepack_target=target).mod, target)
+    everything, per_call = _task_names(fused, target), _task_names(inference_only(fused), target)
+    assert per_call and set(per_call) < set(everything)
+    assert all("packed" in name or "relu" in name for name in per_call), per_call
+
+
+def test_builder_pool_outlives_a_batch():
+    """Candidates of several batches are built by the same worker processes (no per-batch start-up)."""
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from adntn_deploy.compiler.tuning import build_candidate, persistent_builder
+
+    a = te.placeholder((64,), name="a")
+    func = te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    builder = persistent_builder(120, build_candidate, workers=1)
+    try:
+        pools = []
+        for _ in range(2):
+            (result,) = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": func}), target)])
+            assert result.error_msg is None and Path(result.artifact_path).exists()
+            pools.append(builder.pool)
+        assert pools[0] is pools[1]
+    finally:
+        builder.close()

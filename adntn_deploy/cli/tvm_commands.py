@@ -129,11 +129,14 @@ def bundle_command(artifact, output, cross_compiler):
 @click.option("--prepack/--no-prepack", default=True, show_default=True,
               help="Tune the kernels of compile --prepack (the default): CPU dense layers run from weights packed into vector panels at load (fast without tuning); "
                    "use the value compile will get.")
+@click.option("--include-load-kernels", is_flag=True,
+              help="Also tune the kernels that run once at load (generators, weight packing); by default the "
+                   "trial budget goes to the kernels every call runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @max_weight_bytes_option
 def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tracker, rpc_key, timeout,
-                 cross_compiler, input_shapes, weights, only, prepack, as_json):
-    """Tune every kernel (inference and load-time generators) with MetaSchedule; resumable and crash-safe."""
+                 cross_compiler, input_shapes, weights, only, prepack, include_load_kernels, as_json):
+    """Tune the kernels every call runs with MetaSchedule (load-time ones on request); resumable and crash-safe."""
     import time as _time
 
     from tqdm import tqdm
@@ -141,18 +144,23 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
     from adntn_deploy.compiler.tuning import tune_model
 
     bar = tqdm(total=trials, desc="tune", unit="trial", disable=True if as_json else None)
-    start = _time.perf_counter()
+    clock = {"start": _time.perf_counter()}
 
     def on_batch(done: int, total: int, task: str, best: float | None) -> None:
+        if done == 0:  # measuring starts now: import and task extraction are not part of the rate
+            clock["start"] = _time.perf_counter()
+            bar.set_postfix_str("measuring")
+            return
         bar.update(done - bar.n)
-        left = (_time.perf_counter() - start) / max(done, 1) * max(total - done, 0)
-        bar.set_postfix_str(f"{task[:28]} best {best * 1e6:.1f} us, ~{left:.0f} s left" if best else task[:28])
+        left = (_time.perf_counter() - clock["start"]) / done * max(total - done, 0)
+        bar.set_postfix_str(f"{task[:28]} best {best * 1e6:.1f} us, ~{left:.0f} s left" if best else f"{task[:28]}, ~{left:.0f} s left")
 
     try:
         report = tune_model(model, target, tuning_records, trials=trials, trials_per_task=trials_per_task,
                             rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout=timeout, cross_compiler=cross_compiler,
                             input_shapes=dict(parse_input_shape(s) for s in input_shapes), weights=weights,
-                            only=list(only), prepack=prepack, on_batch=on_batch)
+                            only=list(only), prepack=prepack, include_load_kernels=include_load_kernels,
+                            on_batch=on_batch)
     finally:
         bar.close()
     summary = {"records": str(report.records), "tasks": report.tasks, "trials": report.trials,
