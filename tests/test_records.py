@@ -116,3 +116,38 @@ def test_compile_says_which_records_it_applied(tmp_path, mlp):
         pytest.skip("an x86-64 JSON target compiles only on an x86-64 host here")
     assert proc.returncode == 0, proc.stderr
     assert "untuned (generic schedules: this core2 CPU has none of the instruction sets" in proc.stdout
+
+
+def test_a_compile_copies_only_its_own_workloads(tmp_path):
+    """Only the workloads asked for (and their records, renumbered) are read, checked and copied."""
+    from adntn_deploy.compiler.database import DB_FILES, copy_database
+
+    source = schedules_dir() / "x86-64-avx512"
+    workloads = [line for line in (source / DB_FILES[0]).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (source / DB_FILES[1]).read_text().splitlines() if line.strip()]
+    picked = [2, 5]
+    hashes = {json.loads(workloads[i])[0] for i in picked}
+    assert copy_database(source, tmp_path / "db", workloads_of=hashes) == 2
+    copied = [line for line in (tmp_path / "db" / DB_FILES[0]).read_text().splitlines() if line.strip()]
+    assert copied == [workloads[i] for i in picked]
+    got = [json.loads(line) for line in (tmp_path / "db" / DB_FILES[1]).read_text().splitlines() if line.strip()]
+    want = [[picked.index(r[0]), r[1]] for r in records if r[0] in picked]
+    assert got == want and got
+    assert copy_database(source, tmp_path / "none", workloads_of=set()) == 0
+
+
+def test_records_apply_by_the_kernels_own_hashes(tmp_path, mlp):
+    """The hashes a compile computes for its kernels are the ones MetaSchedule filed them under: the MLP's
+    kernels, tuned into the shipped database, are all found (and scheduled) through the filtered copy."""
+    from adntn_deploy.compiler.database import apply_records, workload_hashes
+    from adntn_deploy.compiler.frontend import import_model
+    from adntn_deploy.compiler.schedules import fuse_kernels
+
+    target = tvm_target(resolve_target("x86-64-avx512"))
+    fused = fuse_kernels(import_model(mlp, "load", prepack_target=target).mod, target)
+    shipped = {json.loads(line)[0] for line in (schedules_dir() / "x86-64-avx512" / "database_workload.json").read_text().splitlines()
+               if line.strip()}
+    mine = workload_hashes(fused)
+    assert mine & shipped
+    _, scheduled, _ = apply_records(fused, target, schedules_dir() / "x86-64-avx512")
+    assert scheduled == len(mine & shipped)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.profiles import DeviceProfile, host_arch, list_profiles, triple_arch
@@ -142,7 +143,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
+_WORKLOAD_HASH = re.compile(rb'^\["(\d+)",')
+_RECORD_INDEX = re.compile(rb"^\[(\d+),")
+
+
+def _checked_lines(path: Path, workloads: int | None, keep: Callable[[bytes], bool] | None = None) -> list[bytes]:
     """The lines of one database file, each checked before TVM's JSON reader may see it.
 
     TVM parses records (and the IR inside each workload, base64 after an 8-byte length) with a recursive
@@ -150,7 +155,8 @@ def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
     DEFAULT_MAX_DEPTH levels, strings included (trace strings hold JSON too). A workload line is
     ``[hash, base64]``; a record line is ``[workload index, [trace, ...]]`` with an index into the
     ``workloads`` lines read before. A last line without its newline that does not parse is dropped
-    (an interrupted writer left it); any other bad line is an error.
+    (an interrupted writer left it); any other bad line is an error. With ``keep``, lines it refuses are
+    skipped without being checked or returned (a compile reads only the workloads of its own kernels).
 
     Raises:
         TuningError: the file and line number, and what is wrong there.
@@ -164,7 +170,7 @@ def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
     lines = data.split(b"\n")
     kept = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip() or (keep is not None and not keep(line)):
             continue
         where = f"{path} line {number}"
         try:
@@ -201,10 +207,14 @@ def _checked_lines(path: Path, workloads: int | None) -> list[bytes]:
     return kept
 
 
-def copy_database(source: Path, destination: Path) -> None:
-    """Copy the database in ``source`` into the folder ``destination``, checked line by line.
+def copy_database(source: Path, destination: Path, workloads_of: set[str] | None = None) -> int:
+    """Copy the database in ``source`` into the folder ``destination``, checked line by line; returns the
+    number of workloads copied.
 
     ``source`` is only read. Incomplete trailing lines are left out of the copy (see :func:`_checked_lines`).
+    ``workloads_of``: copy only the workloads with these structural hashes (:func:`workload_hashes`) and
+    their records, renumbered; the other lines are neither parsed nor checked. The shipped AVX-512
+    database holds a hundred workloads, and a compile needs a handful.
 
     Raises:
         TuningError: a file is missing or a line is malformed or too deeply nested.
@@ -212,11 +222,44 @@ def copy_database(source: Path, destination: Path) -> None:
     source, destination = Path(source), Path(destination)
     if not has_database(source):
         raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
-    workloads = _checked_lines(source / DB_FILES[0], None)
-    records = _checked_lines(source / DB_FILES[1], len(workloads))
+    all_workloads = [line for line in (source / DB_FILES[0]).read_bytes().split(b"\n") if line.strip()]
+    renumber: dict[int, int] = {}
+    if workloads_of is None:
+        workloads = _checked_lines(source / DB_FILES[0], None)
+        records = _checked_lines(source / DB_FILES[1], len(workloads))
+    else:
+        for index, line in enumerate(all_workloads):
+            match = _WORKLOAD_HASH.match(line)
+            if match is None or match.group(1).decode() in workloads_of:  # unreadable lines get checked (and refused)
+                renumber[index] = len(renumber)
+        wanted = {all_workloads[i] for i in renumber}
+        workloads = _checked_lines(source / DB_FILES[0], None, keep=lambda line: line in wanted)
+
+        def record_wanted(line: bytes) -> bool:
+            match = _RECORD_INDEX.match(line)
+            return match is None or int(match.group(1)) in renumber
+
+        records = []
+        for line in _checked_lines(source / DB_FILES[1], len(all_workloads), keep=record_wanted):
+            match = _RECORD_INDEX.match(line)
+            records.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
     destination.mkdir(parents=True, exist_ok=True)
     for name, lines in zip(DB_FILES, (workloads, records)):
         (destination / name).write_bytes(b"".join(line + b"\n" for line in lines))
+    return len(workloads)
+
+
+def workload_hashes(mod) -> set[str]:
+    """The structural hashes under which MetaSchedule files the kernels (PrimFuncs) of ``mod``."""
+    import tvm
+    import tvm_ffi
+
+    hashes = set()
+    for _, func in mod.functions_items():
+        if type(func).__name__ == "PrimFunc":
+            workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            hashes.add(str(tvm_ffi.structural_hash(workload) & 0xFFFFFFFFFFFFFFFF))
+    return hashes
 
 
 def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
@@ -235,7 +278,7 @@ def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
     records = Path(records)
     private = Path(tempfile.mkdtemp(prefix="adntn-records-"))
     try:
-        copy_database(records, private)
+        copy_database(records, private, workloads_of=workload_hashes(fused))
         with target:
             try:
                 applied = relax.transform.MetaScheduleApplyDatabase(str(private))(fused)

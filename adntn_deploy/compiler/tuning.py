@@ -26,6 +26,7 @@ from typing import Callable
 
 from adntn_deploy.compiler.database import copy_database, has_database, publish
 from adntn_deploy.compiler.errors import TuningError
+from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import require_cross_compiler, resolve_target
 from adntn_deploy.compiler.target import configure_threads, tvm_target
 from adntn_deploy.errors import GeneratorError
@@ -232,8 +233,10 @@ def tune_model(
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     register_schedule_rules()
     register_tensor_intrinsics(tvm_tgt)
-    imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
-    fused = fuse_kernels(imported.mod, tvm_tgt)
+    native = NativeLog(verbose=bool(os.environ.get("ADNTN_TUNE_VERBOSE")))
+    with native.capture():  # TVM's C++ warnings (see native_log): summarised by the caller, not interleaved
+        imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
+        fused = fuse_kernels(imported.mod, tvm_tgt)
     records = Path(records)
     staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
     if has_database(records):  # resume: start from what was published, checked
@@ -271,7 +274,8 @@ def tune_model(
         logging.DEBUG if os.environ.get("ADNTN_TUNE_VERBOSE") else logging.WARNING)
     start = time.perf_counter()
     try:
-        tasks = ms.relax_integration.extract_tasks(fused if include_load_kernels else inference_only(fused), tvm_tgt)
+        with native.capture():
+            tasks = ms.relax_integration.extract_tasks(fused if include_load_kernels else inference_only(fused), tvm_tgt)
         if only:
             tasks = [t for t in tasks if any(name in t.task_name for name in only)]
             if not tasks:

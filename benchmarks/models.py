@@ -1,0 +1,130 @@
+"""Whole models on the TVM path against ONNX Runtime: untuned (no records at all) and with the shipped records.
+
+python benchmarks/models.py [--targets host,x86-64-avx2] [--models vgg,alexnet,mlp,cnn32] [--batches 1,32] [--rounds 3]
+
+For each target, model and batch, in one run: ONNX Runtime on the ONNX file; TVM ``compile --target T``
+with the shipped schedules/ hidden (untuned: every kernel of ours on its default schedule, the rest
+generic); and TVM with the records that ``compile`` applies by default (schedules/ for the target's
+instruction set). Each runtime is timed in a fresh process (benchmarks/isolated.py); latencies are medians
+over interleaved rounds, and every output is checked against ONNX Runtime's. Models: the zoo's vgg,
+alexnet and mlp (28x28 grey inputs, random weights: speed does not depend on them) and ``cnn32``, a plain
+CNN for 32x32 RGB inputs (three 5x5 convolutions, 16-32-64 channels, each followed by ReLU and 2x2
+max-pooling, then a 1024 -> 10 classifier). Goals (docs/tvm.md#convolutions): untuned / ORT <= 1.25 and
+records / ORT <= 0.9 on the host. Results: benchmarks/results/models.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+UNTUNED_GOAL, TUNED_GOAL = 1.25, 0.9
+
+
+def build(name: str):
+    """(torch model in eval mode, input shape without the batch)."""
+    import torch
+    from torch import nn
+
+    from adntn_deploy.models.zoo import INPUT_SHAPE, build_model
+
+    if name == "cnn32":
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for cin, cout in ((3, 16), (16, 32), (32, 64)):
+            layers += [nn.Conv2d(cin, cout, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, 10)).eval(), (3, 32, 32)
+    return build_model(name).eval(), INPUT_SHAPE
+
+
+def measure_one(name: str, batch: int, target: str, folder: Path, rounds: int) -> dict:
+    """One row: ORT, TVM untuned and TVM with records for ``name`` at ``batch`` on ``target``."""
+    import torch
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.onnx_export import export_onnx
+    from isolated import interleaved_medians
+
+    model, shape = build(name)
+    path = folder / f"{name}-b{batch}.onnx"
+    if not path.exists():
+        export_onnx(model, [torch.randn(batch, *shape)], path, input_names=["input"])
+    feeds = {"input": np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)}
+    models, tuning = {"ort": path}, {}
+    for variant in ("untuned", "records"):
+        hidden = {"ADNTN_SCHEDULES_DIR": str(folder / "no-schedules")} if variant == "untuned" else {}
+        os.environ.update(hidden)
+        try:
+            artifact = compile_model(path, target, folder / f"{name}-b{batch}-{target}-{variant}")
+        finally:
+            for key in hidden:
+                os.environ.pop(key)
+        models[variant] = artifact.path
+        tuning[variant] = artifact.manifest["tuning"]
+    calls = 100 if name == "mlp" or batch == 1 else 20
+    med = interleaved_medians(models, feeds, calls=calls, rounds=rounds)
+    records = tuning["records"]
+    return {"target": target, "model": name, "batch": batch, "ort_ms": med["ort"], "untuned_ms": med["untuned"],
+            "records_ms": med["records"], "untuned_over_ort": med["untuned"] / med["ort"],
+            "records_over_ort": med["records"] / med["ort"],
+            "packed": f"{records['packed_dense']} dense + {records['packed_conv2d']} conv",
+            "kernels_from_records": f"{records['scheduled_kernels']}/{records['kernels']}",
+            "records_profile": records["records_profile"]}
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a markdown table."""
+    head = ("| target | model | batch | ORT ms | TVM untuned ms | TVM records ms | untuned/ORT | records/ORT | "
+            "packed layers | kernels from records |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|\n")
+    return head + "\n".join(
+        f"| {r['target']} | {r['model']} | {r['batch']} | {r['ort_ms']:.3f} | {r['untuned_ms']:.3f} | {r['records_ms']:.3f} | "
+        f"{r['untuned_over_ort']:.2f} | {r['records_over_ort']:.2f} | {r['packed']} | {r['kernels_from_records']} |"
+        for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="host,x86-64-avx2")
+    parser.add_argument("--models", default="vgg,alexnet,mlp,cnn32")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", default="models", help="results file stem under benchmarks/results/")
+    args = parser.parse_args()
+    from tqdm import tqdm
+
+    configs = [(t, m, int(b)) for t in args.targets.split(",") for m in args.models.split(",") for b in args.batches.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for target, name, batch in tqdm(configs, desc="models", unit="config"):
+            row = measure_one(name, batch, target, Path(tmp), args.rounds)
+            rows.append(row)
+            tqdm.write(json.dumps(row))
+    text = table(rows)
+    untuned_worst = max(r["untuned_over_ort"] for r in rows)
+    records_worst = max(r["records_over_ort"] for r in rows)
+    verdict = (f"worst untuned/ORT {untuned_worst:.2f} (goal <= {UNTUNED_GOAL}); "
+               f"worst records/ORT {records_worst:.2f} (goal <= {TUNED_GOAL})")
+    print(text)
+    print(verdict)
+    meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": len(os.sched_getaffinity(0)),
+            "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "verdict": verdict}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.output}.md").write_text(
+        "# Whole models: TVM untuned and with shipped records vs ONNX Runtime\n\n"
+        f"{json.dumps(meta)}\n\n{text}\n\n{verdict}\n")
+
+
+if __name__ == "__main__":
+    main()
