@@ -24,6 +24,14 @@ def test_capture_takes_native_writes_and_summarises(tmp_path, capfd):
     assert "Fast mode segfaults" in summary and str(tmp_path / "build.log") in summary
 
 
+def test_summary_without_a_log_file_says_how_to_see_them():
+    log = NativeLog()
+    with log.capture():
+        os.write(2, TVM_WARNING)
+    summary = log.summary(None, "ADNTN_TUNE_VERBOSE=1 shows them")
+    assert "all in" not in summary and summary.endswith("(ADNTN_TUNE_VERBOSE=1 shows them)")
+
+
 def test_verbose_lets_native_writes_through(capfd):
     log = NativeLog(verbose=True)
     with log.capture():

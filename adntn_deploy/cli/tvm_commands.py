@@ -163,6 +163,8 @@ def tune_command(model, target, tuning_records, trials, trials_per_task, rpc_tra
                             on_batch=on_batch)
     finally:
         bar.close()
+    for line in report.notes:
+        click.echo(line, err=True)
     summary = {"records": str(report.records), "tasks": report.tasks, "trials": report.trials,
                "seconds": report.seconds, "best_us": {k: v * 1e6 for k, v in report.best.items()}}
     if as_json:

@@ -113,17 +113,23 @@ def compile_model(
              "records_note": records_note, "scheduled_kernels": 0, "kernels": 0,
              "packed_dense": imported.prepacked.get("adntn_packed_dense", 0),
              "packed_conv2d": imported.prepacked.get("adntn_packed_conv2d", 0), "generic_notes": imported.notes}
-    with tvm.transform.PassContext(opt_level=opt_level), native.capture():
+    # progress is reported between capture windows: inside one, the progress bar's own writes to stderr
+    # would land in build.log
+    with tvm.transform.PassContext(opt_level=opt_level):
         if records is not None or any(imported.prepacked.values()):
-            mod = fuse_kernels(mod, tvm_tgt)
+            with native.capture():
+                mod = fuse_kernels(mod, tvm_tgt)
         if records is not None:
             say("apply tuning records")
-            mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
-        mod, tuned["default_schedules"] = schedule_untuned(mod, tvm_tgt)
+            with native.capture():
+                mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
+        with native.capture():
+            mod, tuned["default_schedules"] = schedule_untuned(mod, tvm_tgt)
         say(f"build for {profile.name}")
         start = time.perf_counter()
         try:
-            executable = tvm.compile(mod, tvm_tgt, relax_pipeline=relax.get_default_pipeline(tvm_tgt))
+            with native.capture():
+                executable = tvm.compile(mod, tvm_tgt, relax_pipeline=relax.get_default_pipeline(tvm_tgt))
         except Exception as exc:
             raise CompileError(f"TVM failed to build for {profile.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
         build_seconds = time.perf_counter() - start

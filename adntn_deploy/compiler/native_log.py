@@ -58,8 +58,9 @@ class NativeLog:
         """Number of captured lines."""
         return len(self.lines)
 
-    def summary(self, log_path: str | os.PathLike) -> str:
-        """One line: how many messages of which kinds, the most frequent one, and where they all are."""
+    def summary(self, log_path: str | os.PathLike | None, show: str = "-v shows them") -> str:
+        """One line: how many messages of which kinds, the most frequent one, where they all are (``log_path``,
+        or nowhere when None) and how to see them (``show``)."""
         kinds: Counter[str] = Counter()
         for line in self.lines:
             match = _TVM_LINE.match(line)
@@ -67,5 +68,5 @@ class NativeLog:
         levels = Counter((m.group(1) or "message").lower() for m in map(_TVM_LINE.match, self.lines) if m)
         what = ", ".join(f"{n} {level}{'s' if n != 1 else ''}" for level, n in levels.most_common()) or f"{self.count} lines"
         top, times = kinds.most_common(1)[0]
-        return (f"note: TVM printed {what} ({len(kinds)} distinct; most often {times}x: {top!r}); "
-                f"all in {Path(log_path)} (-v shows them)")
+        where = f"all in {Path(log_path)} " if log_path is not None else ""
+        return f"note: TVM printed {what} ({len(kinds)} distinct; most often {times}x: {top!r}); {where}({show})"

@@ -172,6 +172,8 @@ class TuneReport:
     trials: int
     seconds: float
     best: dict[str, float] = field(default_factory=dict)
+    #: one-line notes for the user (a summary of what TVM printed while importing and extracting tasks)
+    notes: list[str] = field(default_factory=list)
 
 
 def tune_model(
@@ -234,7 +236,7 @@ def tune_model(
     register_schedule_rules()
     register_tensor_intrinsics(tvm_tgt)
     native = NativeLog(verbose=bool(os.environ.get("ADNTN_TUNE_VERBOSE")))
-    with native.capture():  # TVM's C++ warnings (see native_log): summarised by the caller, not interleaved
+    with native.capture():  # TVM's C++ warnings (see native_log): one summary note in the report
         imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
         fused = fuse_kernels(imported.mod, tvm_tgt)
     records = Path(records)
@@ -307,4 +309,5 @@ def tune_model(
     info.update(target=str(tvm_tgt), profile=profile.name, trials=int(info.get("trials", 0)) + state["done"])
     info["models"] = sorted(set(info["models"]) | {Path(onnx_path).name})
     meta.write_text(json.dumps(info, indent=2) + "\n")
-    return TuneReport(records, len(tasks), state["done"], time.perf_counter() - start, dict(state["best"]))
+    notes = [native.summary(None, "ADNTN_TUNE_VERBOSE=1 shows them")] if native.count else []
+    return TuneReport(records, len(tasks), state["done"], time.perf_counter() - start, dict(state["best"]), notes)

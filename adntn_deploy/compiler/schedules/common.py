@@ -125,6 +125,20 @@ def static_shape(expr, ndim: int) -> list[int] | None:
         return None
 
 
+def activation_by_weight(call, ndim: int, weight_only) -> tuple[list[int] | None, list[int] | None, str]:
+    """(activation shape, weight shape, "") of a two-operand call ``op(x, w)`` whose ``w`` is known at load
+    and ``x`` is a static float32 activation of rank ``ndim``; else (None, None, why it stays generic)."""
+    if len(call.args) != 2:
+        return None, None, "not a two-operand call"
+    x, w = call.args
+    x_shape, w_shape = static_shape(x, ndim), static_shape(w, ndim)
+    if x_shape is None or w_shape is None:
+        return None, None, f"not static {ndim}-D float32 operands"
+    if weight_only(x) or not weight_only(w):
+        return None, None, "its weight operand is computed from activations"
+    return x_shape, w_shape, ""
+
+
 def int64_placeholder(shape, name: str) -> Any:
     """A float32 TE placeholder with int64 extents, like the legalised ops around it (FuseTIR matches
     buffers across kernels by type)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
-    add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width, static_shape,
+    activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width, static_shape,
 )
 
 RULE_NAME = "adntn_packed_conv2d"
@@ -142,12 +142,10 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     """
     from tvm import relax, te
 
+    x_shape, w_shape, why = activation_by_weight(call, 4, weight_only)
+    if x_shape is None:
+        return None, why
     x, w = call.args
-    x_shape, w_shape = static_shape(x, 4), static_shape(w, 4)
-    if x_shape is None or w_shape is None:
-        return None, "dynamic or non-float32 shapes"
-    if weight_only(x) or not weight_only(w):
-        return None, "its weight is computed from activations"
     attrs = call.attrs
     width, why = conv_support(x_shape, w_shape, attrs, target)
     if width is None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
-    add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width, static_shape,
+    activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width,
 )
 
 RULE_NAME = "adntn_packed_dense"
@@ -62,14 +62,10 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     (None, why it stays generic). ``weight_only(expr)`` says whether an expression depends on parameters only."""
     from tvm import relax, te
 
-    if len(call.args) != 2:
-        return None, "not a two-operand product"
+    x_shape, w_shape, why = activation_by_weight(call, 2, weight_only)
+    if x_shape is None:
+        return None, why
     x, w = call.args
-    x_shape, w_shape = static_shape(x, 2), static_shape(w, 2)
-    if x_shape is None or w_shape is None:
-        return None, "not a static 2-D float32 product"
-    if weight_only(x) or not weight_only(w):
-        return None, "its right operand is computed from activations"
     depth, out_dim = w_shape
     width = panel_width(target, out_dim)
     if width is None or x_shape[1] != depth:
