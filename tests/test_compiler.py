@@ -307,3 +307,27 @@ def test_recompiling_into_the_same_folder_loads_the_new_library(tmp_path):
         assert _relative(got, expected) < float32_rtol(64)
         outputs.append(got)
     assert _relative(outputs[0], outputs[1]) > 1e-2
+
+
+def test_initializers_listed_as_graph_inputs(tmp_path):
+    """Old-style ONNX (IR < 4, some converters) lists every initializer among the graph inputs too: the
+    artifact must take each parameter once (it took them twice and failed at load)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((8, 3, 3, 3)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "old_style",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 3, 3, 3]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "old.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]).SerializeToString())
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert len(artifact.manifest["params"]) == 2 and [i["name"] for i in artifact.manifest["inputs"]] == ["x"]
+    x = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    want = load(path).run(x)["y"]
+    got = load(artifact.path).run(x)["y"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -46,6 +46,20 @@ def _sanitize_initializer_names(model) -> None:
             inp.name = renames[inp.name]
 
 
+def _drop_initializer_inputs(model) -> None:
+    """Remove graph inputs that are initializers (in place, in the inlined copy).
+
+    ONNX files from before IR version 4 (and some converters) list every initializer among the graph's
+    inputs too. TVM's importer then made a parameter of each twice, so ``main_transform_params`` wanted
+    562 tensors where the artifact stored 281 (ShuffleNet from onnx's model tests failed at load).
+    """
+    inits = {i.name for i in model.graph.initializer}
+    kept = [inp for inp in model.graph.input if inp.name not in inits]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+
+
 def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
     """{input name: fixed shape}: the model's shapes with ``overrides`` applied and symbolic axes set to 1.
 
@@ -157,6 +171,7 @@ def import_model(
         model, layers = stream_weights(model)
         streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
+    _drop_initializer_inputs(inlined)
     _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES
