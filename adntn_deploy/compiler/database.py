@@ -222,12 +222,13 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
     source, destination = Path(source), Path(destination)
     if not has_database(source):
         raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
-    all_workloads = [line for line in (source / DB_FILES[0]).read_bytes().split(b"\n") if line.strip()]
-    renumber: dict[int, int] = {}
     if workloads_of is None:
         workloads = _checked_lines(source / DB_FILES[0], None)
         records = _checked_lines(source / DB_FILES[1], len(workloads))
     else:
+        # records name workloads by their index among the non-empty workload lines
+        all_workloads = [line for line in (source / DB_FILES[0]).read_bytes().split(b"\n") if line.strip()]
+        renumber: dict[int, int] = {}
         for index, line in enumerate(all_workloads):
             match = _WORKLOAD_HASH.match(line)
             if match is None or match.group(1).decode() in workloads_of:  # unreadable lines get checked (and refused)

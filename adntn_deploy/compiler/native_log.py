@@ -62,10 +62,12 @@ class NativeLog:
         """One line: how many messages of which kinds, the most frequent one, where they all are (``log_path``,
         or nowhere when None) and how to see them (``show``)."""
         kinds: Counter[str] = Counter()
+        levels: Counter[str] = Counter()
         for line in self.lines:
             match = _TVM_LINE.match(line)
             kinds[(match.group(2) if match else line).strip()[:100]] += 1
-        levels = Counter((m.group(1) or "message").lower() for m in map(_TVM_LINE.match, self.lines) if m)
+            if match:
+                levels[(match.group(1) or "message").lower()] += 1
         what = ", ".join(f"{n} {level}{'s' if n != 1 else ''}" for level, n in levels.most_common()) or f"{self.count} lines"
         top, times = kinds.most_common(1)[0]
         where = f"all in {Path(log_path)} " if log_path is not None else ""

@@ -235,7 +235,8 @@ def tune_model(
         raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     register_schedule_rules()
     register_tensor_intrinsics(tvm_tgt)
-    native = NativeLog(verbose=bool(os.environ.get("ADNTN_TUNE_VERBOSE")))
+    verbose = bool(os.environ.get("ADNTN_TUNE_VERBOSE"))
+    native = NativeLog(verbose)
     with native.capture():  # TVM's C++ warnings (see native_log): one summary note in the report
         imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
         fused = fuse_kernels(imported.mod, tvm_tgt)
@@ -273,7 +274,7 @@ def tune_model(
     # MetaSchedule prints every batch and a task table to stdout at INFO; its per-task logs still go to
     # files. Our progress callback is the user-facing report.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
-        logging.DEBUG if os.environ.get("ADNTN_TUNE_VERBOSE") else logging.WARNING)
+        logging.DEBUG if verbose else logging.WARNING)
     start = time.perf_counter()
     try:
         with native.capture():
