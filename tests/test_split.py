@@ -42,7 +42,7 @@ def _check_split(spec, shape):
     assert split.activation == spec.top_activation
 
 
-@pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.spec.layout == "split"))  # operator: issue #17
+@pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.spec.layout == "split"))  # operator: test_kronecker.py
 def test_every_preset_streams_with_under_one_percent_of_the_weight(name):
     from adntn_deploy.generators import build_structure
 

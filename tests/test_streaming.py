@@ -142,3 +142,60 @@ def test_cli_stream_refuses_a_layer_it_cannot_stream(tmp_path):
     proc = _cli("compile", path, "--target", "host", "--weights", "stream", "-o", tmp_path / "art")
     assert proc.returncode != 0 and "identity top activation" in proc.stderr and "--weights load" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "art").exists()
+
+
+def _operator_model(kind):
+    if kind == "linear":
+        return nn.Sequential(ADNTNLinear(96, 64, layout="operator", bond_dim=3, max_mode=4), nn.ReLU(),
+                             ADNTNLinear(64, 10, family="mera", layout="operator", bond_dim=2, max_mode=2)), (3, 96)
+    return nn.Sequential(ADNTNConv2d(32, 16, 3, padding=1, family="attn", layout="operator", bond_dim=2, max_mode=2),
+                         nn.ReLU(), nn.Flatten(), ADNTNLinear(16 * 5 * 5, 6, layout="operator", max_mode=4)), (2, 32, 5, 5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("weights", ["stream", "auto"])
+def test_operator_layout_streams_as_kronecker_products_in_tvm(tmp_path, kind, weights):
+    torch.manual_seed(0)
+    model, shape = _operator_model(kind)
+    model.eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(*shape)], path, input_names=["input"])
+    artifact = compile_model(path, "host", tmp_path / weights, weights=weights, input_shapes={"input": shape})
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    predictor = load(artifact.path)
+    (got,) = predictor.run({"input": x}).values()
+    assert _relative(got, expected) < (float32_rtol(96, 64) if kind == "linear" else float32_rtol(288, 400))
+    decisions = artifact.manifest["streamed"]
+    assert [d["layout"] for d in decisions] == ["operator", "operator"] and artifact.manifest["weights"] == weights
+    streamed = [d for d in decisions if d["mode"] == "stream"]
+    assert streamed and all(d["kernel"] == "kronecker" for d in streamed)
+    if weights == "stream":  # both layers run from their halves: less than the weights stays resident
+        assert len(streamed) == 2
+        assert sum(int(np.prod(w.shape)) for w in predictor._weights) < sum(d["dense_bytes"] // 4 for d in decisions)
+    # the halves' matmuls (and the convolution) run on packed kernels, fast without tuning
+    assert artifact.manifest["tuning"]["packed_dense"] >= 2
+
+
+def test_operator_stream_compiles_for_gpu_and_arm(tmp_path):
+    torch.manual_seed(0)
+    model, shape = _operator_model("linear")
+    path = tmp_path / "m.onnx"
+    export_onnx(model.eval(), [torch.randn(*shape)], path, input_names=["input"])
+    for target in ("cuda-sm80", "aarch64"):
+        artifact = compile_model(path, target, tmp_path / target, weights="stream", input_shapes={"input": shape})
+        assert {d["kernel"] for d in artifact.manifest["streamed"]} == {"kronecker"}
+
+
+def test_cli_compile_auto_prints_each_layer_choice(tmp_path):
+    torch.manual_seed(0)
+    # the first layer's halves (16x16 at rank 8, 4x4) cost more than its dense GEMM; the second's do not
+    model = nn.Sequential(ADNTNLinear(64, 64, layout="operator", bond_dim=8, max_mode=16),
+                          ADNTNLinear(64, 64, layout="operator", bond_dim=1, max_mode=2)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, [torch.randn(64, 64)], path, input_names=["input"])
+    proc = _cli("compile", path, "--target", "host", "--weights", "auto", "-o", tmp_path / "art")
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 0: generator kept" in proc.stdout and "layer 1: streamed (kronecker, rank 1)" in proc.stdout
+    assert "1 layers streamed (kronecker)" in proc.stdout

@@ -70,10 +70,14 @@ def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[in
 @click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input symbolic.")
 @click.option("--opset", default=18, show_default=True, help="Default-domain ONNX opset (13..23).")
 @click.option("--standard-ops", is_flag=True, help="Inline the generators: standard ONNX ops only, no ai.adntn domain.")
+@click.option("--stream", type=click.Choice(["off", "on", "auto"]), default="off", show_default=True,
+              is_flag=False, flag_value="on",
+              help="Generated layers run from their two factors as standard ops: no ONNX runtime ever holds the "
+                   "dense weight (--stream alone = on; auto: only where the cost model finds it faster).")
 @click.option("--output-name", "output_names", multiple=True, help="Graph output name(s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @max_weight_bytes_option
-def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, standard_ops, output_names, as_json):
+def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, standard_ops, stream, output_names, as_json):
     """Export a checkpoint's model to ONNX; generated layers become ai.adntn nodes holding only the cores."""
     import torch
 
@@ -96,23 +100,35 @@ def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, stand
     start = time.perf_counter()
     result = export_onnx(
         model, examples, output, input_names=[n for n, _ in inputs], output_names=list(output_names) or None,
-        dynamic_batch=dynamic_batch, opset=opset, standard_ops=standard_ops,
+        dynamic_batch=dynamic_batch, opset=opset, standard_ops=standard_ops, stream=stream,
     )
     dense_bytes = sum(4 * g["dense_params"] for g in result.generators.values())
     summary = {
         "path": str(result.path), "bytes": result.bytes, "generators": result.generators,
         "standard_ops": standard_ops, "seconds": time.perf_counter() - start,
-        "dense_weight_bytes_replaced": dense_bytes,
+        "dense_weight_bytes_replaced": dense_bytes, "stream": stream, "streamed": result.streamed,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         from adntn_deploy.reporting import human_bytes
 
+        for layer in result.streamed:
+            click.echo(stream_decision_line(layer))
         click.echo(
             f"wrote {result.path} ({human_bytes(result.bytes)}; {len(result.generators)} generated layer(s) "
             f"standing in for {human_bytes(dense_bytes)} of dense weights) in {summary['seconds']:.1f} s"
         )
+
+
+def stream_decision_line(layer: dict) -> str:
+    """One line saying how a generated layer runs after streaming (a StreamedLayer.as_dict())."""
+    from adntn_deploy.reporting import human_bytes
+
+    if layer["mode"] == "stream":
+        return (f"  layer {layer['layer']}: streamed ({layer['kernel']}, rank {layer['rank']}): keeps "
+                f"{human_bytes(layer['factor_bytes'])} instead of {human_bytes(layer['dense_bytes'])}; {layer['reason']}")
+    return f"  layer {layer['layer']}: generator kept ({human_bytes(layer['dense_bytes'])} at load): {layer['reason']}"
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

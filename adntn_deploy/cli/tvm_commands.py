@@ -29,9 +29,10 @@ def targets_command(as_json: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", required=True, help="Device profile (adntn-deploy targets), TVM tag, or JSON target dict.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact folder to write.")
-@click.option("--weights", type=click.Choice(["load", "fold", "stream"]), default="load", show_default=True,
+@click.option("--weights", type=click.Choice(["load", "fold", "stream", "auto"]), default="load", show_default=True,
               help="load: generate weights on the device at load (artifact holds the cores); fold: bake dense weights in; "
-                   "stream: generated layers run from two thin factors, never holding the dense weight.")
+                   "stream: generated layers run from their two factors, never holding the dense weight; "
+                   "auto: stream the layers the cost model (FLOPs and weight bytes) finds faster, load the rest.")
 @click.option("--cross-compiler", default=None, help="g++ that links the library (default: the profile's).")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 3))
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the Relax IR here.")
@@ -88,11 +89,17 @@ def compile_command(model, target, output, weights, cross_compiler, opt_level, d
     if packed:
         tuning += f"; {' and '.join(packed)} on packed weights"
     streamed = ""
-    if m.get("streamed"):
-        kinds = sorted({layer["kernel"] for layer in m["streamed"]})
-        factors = sum(layer["factor_bytes"] for layer in m["streamed"])
-        dense = sum(layer["dense_bytes"] for layer in m["streamed"])
-        streamed = (f"; {len(m['streamed'])} layers streamed ({', '.join(kinds)}): factors {human_bytes(factors)} "
+    chosen = [layer for layer in m.get("streamed", []) if layer.get("mode", "stream") == "stream"]
+    if m["weights"] == "auto":
+        from adntn_deploy.cli.onnx_commands import stream_decision_line
+
+        for layer in m.get("streamed", []):
+            click.echo(stream_decision_line(layer))
+    if chosen:
+        kinds = sorted({layer["kernel"] for layer in chosen})
+        factors = sum(layer["factor_bytes"] for layer in chosen)
+        dense = sum(layer["dense_bytes"] for layer in chosen)
+        streamed = (f"; {len(chosen)} layers streamed ({', '.join(kinds)}): factors {human_bytes(factors)} "
                     f"instead of {human_bytes(dense)} of dense weights")
     click.echo(f"wrote {artifact.path} for {m['profile']} ({m['arch']}, {m['device']}), weights={m['weights']}: "
                f"{human_bytes(artifact.bytes)} ({files}); {tuning}{streamed}; built in {m['build_seconds']:.1f} s")

@@ -23,9 +23,9 @@ from adntn_deploy.compiler.errors import ArtifactError
 
 ARTIFACT_FORMAT = "adntn-artifact"
 ARTIFACT_VERSION = 1
-WEIGHT_MODES = ("load", "fold", "stream")
+WEIGHT_MODES = ("load", "fold", "stream", "auto")
 #: modes whose parameters stay inputs and whose weight-only work runs once at load (main_transform_params)
-LIFTED_MODES = ("load", "stream")
+LIFTED_MODES = ("load", "stream", "auto")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """ONNX -> Relax: validate the file, inline the ai.adntn functions, import, rewrite our kernels, lift or fold.
 
-Steps of :func:`import_model`: validate the ONNX file -> (``weights="stream"``) rewrite generated layers to
-run from their factors -> inline the ai.adntn function bodies (the TVM importer dispatches on op type only)
+Steps of :func:`import_model`: validate the ONNX file -> (``weights="stream"``, or ``"auto"`` for the
+layers the cost model picks) rewrite generated layers to run from their factors -> inline the ai.adntn function bodies (the TVM importer dispatches on op type only)
 -> Relax import with parameters kept as inputs, with our ``StreamedDense`` converter added to the importer
 -> on CPU targets, rewrite matmuls and convolutions into our packed kernels
 (:func:`adntn_deploy.compiler.schedules.prepack`) -> ``--weights load`` / ``stream``: LiftTransformParams
@@ -141,14 +141,15 @@ def import_model(
     With ``weights="load"`` parameters stay inputs and every weight-only computation is lifted into
     ``main_transform_params``; with ``"fold"`` they are constants and folded; with ``"stream"`` every
     generated layer is first rewritten to run from its two factors (:mod:`adntn_deploy.onnx_export.streaming`)
-    and then lifted as in "load" (the factors, not the weights, are generated at load). With a CPU
+    and then lifted as in "load" (the factors, not the weights, are generated at load); ``"auto"`` streams
+    only the layers the cost model finds cheaper (the batch is the first input's). With a CPU
     ``prepack_target`` (a tvm Target), matmuls and convolutions on weights are rewritten to read the weight
     packed into that target's vector panels (:mod:`adntn_deploy.compiler.schedules`; the packing is
     weight-only work).
 
     Raises:
         OnnxModelError: an invalid ONNX file. CompileError: TVM cannot import it (an unsupported op...).
-        StreamError: a generated layer cannot be streamed (``weights="stream"``).
+        StreamError: a generated layer cannot be streamed (``weights="stream"``; "auto" keeps such layers).
         LimitError: generated weights or an input larger than the memory limit (:mod:`adntn_deploy.limits`).
     """
     import onnx.inliner
@@ -165,10 +166,11 @@ def import_model(
     summary = generator_summary(model) or {g.weight: {"layer": g.layer, "family": g.ir.family} for g in generators}
     shapes = _graph_inputs(model, dict(input_shapes or {}))
     streamed: list[dict[str, Any]] = []
-    if weights == "stream":
+    if weights in ("stream", "auto"):
         from adntn_deploy.onnx_export.streaming import stream_weights
 
-        model, layers = stream_weights(model)
+        batch = next((s[0] for s in shapes.values() if s), 1)
+        model, layers = stream_weights(model, policy="all" if weights == "stream" else "auto", batch=batch)
         streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
     _drop_initializer_inputs(inlined)

@@ -92,8 +92,12 @@ def _closure(ir: GeneratorIR, name: str) -> list[Step]:
     return [s for s in ir.steps if s.output in needed]
 
 
-def _factor(ir: GeneratorIR, operand: str, subscripts: str, physical: list[str], bonds: list[str], label: str) -> Factor:
-    """Factor for ``operand`` (indexed by ``subscripts``): rows = ``physical`` in weight order, cols = ``bonds``."""
+def factor_of(ir: GeneratorIR, operand: str, subscripts: str, physical: list[str], bonds: list[str], label: str) -> Factor:
+    """Factor for ``operand`` (indexed by ``subscripts``): rows = ``physical`` in weight order, cols = ``bonds``.
+
+    The rows flatten ``physical`` left-major, the columns ``bonds``; ``label`` names the factor in its
+    program's metadata.
+    """
     shape = dict(zip(subscripts, ir.shape_of(operand)))
     order = physical + bonds
     permutation = tuple(subscripts.index(s) for s in order)
@@ -129,7 +133,7 @@ def split_generator(ir: GeneratorIR) -> SplitGenerator:
     if isinstance(spec, dict) and spec.get("layout") == "operator":
         raise GeneratorError(
             f"this {ir.family} generator uses the operator layout, whose weight is a sum of Kronecker products, not "
-            "a product of output and input factors; streaming it is not supported yet: use --weights load or fold"
+            "a product of output and input factors: split it with adntn_deploy.ir.kron.kronecker_split"
         )
     last = ir.steps[-1]
     lhs, rhs, out = last.subscripts
@@ -152,8 +156,8 @@ def split_generator(ir: GeneratorIR) -> SplitGenerator:
             if set(a_subs) - set(bonds_a) == set(out_side) and set(b_subs) - set(bonds_a) == set(in_side):
                 if set(b_subs) != set(in_side) | set(bonds_a):
                     continue
-                left = _factor(ir, a_name, a_subs, out_side, bonds_a, "left")
-                right = _factor(ir, b_name, b_subs, in_side, bonds_a, "right")
+                left = factor_of(ir, a_name, a_subs, out_side, bonds_a, "left")
+                right = factor_of(ir, b_name, b_subs, in_side, bonds_a, "right")
                 return SplitGenerator(left, right, last.activation, ir.output_scale, ir.weight_shape)
     raise GeneratorError(
         f"the last contraction of this {ir.family} generator ({last.equation}) does not separate output modes from "

@@ -43,6 +43,8 @@ class ExportResult:
     bytes: int
     generators: dict[str, dict[str, Any]] = field(default_factory=dict)
     standard_ops: bool = False
+    #: per generated layer, what ``stream`` decided (empty when not streaming): StreamedLayer.as_dict()
+    streamed: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _swap_generated_layers(model):
@@ -201,6 +203,7 @@ def export_onnx(
     dynamic_batch: bool = False,
     opset: int = DEFAULT_OPSET,
     standard_ops: bool = False,
+    stream: bool | str = False,
 ) -> ExportResult:
     """Export ``model`` (any nn.Module; generated layers become ai.adntn nodes) to ``path``.
 
@@ -210,12 +213,19 @@ def export_onnx(
         dynamic_batch: make axis 0 of every input (and so the outputs) symbolic ("batch").
         opset: default-domain opset (18 by default; 13..23).
         standard_ops: inline the generator functions so the file has no custom domain.
+        stream: True / "on": every generated layer runs from its two factors (standard ops; the dense weight
+            never exists in any ONNX runtime: docs/onnx.md#streamed-files); "auto": only the layers the cost
+            model finds cheaper streamed; False / "off": generators as they are.
 
     Raises:
         ExportError: torch cannot export the model, an unsupported opset, or a weight not found.
+        StreamError: ``stream=True`` and a layer that cannot stream (the message names it).
     """
     import onnx
 
+    stream_mode = {True: "on", False: "off"}.get(stream, stream) if isinstance(stream, bool) else stream
+    if stream_mode not in ("on", "off", "auto"):
+        raise ExportError(f"stream={stream!r} is not one of on, off, auto")
     if not 13 <= opset <= 23:
         raise ExportError(f"opset {opset} is not supported: use 13..23 (default {DEFAULT_OPSET})")
     if dynamic_batch and any(getattr(x, "shape", (0,))[0] < 2 for x in example_inputs):
@@ -233,6 +243,15 @@ def export_onnx(
     summary = _attach_generators(proto, swapped, cores, opset)
     _set_metadata(proto, METADATA_KEY, json.dumps(summary, sort_keys=True))
     _set_metadata(proto, "adntn.form", "ai.adntn")
+    streamed: list[dict[str, Any]] = []
+    if stream_mode != "off":
+        from adntn_deploy.onnx_export.streaming import stream_weights
+
+        batch = int(example_inputs[0].shape[0]) if example_inputs and getattr(example_inputs[0], "shape", ()) else 1
+        proto, layers = stream_weights(proto, policy="all" if stream_mode == "on" else "auto", runtime="onnx",
+                                       batch=1 if dynamic_batch else batch)
+        streamed = [layer.as_dict() for layer in layers]
+        _drop_unused_functions(proto)
     if standard_ops:
         proto = to_standard_ops(proto)
     try:
@@ -241,7 +260,19 @@ def export_onnx(
         raise ExportError(f"the exported model does not pass the ONNX checker: {exc}") from None
     out = Path(path)
     size = save_model_atomically(proto, out)
-    return ExportResult(out, size, summary, standard_ops)
+    return ExportResult(out, size, summary, standard_ops, streamed)
+
+
+def _drop_unused_functions(proto) -> None:
+    """Remove function bodies (and the ai.adntn opset) that no node uses any more after streaming."""
+    used = {(n.domain, n.op_type, n.overload) for n in proto.graph.node}
+    keep = [f for f in proto.functions if (f.domain, f.name, f.overload) in used]
+    del proto.functions[:]
+    proto.functions.extend(keep)
+    if not any(n.domain == DOMAIN for n in proto.graph.node):
+        opsets = [o for o in proto.opset_import if o.domain != DOMAIN]
+        del proto.opset_import[:]
+        proto.opset_import.extend(opsets)
 
 
 def _generated(model):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.ir.program import GeneratorIR
-from adntn_deploy.onnx_export.schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY, OP_FAMILIES
+from adntn_deploy.onnx_export.schema import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    METADATA_KEY,
+    OP_FAMILIES,
+    STREAM_FORMAT,
+    STREAM_METADATA_KEY,
+)
 
 
 class OnnxModelError(GeneratorError):
@@ -49,6 +56,7 @@ def load_onnx(path: str | os.PathLike, check: bool = True):
         raise OnnxModelError(f"{path} is not a valid ONNX file ({type(exc).__name__}); re-export it") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxModelError(f"{path} holds no graph (empty or truncated file); re-export it")
+    stream_metadata(model, str(path))
     find_generators(model)
     if check:
         from adntn_deploy.onnx_export.schema import register_schemas
@@ -124,6 +132,31 @@ def find_generators(model) -> list[OnnxGenerator]:
         layer = entry.get("layer") if isinstance(entry, dict) and isinstance(entry.get("layer"), str) else node.overload
         found.append(OnnxGenerator(node.output[0], node.op_type, ir, tuple(node.input), layer))
     return found
+
+
+def stream_metadata(model, path: str = "the model") -> dict | None:
+    """The ``adntn.stream`` metadata of a streamed file (``export --stream``), or None for other files.
+
+    Raises:
+        OnnxModelError: a newer stream format than this adntn-deploy reads (upgrade), or malformed metadata.
+    """
+    from adntn_deploy.safejson import loads_bounded
+
+    raw = next((p.value for p in model.metadata_props if p.key == STREAM_METADATA_KEY), None)
+    if raw is None:
+        return None
+    try:
+        meta = loads_bounded(raw, what=f"metadata {STREAM_METADATA_KEY}")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or type(meta.get("format")) is not int:
+        raise OnnxModelError(f"{path}: malformed {STREAM_METADATA_KEY} metadata; re-export it with adntn-deploy export --stream")
+    if meta["format"] > STREAM_FORMAT:
+        raise OnnxModelError(
+            f"{path} was streamed by adntn-deploy {meta.get('writer', '?')} (stream format {meta['format']}); this "
+            f"adntn-deploy reads stream format {STREAM_FORMAT} and older: upgrade adntn-deploy"
+        )
+    return meta
 
 
 def generator_summary(model) -> dict[str, dict]:

@@ -16,6 +16,10 @@ FAMILY_OPS = {"ttn": "TTN", "attn": "ATTN", "mera": "MERA"}
 OP_FAMILIES = {op: family for family, op in FAMILY_OPS.items()}
 #: metadata_props key holding {weight tensor name: generator summary} in every exported model
 METADATA_KEY = "adntn.generators"
+#: metadata of a file whose generated layers were rewritten to run from their factors (export --stream):
+#: {"format": STREAM_FORMAT, "writer": version, "layers": [...]}; readers refuse a newer format
+STREAM_METADATA_KEY = "adntn.stream"
+STREAM_FORMAT = 1
 
 _registered = False
 

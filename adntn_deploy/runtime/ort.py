@@ -54,13 +54,16 @@ class OrtPredictor:
     ) -> None:
         import onnxruntime as ort
 
-        from adntn_deploy.onnx_export.reader import OnnxModelError, find_generators, load_onnx
-
         from adntn_deploy.limits import cap_threads, check_generators
+        from adntn_deploy.onnx_export.reader import OnnxModelError, find_generators, load_onnx
+        from adntn_deploy.onnx_export.streaming import resident_weight_bytes
 
         self.path = Path(path)
         model = load_onnx(self.path)
         self.generators = find_generators(model)
+        #: weights kept after session creation: initializers plus generated dense weights; a streamed file
+        #: (export --stream) keeps its factors instead
+        self.resident_weight_bytes = resident_weight_bytes(model)
         check_generators({g.layer: g.ir for g in self.generators}, what=f"the generated weights of {self.path}")
         available = ort.get_available_providers()
         if providers is None:

@@ -104,6 +104,9 @@ class TvmPredictor:
                                     "that the manifest lists; rebuild the artifact")
             params = [tvm.runtime.tensor(stored[name], self.device) for name in self.manifest["params"]]
             self._weights = list(self.vm["main_transform_params"](params))  # generators run here, once
+        #: bytes of the weights held after load (generated, packed or streamed factors; folded constants are
+        #: in the library and not counted)
+        self.resident_weight_bytes = sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in self._weights)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run on ``feeds`` ({input name: array}); returns {output name: array}.

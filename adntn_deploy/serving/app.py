@@ -257,7 +257,7 @@ def create_app(config: ServeConfig):
         GeneratorError: see :func:`load_models`.
     """
     import anyio
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import ClientDisconnect, Request
@@ -280,6 +280,12 @@ def create_app(config: ServeConfig):
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
     inference = Histogram("adntn_inference_duration_seconds", "Model run time", ["model"], registry=registry,
                           buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+    resident = Gauge("adntn_model_resident_weight_bytes",
+                     "Bytes of weights a served model version keeps in memory after load (a streamed layer keeps "
+                     "only its factors, a generated one its dense weight)", ["model", "version"], registry=registry)
+    for name, versions in models.items():
+        for version, loaded in versions.items():
+            resident.labels(name, version).set(getattr(loaded.predictor, "resident_weight_bytes", 0))
 
     def error(status: int, message: str, close: bool = False) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
