@@ -197,12 +197,14 @@ def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
         runtime_libs_dir("aarch64")
 
 
-@pytest.mark.parametrize("weights, layout", [("load", "split"), ("stream", "split"), ("load", "operator"), ("fold", "operator")])
+@pytest.mark.parametrize("weights, layout", [("load", "split"), ("stream", "split"), ("load", "operator"), ("fold", "operator"),
+                                             ("stream", "operator")])
 def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, weights, layout):
     """The whole edge path: an ADNTN model -> ONNX -> compile for rpi4 -> bundle -> qemu, equal to x86.
 
-    With ``stream`` the Conv and the last Linear run factored and the tanh-topped Linear through the fused
-    kernel, built for aarch64 (NEON).
+    With ``stream`` (split layout) the Conv and the last Linear run factored and the tanh-topped Linear
+    through the fused kernel, built for aarch64 (NEON). With ``stream`` (operator layout) the middle Linear has
+    an identity top and runs from its Kronecker halves; the others are split layout, factored.
     """
     _require_aarch64_tools()
     import torch
@@ -215,8 +217,11 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     from adntn_deploy.runtime import load
 
     torch.manual_seed(0)
-    model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2, layout=layout), nn.ReLU(), nn.Flatten(),
-                          ADNTNLinear(4 * 6 * 6, 8, family="mera", top_activation="tanh", layout=layout), nn.Tanh(),
+    kronecker = (weights, layout) == ("stream", "operator")
+    model = nn.Sequential(ADNTNConv2d(1, 4, 3, padding=1, family="attn", bond_dim=2, layout="split" if kronecker else layout),
+                          nn.ReLU(), nn.Flatten(),
+                          ADNTNLinear(4 * 6 * 6, 8, family="mera", top_activation="identity" if kronecker else "tanh",
+                                      layout=layout), nn.Tanh(),
                           ADNTNLinear(8, 3, family="ttn", layout="split")).eval()  # 8 -> 3: too small to pair
     onnx_path = tmp_path / "m.onnx"
     export_onnx(model, [torch.randn(1, 1, 6, 6)], onnx_path, input_names=["input"], output_names=["logits"])
@@ -231,6 +236,7 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     on_x86 = load(host.path).run({"input": x})["logits"]
     assert relative_error(on_board, on_x86) < float32_rtol(9, 144, 8)  # NEON vs x86 kernels
     if weights == "stream":
-        assert {layer["kernel"] for layer in board.manifest["streamed"]} == {"factored", "fused"}
+        kernels = {"factored", "kronecker"} if kronecker else {"factored", "fused"}
+        assert {layer["kernel"] for layer in board.manifest["streamed"]} == kernels
     else:  # the generated conv runs on the packed NEON conv kernel on the board
         assert board.manifest["tuning"]["packed_conv2d"] == 1 == host.manifest["tuning"]["packed_conv2d"]

@@ -1,5 +1,7 @@
 """ONNX export: torch == ONNX Runtime for every family and layer kind, in both forms; files hold cores only."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -8,6 +10,7 @@ import torch
 from torch import nn
 
 from tolerance import float32_rtol, relative_error
+from adntn_deploy.ir import GeneratorError
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear, ADNTNMultiheadAttention
 from adntn_deploy.onnx_export import DOMAIN, export_onnx, to_standard_ops
 from adntn_deploy.onnx_export.reader import find_generators, load_onnx
@@ -146,3 +149,71 @@ def test_a_generated_layer_exports_on_its_own(tmp_path):
     assert generator.ir.weight_shape == (16, 32)
     got = ort.InferenceSession(str(tmp_path / "layer.onnx")).run(None, {"x": x.numpy()})[0]
     assert relative_error(got, layer(x).detach().numpy()) < float32_rtol(32)
+
+
+def test_files_store_compact_programs_and_share_function_bodies(tmp_path):
+    import onnxruntime as ort
+
+    import copy
+
+    torch.manual_seed(0)
+    # layers 0 and 2 share one program (a copied layer, then trained apart: other cores); layer 4 has another
+    first = ADNTNLinear(32, 32, family="mera", bond_dim=2)
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), ADNTNLinear(32, 10)).eval()
+    x = torch.randn(2, 32)
+    result = export_onnx(model, [x], tmp_path / "m.onnx", input_names=["input"])
+    proto = load_onnx(result.path)
+    assert sorted(f.overload for f in proto.functions) == ["0", "4"]  # layer 2 runs layer 0's body
+    generators = find_generators(proto)
+    assert [g.ir for g in generators] == [model[0].generator, model[2].generator, model[4].generator]
+    program = next(a.s for a in proto.graph.node[0].attribute if a.name == "program")
+    assert json.loads(program)["version"] == 2 and len(program) < 0.7 * len(model[0].generator.to_json())
+    got = ort.InferenceSession(str(result.path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-4
+
+
+def _as_written_before_compact_programs(proto):
+    """The file as adntn-deploy wrote it before compact programs: version-1 program JSON and shape
+    constants as int64 tensors."""
+    from adntn_deploy.ir import GeneratorIR
+
+    old = onnx.ModelProto.FromString(proto.SerializeToString())
+    for node in old.graph.node:
+        if node.domain == DOMAIN:
+            program = next(a for a in node.attribute if a.name == "program")
+            program.s = GeneratorIR.from_json(program.s).to_json().encode()
+    for function in old.functions:
+        for node in function.node:
+            if node.op_type == "Constant" and node.attribute[0].name == "value_ints":
+                value = np.array(list(node.attribute[0].ints), np.int64)
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(value)))
+    return old
+
+
+def test_files_written_before_compact_programs_still_load_and_run(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(ADNTNLinear(32, 16, family="ttn", bond_dim=2)).eval()
+    x = torch.randn(2, 32)
+    result = export_onnx(model, [x], tmp_path / "m.onnx", input_names=["input"])
+    old = _as_written_before_compact_programs(onnx.load(str(result.path)))
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    (gen,) = find_generators(load_onnx(tmp_path / "old.onnx"))
+    assert gen.ir == model[0].generator
+    got = ort.InferenceSession(str(tmp_path / "old.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert relative_error(got, model(x).numpy()) < float32_rtol(32)
+
+
+def test_a_newer_program_version_asks_for_an_upgrade():
+    from adntn_deploy.ir import GeneratorIR
+
+    data = json.loads(ADNTNLinear(8, 8).generator.to_compact_json())
+    data["version"] = 3
+    with pytest.raises(GeneratorError, match="version 3 is not supported.*upgrade adntn-deploy"):
+        GeneratorIR.from_dict(data)

@@ -46,6 +46,24 @@ def _sanitize_initializer_names(model) -> None:
             inp.name = renames[inp.name]
 
 
+def _constants_as_tensors(model) -> None:
+    """Rewrite Constant nodes given as ``value_ints`` / ``value_floats`` / ``value_int`` / ``value_float``
+    into the ``value`` tensor form: TVM 0.27's ONNX importer reads only ``value`` ("no value in Constant"),
+    and our files write shapes as ``value_ints`` (a third of the bytes)."""
+    from onnx import helper, numpy_helper
+
+    kinds = {"value_ints": np.int64, "value_floats": np.float32, "value_int": np.int64, "value_float": np.float32}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name not in kinds:
+            continue
+        value = np.array(helper.get_attribute_value(attr), dtype=kinds[attr.name])
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+
+
 def _drop_initializer_inputs(model) -> None:
     """Remove graph inputs that are initializers (in place, in the inlined copy).
 
@@ -174,6 +192,7 @@ def import_model(
         streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
     _drop_initializer_inputs(inlined)
+    _constants_as_tensors(inlined)
     _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES

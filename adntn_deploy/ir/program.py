@@ -22,6 +22,8 @@ __all__ = ["Core", "GeneratorError", "GeneratorIR", "GeneratorReport", "Step"]
 
 IR_FORMAT = "adntn-generator-ir"
 IR_VERSION = 1
+#: the compact form (:meth:`GeneratorIR.to_compact_json`, used in ONNX files): cores and steps as arrays
+COMPACT_IR_VERSION = 2
 CORE_ROLES = ("leaf", "node", "top", "disentangler", "isometry", "mixer")
 _EQUATION = re.compile(r"^([a-zA-Z]*),([a-zA-Z]*)->([a-zA-Z]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -251,6 +253,16 @@ class GeneratorIR:
         """The IR as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
+    def to_compact_json(self) -> str:
+        """The IR as compact JSON (version 2): cores as ``[name, shape, role]``, steps as ``[equation, lhs,
+        rhs, output, activation]``, no spaces. About half the bytes of :meth:`to_json`; what ONNX files
+        store in their ``program`` attribute. :meth:`from_json` reads both forms."""
+        data = self.to_dict()
+        data["version"] = COMPACT_IR_VERSION
+        data["cores"] = [[c.name, list(c.shape), c.role] for c in self.cores]
+        data["steps"] = [[s.equation, s.lhs, s.rhs, s.output, s.activation] for s in self.steps]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorIR":
         """Rebuild an IR from :meth:`to_dict` output.
@@ -264,12 +276,15 @@ class GeneratorIR:
         version = data.get("version")
         if type(version) is not int:
             raise GeneratorError(f"generator IR version must be an integer, got {str(version)[:20]}")
-        if not 1 <= version <= IR_VERSION:
+        if not 1 <= version <= COMPACT_IR_VERSION:
             raise GeneratorError(
-                f"generator IR version {str(version)[:20]} is not supported (this adntn-deploy reads 1..{IR_VERSION}); upgrade adntn-deploy"
+                f"generator IR version {str(version)[:20]} is not supported (this adntn-deploy reads "
+                f"1..{COMPACT_IR_VERSION}); upgrade adntn-deploy"
             )
         try:
             cores, steps, metadata = data["cores"], data["steps"], data.get("metadata", {})
+            if version == COMPACT_IR_VERSION:
+                cores, steps = _expand_compact(cores, steps)
             if not isinstance(cores, list) or not isinstance(steps, list) or not isinstance(metadata, Mapping):
                 raise TypeError("'cores' and 'steps' must be lists, 'metadata' an object")
             if not all(isinstance(c, Mapping) for c in cores) or not all(isinstance(s, Mapping) for s in steps):
@@ -305,6 +320,22 @@ class GeneratorIR:
         except ValueError as exc:  # json's own limits, e.g. an integer of more than 4,300 digits
             raise GeneratorError(f"generator IR is not valid JSON: {str(exc)[:120]}") from None
         return cls.from_dict(data)
+
+
+def _expand_compact(cores: Any, steps: Any) -> tuple[list, list]:
+    """Cores and steps of the compact form (arrays) as the objects of version 1.
+
+    Raises:
+        TypeError: an entry that is not an array of the right length.
+    """
+    if not isinstance(cores, list) or not isinstance(steps, list):
+        raise TypeError("'cores' and 'steps' must be lists")
+    if not all(isinstance(c, list) and len(c) == 3 for c in cores):
+        raise TypeError("every compact core must be [name, shape, role]")
+    if not all(isinstance(s, list) and len(s) == 5 for s in steps):
+        raise TypeError("every compact step must be [equation, lhs, rhs, output, activation]")
+    fields = ("equation", "lhs", "rhs", "output", "activation")
+    return ([{"name": c[0], "shape": c[1], "role": c[2]} for c in cores], [dict(zip(fields, s)) for s in steps])
 
 
 def _int_tuple(value: Any, field: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.ir.program import GeneratorIR
-from adntn_deploy.onnx_export.lowering import lower_program
+from adntn_deploy.onnx_export.lowering import body_signature, lower_program
 from adntn_deploy.onnx_export.schema import DOMAIN, DOMAIN_VERSION, FAMILY_OPS, METADATA_KEY, register_schemas
 
 DEFAULT_OPSET = 18
@@ -116,6 +116,9 @@ def _attach_generators(proto, swapped, cores_by_layer, opset: int) -> dict[str, 
 
     graph = proto.graph
     front, functions, summary = [], [], {}
+    # (op, body signature) -> overload: layers whose bodies compute alike (same program and scale: copies,
+    # tied layers) share one function body
+    bodies: dict[tuple, str] = {}
     for layer, (ir, weight) in swapped.items():
         init, transposed = _find_weight(graph, layer, weight)
         weight_name = init.name
@@ -127,20 +130,25 @@ def _attach_generators(proto, swapped, cores_by_layer, opset: int) -> dict[str, 
         for name, core in zip(core_names, ir.core_names):
             graph.initializer.append(numpy_helper.from_array(cores_by_layer[layer][core].astype(np.float32), name))
         op = FAMILY_OPS[ir.family]
-        overload = layer or "model"
+        formal = [f"core{k}" for k in range(len(core_names))]
+        body = lower_program(ir, formal, "weight")
+        key = (op, tuple(body_signature(body)))
+        overload = bodies.setdefault(key, layer or "model")
         generated = weight_name if not transposed else f"{weight_name}.generated"
         front.append(helper.make_node(
             op, core_names, [generated], name=f"{prefix}generate", domain=DOMAIN, overload=overload,
-            program=ir.to_json(), weight_shape=list(ir.weight_shape), family=ir.family,
+            program=ir.to_compact_json(), weight_shape=list(ir.weight_shape), family=ir.family,
         ))
         if transposed:
             front.append(helper.make_node("Transpose", [generated], [weight_name], name=f"{prefix}transpose", perm=[1, 0]))
         graph.value_info.append(helper.make_tensor_value_info(generated, TensorProto.FLOAT, list(ir.weight_shape)))
-        formal = [f"core{k}" for k in range(len(core_names))]
-        functions.append(helper.make_function(
-            DOMAIN, op, formal, ["weight"], lower_program(ir, formal, "weight"),
-            [helper.make_opsetid("", opset)], attributes=["program", "weight_shape", "family"], overload=overload,
-        ))
+        if overload == (layer or "model"):
+            for node in body:  # names are optional inside a function; its value names stay unique
+                node.ClearField("name")
+            functions.append(helper.make_function(
+                DOMAIN, op, formal, ["weight"], body, [helper.make_opsetid("", opset)],
+                attributes=["program", "weight_shape", "family"], overload=overload,
+            ))
         report = ir.report()
         summary[generated] = {
             "layer": layer, "family": ir.family, "op": f"{DOMAIN}::{op}", "params": report.params,

@@ -44,7 +44,10 @@ class NodeEmitter:
         from onnx import numpy_helper
 
         out = self.fresh(hint)
-        self.nodes.append(self.helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(value)))
+        if value.dtype == np.int64 and value.ndim == 1:  # shapes: varints, a third of a raw int64 tensor's bytes
+            self.nodes.append(self.helper.make_node("Constant", [], [out], name=out, value_ints=[int(v) for v in value]))
+        else:
+            self.nodes.append(self.helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(value)))
         return out
 
     def transpose(self, x: str, perm: Sequence[int]) -> str:
@@ -109,6 +112,11 @@ def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, pref
     Every step but the last runs in float64 (cores are cast up); the last step, which writes the big
     weight, runs in float32 on its two small operands. This matches ``generate_torch(precise=True)`` to a
     few ulps and keeps the load-time memory of the weight at float32.
+
+    The output scale stays a constant of the body: ONNX Runtime 1.32 and onnx's inliner mis-evaluate
+    attribute references inside function bodies (a Constant reading ``value_float`` from the calling node
+    fails shape inference; a ConstantOfShape reading a tensor attribute yields zeros), so a body cannot take
+    it from its node.
     """
     from onnx import TensorProto
 
@@ -129,3 +137,31 @@ def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, pref
     scale = em.const(np.array(ir.output_scale, dtype=np.float32), "scale")
     em.nodes.append(em.helper.make_node("Mul", [result, scale], [output]))
     return em.nodes
+
+
+def body_signature(nodes) -> list[tuple]:
+    """What a list of nodes computes, node by node: op, domain, inputs, outputs and attributes (not names).
+
+    A Constant's value compares by dtype, shape and contents, so a shape written as ``value_ints`` (files
+    written now) and as an int64 tensor (older files) read the same.
+    """
+    return [
+        (n.op_type, n.domain, tuple(n.input), tuple(n.output),
+         _constant_value(n) if n.op_type == "Constant" and n.domain == "" else
+         tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in n.attribute)))
+        for n in nodes
+    ]
+
+
+def _constant_value(node) -> tuple:
+    """A Constant node's value as (dtype, shape, bytes); its raw attributes when it is neither form."""
+    from onnx import numpy_helper
+
+    attrs = {a.name: a for a in node.attribute}
+    if set(attrs) == {"value_ints"} and not attrs["value_ints"].ref_attr_name:
+        value = np.array(list(attrs["value_ints"].ints), dtype=np.int64)
+    elif set(attrs) == {"value"} and not attrs["value"].ref_attr_name:
+        value = numpy_helper.to_array(attrs["value"].t)
+    else:
+        return tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute))
+    return (value.dtype.str, value.shape, value.tobytes())

@@ -181,15 +181,6 @@ def generator_summary(model) -> dict[str, dict]:
 _BODY_OPSETS = range(13, 24)
 
 
-def _body_signature(nodes) -> list[tuple]:
-    """What a function body computes, node by node: op, domain, inputs, outputs and attributes (not names)."""
-    return [
-        (n.op_type, n.domain, tuple(n.input), tuple(n.output),
-         tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in n.attribute)))
-        for n in nodes
-    ]
-
-
 def _check_body(node, ir: GeneratorIR, function) -> None:
     """Refuse a function body that is not exactly what the exporter makes from ``ir``.
 
@@ -197,7 +188,7 @@ def _check_body(node, ir: GeneratorIR, function) -> None:
     program; a body edited after export would make them disagree silently. The body is rebuilt from the
     program with the file's own formal names and compared structurally (node names may differ).
     """
-    from adntn_deploy.onnx_export.lowering import lower_program
+    from adntn_deploy.onnx_export.lowering import body_signature, lower_program
 
     versions = {o.domain: o.version for o in function.opset_import}
     same = (
@@ -206,7 +197,7 @@ def _check_body(node, ir: GeneratorIR, function) -> None:
     )
     if same:
         expected = lower_program(ir, list(function.input), function.output[0])
-        same = _body_signature(function.node) == _body_signature(expected)
+        same = body_signature(function.node) == body_signature(expected)
     if not same:
         raise OnnxModelError(
             f"node {node.name!r}: its function body does not compute its 'program' attribute (the file was modified "

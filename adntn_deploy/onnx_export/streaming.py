@@ -197,12 +197,12 @@ def stream_weights(model, *, policy: str = "all", runtime: str = "tvm", batch: i
             users.setdefault(name, []).append(node)
     replace: dict[int, list] = {}  # id(node) -> nodes emitted in its place (an empty list drops it)
     layers = []
-    for weight, gen in generators.items():
+    for index, (weight, gen) in enumerate(generators.items()):
         label = gen.layer or weight
         hint = "; compile it with --weights load" if runtime == "tvm" else "; export it without --stream"
         dense = int(np.prod(gen.ir.weight_shape))
         try:
-            layer, consumer, dropped, emitted = _stream_one(gen, weight, label, hint, users, shapes, runtime, batch)
+            layer, consumer, dropped, emitted = _stream_one(gen, weight, label, hint, users, shapes, runtime, batch, f"adntn.s{index}.")
         except StreamError as exc:
             if policy == "all":
                 raise
@@ -234,7 +234,7 @@ def _layout(ir) -> str:
     return "operator" if isinstance(spec, dict) and spec.get("layout") == "operator" else "split"
 
 
-def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime: str, batch: int):
+def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime: str, batch: int, prefix: str):
     """(StreamedLayer, consumer node, nodes it drops, nodes emitted in its place) for one generator.
 
     Raises:
@@ -257,7 +257,7 @@ def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime:
         why = stream_forms.kronecker_conv_supported(split)
         if why:
             raise StreamError(f"layer {label}: {why}{hint}")
-    em = NodeEmitter(f"{weight}.stream.")
+    em = NodeEmitter(prefix)  # short value names: a streamed file repeats them in every node
     core_inputs = dict(zip(gen.ir.core_names, gen.cores))
     left = _emit_factor(em, split.left, core_inputs, "left")
     right = _emit_factor(em, split.right, core_inputs, "right")
@@ -285,6 +285,8 @@ def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime:
     reason = f"streamed cost {ratio:.2f}x the dense layer's at {rows} row(s) per call"
     layer = StreamedLayer(label, weight, info.op, kernel, split.rank, split.activation, 4 * split.factor_elements,
                           4 * int(np.prod(gen.ir.weight_shape)), "stream", layout, round(ratio, 4), reason)
+    for node in em.nodes:
+        node.ClearField("name")  # optional in a graph; the output names already identify every node
     return layer, consumer, dropped, em.nodes
 
 
