@@ -61,11 +61,32 @@ class KroneckerSplit:
         """Elements of the dense weight this split stands in for."""
         return math.prod(self.weight_shape)
 
+    def order_flops(self, rows: int, order: str) -> int:
+        """FLOPs (multiply-add = 2) of ``y = W x`` for ``rows`` input vectors, contracting one half first.
+
+        ``order`` "right" applies the B_b first (``X B_b^T``, then ``A_b (.)``); "left" the A_b first.
+        """
+        if order == "right":
+            first = self.in_left * self.in_right * self.rank * self.out_right
+            second = self.out_right * self.rank * self.in_left * self.out_left
+        elif order == "left":
+            first = self.in_right * self.in_left * self.rank * self.out_left
+            second = self.out_left * self.rank * self.in_right * self.out_right
+        else:
+            raise ValueError(f"order must be 'left' or 'right', not {order!r}")
+        return 2 * rows * (first + second)
+
+    def best_order(self) -> str:
+        """The half to apply first for the fewest FLOPs (ties: "right", which needs no input transpose).
+
+        The orders differ by the intermediate they make, rows x rank x (I_L O_R or I_R O_L): for a 64 x 784
+        left half and a 64 x 32 right half at rank 30 (VGG fc6) "left" needs 36% of the FLOPs.
+        """
+        return "left" if self.order_flops(1, "left") < self.order_flops(1, "right") else "right"
+
     def matmul_flops(self, rows: int) -> int:
-        """FLOPs (multiply-add = 2) of ``y = W x`` for ``rows`` input vectors in the two-product form."""
-        first = rows * self.in_left * self.in_right * self.rank * self.out_right
-        second = rows * self.out_right * self.rank * self.in_left * self.out_left
-        return 2 * (first + second)
+        """FLOPs (multiply-add = 2) of ``y = W x`` for ``rows`` input vectors, in the cheaper order."""
+        return self.order_flops(rows, self.best_order())
 
     def halves_numpy(self, cores: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(A, B) as arrays of shape (rank, O_L, I_L) and (rank, O_R, I_R), in the cores' dtype."""

@@ -6,9 +6,10 @@ output from its two factors, writing the consumer's original output name. Factor
 
 * low-rank (split layout, identity top): ``y = s (x R) L^T``; a Conv becomes a rank-filter Conv then a 1x1 Conv.
 * Kronecker (operator layout, identity top): ``y = s sum_b A_b X B_b^T`` with ``X`` the input as an (I_L, I_R)
-  grid: one MatMul by the right half (all bond terms at once), one transpose of the small intermediate,
-  one MatMul by the left half. A Conv whose kernel modes are all in the right half becomes a Conv over the
-  input viewed as ``N * I_L`` images of ``C / I_L`` channels, then the same MatMul by the left half.
+  grid: one MatMul by one half (all bond terms at once), one transpose of the intermediate, one MatMul by
+  the other half; the half applied first is the one that makes the smaller intermediate. A Conv whose
+  kernel modes are all in the right half becomes a Conv over the input viewed as ``N * I_L`` images of
+  ``C / I_L`` channels, then a MatMul by the left half.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def lowrank_cost(split: SplitGenerator, rows: int) -> Cost:
     return Cost(2 * rows * split.rank * (split.left.rows + split.right.rows), 4 * split.factor_elements)
 
 
-def kronecker_cost(kron: KroneckerSplit, rows: int) -> Cost:
-    """Cost of the two-product Kronecker form for ``rows`` input vectors."""
-    return Cost(kron.matmul_flops(rows), 4 * kron.factor_elements)
+def kronecker_cost(kron: KroneckerSplit, rows: int, conv: bool = False) -> Cost:
+    """Cost of the two-product Kronecker form for ``rows`` input vectors (a Conv applies the right half first)."""
+    flops = kron.order_flops(rows, "right") if conv else kron.matmul_flops(rows)
+    return Cost(flops, 4 * kron.factor_elements)
 
 
 def _const(em: NodeEmitter, values, hint: str) -> str:
@@ -133,39 +135,55 @@ def _transpose(em: NodeEmitter, x: str, dims: list[int], perm: list[int], hint: 
     return em.node("Transpose", [x], hint, perm=perm)
 
 
-def _halves(em: NodeEmitter, kron: KroneckerSplit, left: str, right: str, scale: float) -> tuple[str, str]:
-    """(A as (rank * I_L, O_L) scaled, B as (O_R, I_R, rank)) from the (rows, rank) factors."""
-    r, ol, il = kron.rank, kron.out_left, kron.in_left
-    a = _reshape(em, left, [ol, il, r], "a3")
-    a = _transpose(em, a, [ol, il, r], [2, 1, 0], "a_t")
-    a = _reshape(em, a, [r * il, ol], "a_mat")
-    a = em.node("Mul", [a, em.const(np.array(scale, np.float32), "scale")], "a_scaled")
-    b = _reshape(em, right, [kron.out_right, kron.in_right, r], "b3")
-    return a, b
+def _scaled(em: NodeEmitter, value: str, scale: float) -> str:
+    return em.node("Mul", [value, em.const(np.array(scale, np.float32), "scale")], "scaled")
+
+
+def _half_matrix(em: NodeEmitter, factor: str, out: int, inp: int, rank: int, rows_first: str, hint: str) -> str:
+    """A half's (out * in, rank) factor as the matrix a MatMul multiplies by: ``rows_first`` "in" gives
+    (in, rank * out) (applied first, to the input grid), "rank" gives (rank * in, out) (applied second)."""
+    cube = _reshape(em, factor, [out, inp, rank], hint + "3")
+    if rows_first == "in":
+        return _reshape(em, _transpose(em, cube, [out, inp, rank], [1, 2, 0], hint + "_t"), [inp, rank * out], hint)
+    return _reshape(em, _transpose(em, cube, [out, inp, rank], [2, 1, 0], hint + "_t"), [rank * inp, out], hint)
 
 
 def emit_kronecker(em: NodeEmitter, kron: KroneckerSplit, left: str, right: str, consumer: Consumer,
                    bias: str | None) -> None:
     """``y = scale * sum_b A_b X B_b^T`` for a Gemm / MatMul consumer, or its Conv analogue.
 
-    Raises:
-        ValueError: a Conv whose kernel modes are not all in the right half (the caller names the layer).
+    Linear layers apply first the half that makes the smaller intermediate (:meth:`KroneckerSplit.best_order`);
+    a Conv applies the right half first (its kernel modes are there).
     """
     r, ol, il, orr, ir_ = kron.rank, kron.out_left, kron.in_left, kron.out_right, kron.in_right
-    a_mat, b3 = _halves(em, kron, left, right, float(kron.scale) * consumer.alpha)
+    scale = float(kron.scale) * consumer.alpha
     if consumer.op == "Conv":
+        a_mat = _scaled(em, _half_matrix(em, left, ol, il, r, "rank", "a_mat"), scale)
+        b3 = _reshape(em, right, [orr, ir_, r], "b3")
         _emit_kronecker_conv(em, kron, a_mat, b3, consumer, bias)
         return
-    # right half: (I_R, rank * O_R), so one MatMul applies every bond term
-    b_mat = _reshape(em, _transpose(em, b3, [orr, ir_, r], [1, 2, 0], "b_t"), [ir_, r * orr], "b_mat")
-    grid = _reshape(em, consumer.x, [-1, ir_], "x_grid")
-    t = em.node("MatMul", [grid, b_mat], "right_mm")  # (N * I_L, rank * O_R) = [n, i_L, b, o_R]
-    t = _reshape(em, t, [-1, il, r, orr], "t4")
-    t = _transpose(em, t, [2, il, r, orr], [0, 3, 2, 1], "t_t")  # [n, o_R, b, i_L]
-    t = _reshape(em, t, [-1, r * il], "t2")
-    y = em.node("MatMul", [t, a_mat], "left_mm")  # (N * O_R, O_L) = [n, o_R, o_L]
-    y = _reshape(em, y, [-1, orr, ol], "y3")
-    y = _transpose(em, y, [2, orr, ol], [0, 2, 1], "y_t")
+    if kron.best_order() == "right":
+        # [n, i_L, i_R] -> (N i_L, i_R) @ (i_R, b o_R) -> [n, i_L, b, o_R] -> [n, o_R, b, i_L] @ (b i_L, o_L)
+        first = _half_matrix(em, right, orr, ir_, r, "in", "b_mat")
+        second = _scaled(em, _half_matrix(em, left, ol, il, r, "rank", "a_mat"), scale)
+        grid = _reshape(em, consumer.x, [-1, ir_], "x_grid")
+        kept, out_first = il, orr
+    else:
+        # [n, i_L, i_R] -> [n, i_R, i_L] -> (N i_R, i_L) @ (i_L, b o_L) -> [n, i_R, b, o_L] -> [n, o_L, b, i_R]
+        # @ (b i_R, o_R) -> [n, o_L, o_R]: the output comes out in order, the input is transposed instead
+        first = _half_matrix(em, left, ol, il, r, "in", "a_mat")
+        second = _scaled(em, _half_matrix(em, right, orr, ir_, r, "rank", "b_mat"), scale)
+        grid = _reshape(em, consumer.x, [-1, il, ir_], "x3")
+        grid = _reshape(em, _transpose(em, grid, [2, il, ir_], [0, 2, 1], "x_t"), [-1, il], "x_grid")
+        kept, out_first = ir_, ol
+    t = em.node("MatMul", [grid, first], "first_mm")  # (N kept, rank * out_first)
+    t = _reshape(em, t, [-1, kept, r, out_first], "t4")
+    t = _transpose(em, t, [2, kept, r, out_first], [0, 3, 2, 1], "t_t")  # [n, out_first, b, kept]
+    t = _reshape(em, t, [-1, r * kept], "t2")
+    y = em.node("MatMul", [t, second], "second_mm")  # (N out_first, out_second)
+    if kron.best_order() == "right":  # [n, o_R, o_L] -> [n, o_L, o_R]
+        y = _reshape(em, y, [-1, orr, ol], "y3")
+        y = _transpose(em, y, [2, orr, ol], [0, 2, 1], "y_t")
     _finish(em, _reshape(em, y, _lead_shape(em, consumer, ol * orr), "y"), consumer, bias)
 
 

@@ -269,7 +269,7 @@ def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime:
     dense_cost = stream_forms.dense_cost(gen.ir.weight_shape, rows)
     if isinstance(split, KroneckerSplit):
         stream_forms.emit_kronecker(em, split, left, right, info, bias)
-        kernel, cost = "kronecker", stream_forms.kronecker_cost(split, rows)
+        kernel, cost = "kronecker", stream_forms.kronecker_cost(split, rows, conv=info.op == "Conv")
     elif split.activation == "identity":
         stream_forms.emit_lowrank(em, split, left, right, info, bias)
         kernel, cost = "factored", stream_forms.lowrank_cost(split, rows)
