@@ -242,3 +242,21 @@ def test_server_reports_resident_weight_bytes_of_a_streamed_file(tmp_path):
         assert 'model="kron"' in line and 0 < float(line.split()[-1]) < 0.05 * 4 * 256 * 256
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("top, streams", [("identity", True), ("tanh", False)])
+def test_split_layout_layers_export_streamed_too(tmp_path, top, streams):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ADNTNLinear(96, 48, family="mera", bond_dim=3, top_activation=top)).eval()
+    x = torch.randn(2, 96)
+    if not streams:  # ONNX Runtime has no fused tile kernel: a clear error, and auto keeps the generator
+        with pytest.raises(StreamError, match="identity top activation to factor exactly in ONNX Runtime.*without --stream"):
+            _export(tmp_path, model, x, stream=True)
+    path = _export(tmp_path, model, x, stream=True if streams else "auto")
+    proto = onnx.load(str(path))
+    assert any(n.domain == "ai.adntn" for n in proto.graph.node) != streams
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert relative_error(got, model(x).numpy()) < float32_rtol(96)
