@@ -152,9 +152,10 @@ def test_generated_cuda_source_compiles_with_nvcc(small_onnx, arch):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from adntn_deploy.compiler.frontend import _sanitize_initializer_names
+    from adntn_deploy.compiler.frontend import _constants_as_tensors, _sanitize_initializer_names
 
     model = onnx.inliner.inline_local_functions(onnx.load(small_onnx))
+    _constants_as_tensors(model)  # what compile_model does: TVM's importer reads only Constant's "value"
     _sanitize_initializer_names(model)  # what compile_model does; torch's "0.bias" is no C identifier
     mod = from_onnx(model, shape_dict={"input": [1, 64]}, keep_params_in_input=True)
     mod, _ = relax.frontend.detach_params(mod)
