@@ -100,9 +100,10 @@ def test_ir_without_a_layout_reads_as_split():
         GeneratorSpec(layout="paired")
 
 
-def test_streaming_an_operator_layout_generator_says_what_to_do():
+def test_the_low_rank_split_points_operator_layout_generators_to_the_kronecker_split():
+    # operator-layout layers stream through adntn_deploy.ir.kron (tests/test_kronecker.py)
     _, ir = _weight(GeneratorSpec(layout="operator", bond_dim=3), (64, 64))
-    with pytest.raises(GeneratorError, match="operator layout.*--weights load or fold"):
+    with pytest.raises(GeneratorError, match="operator layout.*kronecker_split"):
         split_generator(ir)
 
 
