@@ -15,35 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def build_block(net: str, family: str | None, layout: str, tier: str = "2k"):
-    """The classifier block with dense layers (family None) or the presets of one family, layout and tier."""
-    import torch
-    from torch import nn
-
-    from adntn_deploy.nn import ADNTNLinear
-    from adntn_deploy.presets import LAYERS, PRESETS
-
-    torch.manual_seed(0)
-    layers: list = []
-    for k, (layer, (out_f, in_f)) in enumerate(LAYERS[net].items()):
-        if family is None:
-            layers.append(nn.Linear(in_f, out_f))
-        else:
-            infix = "operator-" if layout == "operator" else ""
-            spec = PRESETS[f"{net}-{layer}-{family}-{infix}{tier}"].spec
-            options = {key: v for key, v in spec.to_dict().items() if key not in ("family", "bond_dim", "activation")}
-            layers.append(ADNTNLinear(in_f, out_f, family=spec.family, bond_dim=spec.bond_dim,
-                                      activation=spec.activation, **options))
-        if k < 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).eval()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_runtime import build_block  # noqa: E402  (the same blocks the ONNX Runtime benchmark measures)
 
 
 def main() -> None:
@@ -57,7 +36,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for net in args.nets.split(","):
-            dense_model = build_block(net, None, "split")
+            dense_model = build_block(net, "dense")
             width = dense_model[0].in_features
             dense_path = Path(tmp) / f"{net}-dense.onnx"
             export_onnx(dense_model, [torch.randn(2, width)], dense_path, input_names=["x"], dynamic_batch=True)
@@ -66,7 +45,7 @@ def main() -> None:
             del dense_model
             for layout in ("split", "operator"):
                 for family in ("ttn", "attn", "mera"):
-                    model = build_block(net, family, layout)
+                    model = build_block(net, f"{family}-2k", layout)
                     params = sum(p.numel() for p in model.parameters())
                     for stream in ((False, True) if layout == "operator" else (False,)):
                         path = Path(tmp) / f"{net}-{family}-{layout}-{stream}.onnx"

@@ -30,7 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TIERS = {"2k": ("2k",), "max": ("50k", "35k", "10k")}
 
 
-def build_block(net: str, variant: str):
+def build_block(net: str, variant: str, layout: str = "split"):
+    """The classifier block: dense layers (variant "dense") or one family's presets ("ttn-2k", "mera-max")
+    in ``layout`` (split or operator)."""
     import torch
     from torch import nn
 
@@ -44,7 +46,9 @@ def build_block(net: str, variant: str):
             layers.append(nn.Linear(in_f, out_f))
         else:
             family, tier = variant.split("-")
-            name = next(f"{net}-{layer}-{family}-{t}" for t in TIERS[tier] if f"{net}-{layer}-{family}-{t}" in PRESETS)
+            infix = "operator-" if layout == "operator" else ""
+            name = next(f"{net}-{layer}-{family}-{infix}{t}" for t in TIERS[tier]
+                        if f"{net}-{layer}-{family}-{infix}{t}" in PRESETS)
             spec = PRESETS[name].spec
             options = {k2: v for k2, v in spec.to_dict().items() if k2 not in ("family", "bond_dim", "activation")}
             layers.append(ADNTNLinear(in_f, out_f, family=spec.family, bond_dim=spec.bond_dim,

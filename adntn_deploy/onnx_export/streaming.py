@@ -306,23 +306,19 @@ def _mark_streamed(model, layers: list[StreamedLayer]) -> None:
     }, sort_keys=True)
 
 
-def resident_weight_bytes(model) -> int:
-    """Bytes of float weights the model keeps at run time: initializers, plus dense weights its generators
-    make at load (a streamed layer keeps only its factors, counted as its cores plus factor bytes)."""
-    from adntn_deploy.onnx_export.reader import find_generators
-
+def resident_weight_bytes(model, generators) -> int:
+    """Bytes of weights ``model`` keeps at run time: its initializers, the dense weights its ``generators``
+    (:func:`adntn_deploy.onnx_export.reader.find_generators`, as the caller already has them) make at load,
+    and the factors of its streamed layers (from the ``adntn.stream`` metadata, validated by the reader)."""
     from onnx import helper
+
+    from adntn_deploy.onnx_export.reader import stream_metadata
 
     total = sum(int(np.prod(i.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
                 for i in model.graph.initializer)
-    total += sum(4 * int(np.prod(g.ir.weight_shape)) for g in find_generators(model))
-    meta = next((p.value for p in model.metadata_props if p.key == STREAM_METADATA_KEY), None)
-    if meta:
-        import json
-
-        try:
-            total += sum(int(layer.get("factor_bytes", 0)) for layer in json.loads(meta).get("layers", [])
-                         if layer.get("mode") == "stream")
-        except (ValueError, AttributeError, TypeError):
-            pass
+    total += sum(4 * int(np.prod(g.ir.weight_shape)) for g in generators)
+    layers = (stream_metadata(model) or {}).get("layers")
+    for layer in layers if isinstance(layers, list) else []:
+        if isinstance(layer, dict) and layer.get("mode") == "stream" and type(layer.get("factor_bytes")) is int:
+            total += layer["factor_bytes"]
     return total

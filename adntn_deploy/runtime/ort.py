@@ -63,7 +63,7 @@ class OrtPredictor:
         self.generators = find_generators(model)
         #: weights kept after session creation: initializers plus generated dense weights; a streamed file
         #: (export --stream) keeps its factors instead
-        self.resident_weight_bytes = resident_weight_bytes(model)
+        self.resident_weight_bytes = resident_weight_bytes(model, self.generators)
         check_generators({g.layer: g.ir for g in self.generators}, what=f"the generated weights of {self.path}")
         available = ort.get_available_providers()
         if providers is None:
