@@ -215,3 +215,46 @@ def test_builder_pool_outlives_a_batch():
         assert pools[0] is pools[1]
     finally:
         builder.close()
+
+
+def test_records_hold_the_measured_default_schedule(tmp_path, tiny):
+    """Tuning measures our rules' untuned default next to the search, so records never lose to it; a resumed
+    run keeps it once, and compile replays it when it measured fastest."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from adntn_deploy.compiler.database import copy_database
+    from adntn_deploy.compiler.frontend import import_model
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules import default_schedule, fuse_kernels
+    from adntn_deploy.compiler.target import tvm_target
+    from adntn_deploy.compiler.tuning import inference_only, record_default_schedules
+
+    records = tmp_path / "records"
+    report = tune_model(tiny, "host", records, trials=1, only=["adntn_packed"])
+    assert report.defaults == 1 and any("default" in note for note in report.notes)
+
+    target = tvm_target(resolve_target("host"))
+    fused = fuse_kernels(import_model(tiny, "load", prepack_target=target).mod, target)
+    (task,) = [t for t in ms.relax_integration.extract_tasks(inference_only(fused), target) if "adntn_packed" in t.task_name]
+    default_trace = str(default_schedule(task.dispatched[0], target).trace)
+    stored = {str(r.trace): float(r.run_secs[0]) for r in ms.database.JSONDatabase(work_dir=str(records)).get_all_tuning_records()}
+    assert default_trace in stored, "the default schedule is not among the records"
+    lines = (records / "database_tuning_record.json").read_text().splitlines()
+    (index,) = [i for i, line in enumerate(lines) if json.loads(line)[1][1][0] == pytest.approx(stored[default_trace], rel=1e-9)]
+
+    # resumed: the default is in the database already, so nothing is built or run (no builder is needed)
+    contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(tmp_path / "work"))
+    copy_database(records, tmp_path / "work")
+    assert record_default_schedules(contexts, target, None, None, tmp_path / "work") == (0, [])
+
+    # make the default the fastest record: compile must replay it, and it still computes the model
+    rows = [json.loads(line) for line in lines]
+    for i, row in enumerate(rows):
+        row[1][1] = [1e-9] if i == index else [1.0]
+    (records / "database_tuning_record.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    artifact = compile_model(tiny, "host", tmp_path / "art", tuning_records=records)
+    assert artifact.manifest["tuning"]["scheduled_kernels"] >= 1
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    expected, got = load(tiny).run({"input": x}), load(artifact.path).run({"input": x})
+    (name,) = expected
+    assert relative_error(got[name], expected[name]) < float32_rtol(16)

@@ -114,8 +114,34 @@ def _var_name(var) -> str:
     return str(getattr(vid, "name_hint", None) or getattr(var, "name_hint", None) or var)
 
 
-def _rule_of(sch, block) -> str:
+def rule_of(sch, block) -> str:
+    """The ``schedule_rule`` annotation of ``block`` in schedule ``sch`` ("" when it has none)."""
     return str(sch.get(block).annotations.get("schedule_rule", ""))
+
+
+def _schedule_defaults(sch, target) -> list[str]:
+    """Give every block of ours in ``sch`` its rule's default schedule; returns the rules applied, in order
+    (empty when ``sch`` has no root block or none of our blocks)."""
+    try:
+        ours = [(b, name) for b in root_blocks(sch) if (name := rule_of(sch, b)) in RULES]
+    except Exception:  # noqa: BLE001 - a function without a root block is not ours
+        return []
+    for block, name in ours:
+        RULES[name].schedule_default(sch, block, target)
+    return [name for _, name in ours]
+
+
+def default_schedule(func, target):
+    """The traced schedule that :func:`schedule_untuned` would give ``func`` (a PrimFunc or IRModule),
+    or None when ``func`` has no block of one of our rules.
+
+    Tuning measures it beside the searched candidates, so a database always holds it and a compile with
+    records never picks a kernel slower than the one a compile without records gets.
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return sch if _schedule_defaults(sch, target) else None
 
 
 def fuse_kernels(mod, target):
@@ -144,11 +170,11 @@ def fuse_kernels(mod, target):
             blocks = root_blocks(sch)
         except Exception:  # noqa: BLE001 - a function without a root block is not ours
             continue
-        if not any(_rule_of(sch, b) in fusable for b in blocks):
+        if not any(rule_of(sch, b) in fusable for b in blocks):
             continue
         sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
         for block in blocks:
-            if _rule_of(sch, block) not in fusable:
+            if rule_of(sch, block) not in fusable:
                 sch.annotate(block, "schedule_rule", "None")
         mod[gvar] = sch.mod["main"]
     return mod
@@ -182,17 +208,12 @@ def schedule_untuned(mod, target) -> tuple[Any, dict[str, int]]:
         if type(func).__name__ != "PrimFunc" or is_scheduled(func):
             continue
         sch = s_tir.Schedule(func)
-        try:
-            blocks = [(b, _rule_of(sch, b)) for b in root_blocks(sch)]
-        except Exception:  # noqa: BLE001 - no root block
-            continue
-        ours = [(b, name) for b, name in blocks if name in RULES]
-        for block, name in ours:
-            RULES[name].schedule_default(sch, block, target)
+        applied = _schedule_defaults(sch, target)
+        for name in applied:
             counts[name] += 1
-        if ours:
+        if applied:
             mod[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return mod, counts
 
-__all__ = ["RULES", "ScheduleRule", "count_scheduled", "fuse_kernels", "is_scheduled", "prepack",
-           "register_schedule_rules", "schedule_untuned"]
+__all__ = ["RULES", "ScheduleRule", "count_scheduled", "default_schedule", "fuse_kernels", "is_scheduled",
+           "prepack", "register_schedule_rules", "rule_of", "schedule_untuned"]
