@@ -2,6 +2,8 @@
 
 Both replay ``ir.steps`` in order and free each intermediate after its last use, so the peak memory is
 the one :meth:`GeneratorIR.report` predicts. Results agree to floating-point rounding.
+
+This module also registers the activations' torch lowerings in :mod:`adntn_deploy.ir.activations`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE, get_activation
+from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE, get_lowering, register_lowerings
 from adntn_deploy.ir.program import GeneratorError, GeneratorIR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +38,7 @@ def generate_numpy(ir: GeneratorIR, cores: Mapping[str, np.ndarray]) -> np.ndarr
     env: dict[str, np.ndarray] = {name: np.asarray(cores[name]) for name in ir.core_names}
     for i, step in enumerate(ir.steps):
         out = np.einsum(step.equation, env[step.lhs], env[step.rhs], optimize=True)
-        env[step.output] = get_activation(step.activation).numpy(out)
+        env[step.output] = get_lowering("numpy", step.activation)(out)
         for name in (step.lhs, step.rhs):
             if ir.last_use[name] == i and name not in cores:
                 del env[name]
@@ -44,20 +46,28 @@ def generate_numpy(ir: GeneratorIR, cores: Mapping[str, np.ndarray]) -> np.ndarr
     return result * np.asarray(ir.output_scale, dtype=result.dtype)
 
 
-def _torch_activation(name: str):
-    import torch
+def _torch():
+    import torch  # at call time: the ir layer never imports torch when loaded
+
+    return torch
+
+
+def _functional():
     import torch.nn.functional as F
 
-    get_activation(name)  # raises a clear error for unknown names
-    return {
-        "identity": lambda x: x,
-        "relu": torch.relu,
-        "leaky_relu": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE),
-        "tanh": torch.tanh,
-        "gelu": F.gelu,
-        "sigmoid": torch.sigmoid,
-        "sin": torch.sin,
-    }[name]
+    return F
+
+
+# the torch lowerings of the activations in adntn_deploy.ir.activations (see BACKENDS["torch"])
+register_lowerings("torch", {
+    "identity": lambda x: x,
+    "relu": lambda x: _torch().relu(x),
+    "leaky_relu": lambda x: _functional().leaky_relu(x, LEAKY_RELU_SLOPE),
+    "tanh": lambda x: _torch().tanh(x),
+    "gelu": lambda x: _functional().gelu(x),
+    "sigmoid": lambda x: _torch().sigmoid(x),
+    "sin": lambda x: _torch().sin(x),
+})
 
 
 def generate_torch(ir: GeneratorIR, cores: Mapping[str, "torch.Tensor"], precise: bool = False) -> "torch.Tensor":
@@ -84,7 +94,7 @@ def generate_torch(ir: GeneratorIR, cores: Mapping[str, "torch.Tensor"], precise
         if precise and i == last:
             lhs, rhs = lhs.to(out_dtype), rhs.to(out_dtype)
         out = torch.einsum(step.equation, lhs, rhs)
-        env[step.output] = _torch_activation(step.activation)(out)
+        env[step.output] = get_lowering("torch", step.activation)(out)
         for name in (step.lhs, step.rhs):
             if ir.last_use[name] == i and name not in cores:
                 del env[name]

@@ -3,7 +3,8 @@
 Every two-operand contraction becomes Transpose -> Reshape -> MatMul -> Reshape -> Transpose (the batched
 matrix-product form every runtime and the TVM importer handle well; never a multi-operand Einsum, which
 ONNX Runtime contracts slowly). Identity transposes and reshapes are skipped. Activations map to ONNX ops
-(GELU as its exact erf form, valid from opset 13 on).
+(GELU as its exact erf form, valid from opset 13 on); this module registers those lowerings in
+:mod:`adntn_deploy.ir.activations`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE
+from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE, get_lowering, register_lowerings
 from adntn_deploy.ir.program import GeneratorIR, Step
 
 
@@ -86,24 +87,39 @@ def _contract(em: NodeEmitter, step: Step, lhs: str, rhs: str, shapes: dict[str,
     return em.transpose(product, [order.index(s) for s in out])
 
 
-def _activate(em: NodeEmitter, x: str, name: str, dtype: type) -> str:
-    if name == "identity":
-        return x
-    if name == "gelu":
-        from onnx import TensorProto
+def _onnx_gelu(em: NodeEmitter, x: str, dtype: type) -> str:
+    from onnx import TensorProto
 
-        scaled = em.node("Mul", [x, em.const(np.array(1 / math.sqrt(2), dtype), "c")], "gelu_s")
-        if dtype == np.float64:  # ONNX Runtime has no double Erf kernel: erf in float32 (error ~1e-7)
-            erf = em.cast(em.node("Erf", [em.cast(scaled, TensorProto.FLOAT)], "gelu_erf"), TensorProto.DOUBLE)
-        else:
-            erf = em.node("Erf", [scaled], "gelu_erf")
-        one = em.node("Add", [erf, em.const(np.array(1.0, dtype), "c")], "gelu_1")
-        half = em.node("Mul", [x, em.const(np.array(0.5, dtype), "c")], "gelu_h")
-        return em.node("Mul", [half, one], "gelu")
-    if name == "leaky_relu":
-        return em.node("LeakyRelu", [x], "lrelu", alpha=LEAKY_RELU_SLOPE)
-    op = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "sin": "Sin"}[name]
-    return em.node(op, [x], name)
+    scaled = em.node("Mul", [x, em.const(np.array(1 / math.sqrt(2), dtype), "c")], "gelu_s")
+    if dtype == np.float64:  # ONNX Runtime has no double Erf kernel: erf in float32 (error ~1e-7)
+        erf = em.cast(em.node("Erf", [em.cast(scaled, TensorProto.FLOAT)], "gelu_erf"), TensorProto.DOUBLE)
+    else:
+        erf = em.node("Erf", [scaled], "gelu_erf")
+    one = em.node("Add", [erf, em.const(np.array(1.0, dtype), "c")], "gelu_1")
+    half = em.node("Mul", [x, em.const(np.array(0.5, dtype), "c")], "gelu_h")
+    return em.node("Mul", [half, one], "gelu")
+
+
+def _onnx_op(op: str, hint: str):
+    """A lowering that emits the one standard ONNX op ``op`` (its value named after ``hint``)."""
+    return lambda em, x, dtype: em.node(op, [x], hint)
+
+
+# the ONNX lowerings of the activations in adntn_deploy.ir.activations (see BACKENDS["onnx"]): standard
+# ops only, GELU as its exact erf form
+register_lowerings("onnx", {
+    "identity": lambda em, x, dtype: x,
+    "relu": _onnx_op("Relu", "relu"),
+    "leaky_relu": lambda em, x, dtype: em.node("LeakyRelu", [x], "lrelu", alpha=LEAKY_RELU_SLOPE),
+    "tanh": _onnx_op("Tanh", "tanh"),
+    "gelu": _onnx_gelu,
+    "sigmoid": _onnx_op("Sigmoid", "sigmoid"),
+    "sin": _onnx_op("Sin", "sin"),
+})
+
+
+def _activate(em: NodeEmitter, x: str, name: str, dtype: type) -> str:
+    return get_lowering("onnx", name)(em, x, dtype)
 
 
 def lower_program(ir: GeneratorIR, core_inputs: Sequence[str], output: str, prefix: str = "") -> list:

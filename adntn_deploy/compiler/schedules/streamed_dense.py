@@ -16,7 +16,8 @@ project registers a custom rule (:mod:`adntn_deploy.compiler.schedules`), so ``a
 ``compile`` replays the best trace from the database. Untuned kernels get :data:`DEFAULT_TILE`.
 
 Activations use TVM's rational approximations where libm would be called per element (tanh, sigmoid via
-tanh, erf for gelu): accurate to a few float32 ulps and vectorised.
+tanh, erf for gelu): accurate to a few float32 ulps and vectorised. This module registers them as the
+``tir`` lowerings in :mod:`adntn_deploy.ir.activations`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 from adntn_deploy.compiler.errors import StreamCompileError
 from adntn_deploy.compiler.schedules.common import divisor_at_most
+from adntn_deploy.errors import GeneratorError
+from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE, get_lowering, register_lowerings
 
 RULE_NAME = "adntn_streamed_dense"
 KERNEL_ATTR = "adntn_streamed"
@@ -50,32 +53,66 @@ def _tanh(x, dtype: str):
     return x * p / q
 
 
-def activation_expr(name: str, x, dtype: str = "float32"):
-    """The TIR expression of activation ``name`` applied to ``x`` (a scalar expression of ``dtype``).
+def _tir_relu(x, dtype: str):
+    from tvm import tirx
 
-    Raises:
-        StreamCompileError: an activation this kernel does not implement.
-    """
+    return tirx.max(x, tirx.const(0.0, dtype))
+
+
+def _tir_leaky_relu(x, dtype: str):
+    from tvm import tirx
+
+    zero, slope = tirx.const(0.0, dtype), tirx.const(LEAKY_RELU_SLOPE, dtype)
+    return tirx.Select(x > zero, x, x * slope)
+
+
+def _tir_sigmoid(x, dtype: str):
+    from tvm import tirx
+
+    half = tirx.const(0.5, dtype)
+    return half * _tanh(x * half, dtype) + half  # sigmoid(x) = (1 + tanh(x / 2)) / 2, on the fast tanh
+
+
+def _tir_gelu(x, dtype: str):
     from tvm import te, tirx
 
     c = lambda v: tirx.const(v, dtype)  # noqa: E731
-    if name == "identity":
-        return x
-    if name == "relu":
-        return tirx.max(x, c(0.0))
-    if name == "leaky_relu":
-        from adntn_deploy.ir.activations import LEAKY_RELU_SLOPE
+    return c(0.5) * x * (c(1.0) + te.erf(x * c(1.0 / math.sqrt(2.0))))
 
-        return tirx.Select(x > c(0.0), x, x * c(LEAKY_RELU_SLOPE))
-    if name == "tanh":
-        return _tanh(x, dtype)
-    if name == "sigmoid":
-        return c(0.5) * _tanh(x * c(0.5), dtype) + c(0.5)
-    if name == "gelu":
-        return c(0.5) * x * (c(1.0) + te.erf(x * c(1.0 / math.sqrt(2.0))))
-    if name == "sin":
-        return te.sin(x)
-    raise StreamCompileError(f"the streamed kernel has no {name!r} activation; compile with --weights load")
+
+def _tir_sin(x, dtype: str):
+    from tvm import te
+
+    return te.sin(x)
+
+
+# the TIR lowerings of the activations in adntn_deploy.ir.activations (see BACKENDS["tir"])
+register_lowerings("tir", {
+    "identity": lambda x, dtype: x,
+    "relu": _tir_relu,
+    "leaky_relu": _tir_leaky_relu,
+    "tanh": _tanh,
+    "gelu": _tir_gelu,
+    "sigmoid": _tir_sigmoid,
+    "sin": _tir_sin,
+})
+
+
+def activation_expr(name: str, x, dtype: str = "float32"):
+    """The TIR expression of activation ``name`` applied to ``x`` (a scalar expression of ``dtype``).
+
+    The lowering comes from the registry in :mod:`adntn_deploy.ir.activations` (registered above).
+
+    Raises:
+        StreamCompileError: an activation this kernel does not implement (no ``tir`` lowering).
+    """
+    try:
+        lowering = get_lowering("tir", name)
+    except GeneratorError as err:
+        raise StreamCompileError(
+            f"the streamed kernel has no {name!r} activation; compile with --weights load ({err})"
+        ) from None
+    return lowering(x, dtype)
 
 
 def streamed_dense_te(x, left_t, right, bias, activation: str, scale: float):
