@@ -77,7 +77,8 @@ def test_packing_is_load_time_work_and_the_epilogue_runs_in_the_parallel_loop(tm
         assert "layout_transform" not in imported.mod["main"].script()
     mod, scheduled = schedule_untuned(fuse_kernels(imported.mod, target), target)
     assert scheduled["adntn_packed_conv2d"] == 1
-    (func,) = [f for _, f in mod.functions_items() if type(f).__name__ == "PrimFunc" and is_scheduled(f)]
+    (func,) = [f for _, f in mod.functions_items()
+               if type(f).__name__ == "PrimFunc" and is_scheduled(f) and packed_conv2d.BLOCK_NAME in f.script()]
     assert "T.max" in func.script()  # relu fused into the conv kernel...
     sch = s_tir.Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root")):  # ...and every block inside the parallel loop

@@ -21,6 +21,10 @@ from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules import packed_conv2d, packed_dense, streamed_dense
 from adntn_deploy.compiler.schedules.common import root_blocks
+from adntn_deploy.compiler.schedules.generic_cpu import schedule_generic
+
+#: the key under which :func:`schedule_untuned` counts kernels given the generic CPU schedule
+GENERIC = "generic_cpu"
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,24 @@ def _schedule_defaults(sch, target) -> list[str]:
     return [name for _, name in ours]
 
 
-def default_schedule(func, target):
-    """The traced schedule that :func:`schedule_untuned` would give ``func`` (a PrimFunc or IRModule),
-    or None when ``func`` has no block of one of our rules.
+def _generic(func, target):
+    """``func`` under the generic CPU schedule (:mod:`.generic_cpu`), or None when that schedules nothing
+    or fails: the kernel then keeps TVM's loops, as before the generic schedule existed."""
+    from tvm import s_tir
+
+    if str(target.kind.name) != "llvm":
+        return None
+    sch = s_tir.Schedule(func, error_render_level="none")
+    try:
+        return sch if schedule_generic(sch, target) else None
+    except Exception:  # noqa: BLE001 - a form the primitives refuse: leave the kernel unscheduled
+        return None
+
+
+def default_schedule(func, target, generic: bool = True):
+    """The traced schedule that :func:`schedule_untuned` gives ``func`` (a PrimFunc or IRModule): its
+    rules' defaults for a kernel of ours, else (``generic``) the generic CPU schedule; None when neither
+    applies.
 
     Tuning measures it beside the searched candidates, so a database always holds it and a compile with
     records never picks a kernel slower than the one a compile without records gets.
@@ -141,7 +160,9 @@ def default_schedule(func, target):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    return sch if _schedule_defaults(sch, target) else None
+    if _schedule_defaults(sch, target):
+        return sch
+    return _generic(func, target) if generic else None
 
 
 def fuse_kernels(mod, target):
@@ -193,17 +214,18 @@ def count_scheduled(mod) -> tuple[int, int]:
     return sum(1 for f in funcs if is_scheduled(f)), len(funcs)
 
 
-def schedule_untuned(mod, target) -> tuple[Any, dict[str, int]]:
-    """Give every kernel of ours that no tuning record scheduled its rule's default schedule.
+def schedule_untuned(mod, target, generic: bool = True) -> tuple[Any, dict[str, int]]:
+    """Give every kernel of ours that no tuning record scheduled its rule's default schedule, and (with
+    ``generic``, on CPU targets) every other unscheduled kernel the generic CPU schedule.
 
-    Returns (module, {rule name: kernels scheduled here}).
+    Returns (module, {rule name or :data:`GENERIC`: kernels scheduled here}).
 
     Raises:
         StreamCompileError: a rule without a schedule for this target (the streamed kernel off CPU).
     """
     from tvm import s_tir
 
-    counts = {name: 0 for name in RULES}
+    counts = {name: 0 for name in RULES} | {GENERIC: 0}
     for gvar, func in list(mod.functions_items()):
         if type(func).__name__ != "PrimFunc" or is_scheduled(func):
             continue
@@ -211,9 +233,12 @@ def schedule_untuned(mod, target) -> tuple[Any, dict[str, int]]:
         applied = _schedule_defaults(sch, target)
         for name in applied:
             counts[name] += 1
+        if not applied and generic and (sch := _generic(func, target)) is not None:
+            counts[GENERIC] += 1
+            applied = [GENERIC]
         if applied:
             mod[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return mod, counts
 
-__all__ = ["RULES", "ScheduleRule", "count_scheduled", "default_schedule", "fuse_kernels", "is_scheduled",
+__all__ = ["GENERIC", "RULES", "ScheduleRule", "count_scheduled", "default_schedule", "fuse_kernels", "is_scheduled",
            "prepack", "register_schedule_rules", "rule_of", "schedule_untuned"]

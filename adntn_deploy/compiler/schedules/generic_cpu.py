@@ -1,0 +1,115 @@
+"""The untuned CPU schedule of every kernel that no rule of ours and no tuning record schedules.
+
+Without it TVM builds such kernels as plain loop nests: one thread, scalar code. That was the elementwise
+tail of every model (pads, pools, adds, transposes, softmax) and the depthwise convolutions of foreign
+models (ShuffleNet ran 6.4x behind ONNX Runtime, most of it there). The schedule:
+
+1. inline every block that can be inlined (chains of elementwise ops), as TVM's own GPU fallback does,
+   except pads that pad (:func:`_pads`);
+2. for each remaining block whose loops are spatial then reduction (the form TVM's legalised operators
+   take): split the innermost spatial loop into vectors when its extent allows (:func:`_vector_length`),
+   move the reduction loops outside those vector lanes, fuse the outer spatial loops into one parallel
+   loop, and vectorise the lanes (the reduction's initialisation too).
+
+A depthwise convolution thus runs as ``parallel(n, c, h, w / lanes) x kh x kw x vector(lanes)``: each
+tap is one vector multiply-add over ``lanes`` output columns. Blocks of any other form keep TVM's loops.
+"""
+
+from __future__ import annotations
+
+from adntn_deploy.compiler.target import vector_shape
+
+#: loop iterations below which a kernel stays on one thread: waking the pool costs more than it saves
+MIN_PARALLEL_WORK = 16384
+
+
+def _constant(extent) -> int | None:
+    try:
+        return int(extent)
+    except (TypeError, ValueError):  # a symbolic extent (dynamic batch)
+        return None
+
+
+#: an innermost loop at most this many vectors long that whole vectors do not split is vectorised whole
+#: (fusing it with the loop above instead would make every lane compute its own row and column: gathers)
+WHOLE_LOOP_VECTORS = 4
+
+
+def _vector_length(inner: int | None, lanes: int) -> int:
+    """Lanes to vectorise a block's innermost spatial loop of extent ``inner`` by; 0 leaves the loop to
+    LLVM's own loop vectoriser (a symbolic extent, one under 4, or a long one whole vectors do not split:
+    a split that does not divide puts a predicate in the loop, which TVM's vectoriser cannot take).
+
+    Whole vectors of ``lanes`` when they split it; a short loop they do not split is one vector (LLVM
+    splits e.g. 14 lanes into 8 + 4 + 2), keeping its loads contiguous.
+    """
+    if inner is None or inner < 4:
+        return 0
+    if inner % lanes == 0:
+        return lanes
+    return inner if inner <= WHOLE_LOOP_VECTORS * lanes else 0
+
+
+def _pads(sch, block) -> bool:
+    """Whether ``block`` writes a buffer larger than the one it reads (a pad with a non-zero border)."""
+    stmt = sch.get(block)
+    if len(stmt.reads) != 1 or len(stmt.writes) != 1 or "pad" not in stmt.name_hint.lower():
+        return False
+    shape = [_constant(d) for d in stmt.writes[0].source.shape]
+    source = [_constant(d) for d in stmt.reads[0].source.shape]
+    return None not in shape + source and shape != source
+
+
+def schedule_generic(sch, target) -> bool:
+    """Give the function in schedule ``sch`` the generic CPU schedule for ``target`` (an llvm target).
+
+    Returns whether any block was scheduled (False leaves TVM's loops: a function TVM's analysis cannot
+    normalise, or whose blocks mix spatial and reduction loops out of order). Raises whatever the TVM
+    schedule primitives raise; callers schedule a fresh copy and fall back to the unscheduled function.
+    """
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return False
+    lanes, _ = vector_shape(target)
+    # a pad that pads stays a block of its own: inlined into a convolution it puts a bounds test on every
+    # tap (measured 1.6x slower on a 3x3 depthwise convolution); a pad of zero is a copy and is inlined
+    pads = [info for info in infos if _pads(sch, info.block_rv)]
+    infos = pads + try_inline(sch, [info for info in infos if info not in pads])
+    scheduled = False
+    for info in infos:
+        kinds = "".join(it.kind for it in info.iters)
+        spatial = len(kinds) - len(kinds.lstrip("S"))
+        if spatial == 0 or set(kinds[spatial:]) - {"R"}:
+            continue  # a full reduction to a scalar, or loops of another kind / order
+        _schedule_block(sch, info, spatial, lanes)
+        scheduled = True
+    return scheduled
+
+
+def _schedule_block(sch, info, spatial: int, lanes: int) -> None:
+    """Schedule one block whose first ``spatial`` loops are spatial and the rest reductions."""
+    block = info.block_rv
+    s_loops = [it.loop_rv for it in info.iters[:spatial]]
+    r_loops = [it.loop_rv for it in info.iters[spatial:]]
+    extents = [_constant(it.dom) for it in info.iters]
+    lanes_loop = None
+    length = _vector_length(extents[spatial - 1], lanes)
+    if length:
+        s_loops[-1], lanes_loop = sch.split(s_loops[-1], [None, length])
+        if r_loops:  # the lanes innermost: each reduction step is one vector operation
+            sch.reorder(*s_loops, *r_loops, lanes_loop)
+    work = 1
+    for extent in extents:
+        work *= extent if extent is not None else 1 << 10
+    if work >= MIN_PARALLEL_WORK:
+        sch.parallel(sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0])
+    if lanes_loop is not None:
+        # vectorise while the block still holds its init (a reduction block); then split the init off
+        # and vectorise its copy of the lanes too
+        sch.vectorize(lanes_loop)
+        if r_loops:
+            init = sch.decompose_reduction(block, r_loops[0])
+            sch.vectorize(sch.get_loops(init)[-1])

@@ -1,0 +1,118 @@
+"""The generic CPU schedule: kernels no rule of ours covers (depthwise and odd grouped convolutions, pools,
+pads, channel shuffles) run parallel and vectorised, give ORT's results, and never break a compile."""
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tolerance import float32_rtol, relative_error  # noqa: E402
+from adntn_deploy.compiler.build import compile_model  # noqa: E402
+from adntn_deploy.compiler.frontend import import_model  # noqa: E402
+from adntn_deploy.compiler.schedules import GENERIC, fuse_kernels, generic_cpu, is_scheduled, schedule_untuned  # noqa: E402
+from adntn_deploy.onnx_export import export_onnx  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
+
+AVX2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+CASES = {
+    # name: (module, input shape)
+    "depthwise-3x3-bn-relu": (lambda: nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24).eval(),
+                                                    nn.ReLU()), (1, 24, 14, 14)),
+    "depthwise-stride2": (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), (2, 16, 28, 28)),
+    "odd-grouped-1x1": (lambda: nn.Conv2d(102, 102, 1, groups=3), (1, 102, 7, 7)),
+    "maxpool-pad-shuffle": (lambda: nn.Sequential(nn.MaxPool2d(3, 2, padding=1), ChannelShuffle(3)), (1, 12, 58, 58)),
+    "long-unsplit-rows": (lambda: nn.Sequential(nn.AvgPool2d(3, 1, padding=1), nn.Tanh()), (1, 4, 9, 114)),
+    "global-pool-softmax": (lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Softmax(-1)), (2, 40, 7, 7)),
+}
+
+
+def _export(tmp_path, name):
+    make, shape = CASES[name]
+    torch.manual_seed(0)
+    module = make().eval()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(module, [torch.randn(*shape)], path, input_names=["input"])
+    return path, shape
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generic_kernels_equal_ort(tmp_path, case):
+    path, shape = _export(tmp_path, case)
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["tuning"]["default_schedules"][GENERIC] >= 1
+    x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    (name, want), = load(path).run(x).items()
+    got = load(artifact.path).run(x)[name]
+    assert relative_error(got, want) < float32_rtol(102, 102)
+
+
+def _loops(func):
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, found.append)], order="post")
+    return found
+
+
+def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
+    """Each tap of a depthwise convolution is one vector multiply-add over a row's output columns."""
+    from tvm import tirx
+
+    path, _ = _export(tmp_path, "depthwise-3x3-bn-relu")
+    target = tvm.target.Target(AVX2)
+    imported = import_model(path, "load", prepack_target=target)
+    mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
+    assert counts[GENERIC] >= 1
+    (conv,) = [f for gv, f in mod.functions_items() if "conv2d" in gv.name_hint and type(f).__name__ == "PrimFunc"]
+    assert is_scheduled(conv)
+    kinds = [loop.kind for loop in _loops(conv)]
+    assert tirx.ForKind.PARALLEL in kinds
+    vectors = [loop for loop in _loops(conv) if loop.kind == tirx.ForKind.VECTORIZED]
+    # the padded input (16 wide) in whole vectors; a 14-wide output row as one vector (no gathers), under the taps
+    assert sorted({int(loop.extent) for loop in vectors}) == [8, 14]
+    update = [loop for loop in vectors if int(loop.extent) == 14 and "update" in str(loop.body)]
+    assert update, "the taps' update is not vectorised over the output row"
+
+
+@pytest.mark.parametrize("inner, lanes, length", [
+    (64, 8, 8), (56, 16, 56), (56, 8, 8), (96, 16, 16), (100, 16, 0), (14, 8, 14), (28, 16, 28), (7, 4, 7), (114, 8, 0), (3, 8, 0), (None, 8, 0),
+])
+def test_vector_length(inner, lanes, length):
+    assert generic_cpu._vector_length(inner, lanes) == length
+
+
+def test_a_form_the_schedule_refuses_keeps_tvm_loops(tmp_path, monkeypatch):
+    """A kernel whose generic schedule fails is left unscheduled (TVM's loops), and the compile still works."""
+    from adntn_deploy.compiler import schedules
+
+    def refuse(sch, target):
+        raise RuntimeError("ScheduleError: a form this schedule does not take")
+
+    monkeypatch.setattr(schedules, "schedule_generic", refuse)
+    path, shape = _export(tmp_path, "depthwise-stride2")
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["tuning"]["default_schedules"][GENERIC] == 0
+    x = {"input": np.random.default_rng(2).standard_normal(shape).astype(np.float32)}
+    (name, want), = load(path).run(x).items()
+    assert relative_error(load(artifact.path).run(x)[name], want) < float32_rtol(9, 9)
