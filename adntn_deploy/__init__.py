@@ -1,8 +1,9 @@
 """adntn-deploy: tensor-network generated layers, from PyTorch to devices."""
 
+from adntn_deploy.errors import AdntnError
 from adntn_deploy.version import __version__
 
-__all__ = ["__version__", "compress", "export_onnx", "finetune", "load"]
+__all__ = ["AdntnError", "__version__", "compress", "export_onnx", "finetune", "load"]
 
 
 def load(path, backend=None, **options):

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from adntn_deploy.errors import CheckpointError
 from adntn_deploy.ir.program import GeneratorError, GeneratorIR
+
+__all__ = ["CheckpointError", "CheckpointInfo", "check_declared_model", "load_checkpoint", "parse_metadata",
+           "read_checkpoint", "save_checkpoint"]
 
 FORMAT = "adntn-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(GeneratorError):
-    """A checkpoint file is missing, corrupt, from a newer version, or does not match the model."""
 
 
 @dataclass
@@ -119,7 +119,7 @@ def parse_metadata(
         text = meta.get(key, default)
         try:
             if not isinstance(text, str):
-                raise GeneratorError("not a string")
+                raise CheckpointError("not a string")
             values[key] = loads_bounded(text, what=key)
         except ValueError as exc:  # JsonLimitError, or json's own limits (an integer of over 4,300 digits)
             raise CheckpointError(f"{where} has malformed metadata {key}: {str(exc)[:160]}") from None

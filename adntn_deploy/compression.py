@@ -99,7 +99,7 @@ def select_layers(model: nn.Module, selection: str | Sequence[str]) -> list[tupl
     """
     tokens = [t.strip() for t in (selection.split(",") if isinstance(selection, str) else selection) if t.strip()]
     if not tokens:
-        raise GeneratorError("no layers selected: pass --layers (e.g. classifier, Linear, or a name glob like '1?')")
+        raise GeneratorError("no layers selected: pass layers= (e.g. classifier, Linear, or a name glob like '1?')")
     named = [(n, m) for n, m in model.named_modules() if n]
     compressible = [(n, m) for n, m in named if type(m) in COMPRESSIBLE]
     listing = ", ".join(f"{n} ({type(m).__name__})" for n, m in compressible) or "none"
@@ -166,7 +166,7 @@ def config_for_ratio(weight_shape: Sequence[int], ratio: float, base: GeneratorS
         GeneratorError: ``ratio`` < 1, or no configuration reaches it (the message gives the best reachable).
     """
     if not ratio >= 1:
-        raise GeneratorError(f"--ratio must be >= 1, got {ratio}")
+        raise GeneratorError(f"ratio= must be >= 1, got {ratio}")
     dense = math.prod(int(d) for d in weight_shape)
     budget = dense / ratio
     best: tuple[tuple[int, bool], GeneratorSpec] | None = None
@@ -187,7 +187,7 @@ def config_for_ratio(weight_shape: Sequence[int], ratio: float, base: GeneratorS
                     best = (key, spec)
     if best is None:
         reach = f"; the most compressed {base.family} configuration reaches {dense / fewest:,.0f}x" if fewest else ""
-        raise GeneratorError(f"no {base.family} configuration reaches {ratio:,.0f}x on a {tuple(weight_shape)} weight{reach}: lower --ratio or pick another family")
+        raise GeneratorError(f"no {base.family} configuration reaches {ratio:,.0f}x on a {tuple(weight_shape)} weight{reach}: lower ratio= or pick another family")
     return best[1]
 
 
@@ -241,7 +241,7 @@ def _match_norm(ir, cores: dict[str, np.ndarray], weight: np.ndarray):
     generated = generate_numpy(ir, {k: np.asarray(v, dtype=np.float64) for k, v in cores.items()})
     target = np.linalg.norm(weight)
     if not np.linalg.norm(generated) > 0 or not np.isfinite(generated).all():
-        raise GeneratorError("the fitted generator makes an all-zero weight; raise --bond-dim or lower --ratio")
+        raise GeneratorError("the fitted generator makes an all-zero weight; raise bond_dim= or lower ratio=")
     factor = float(target / np.linalg.norm(generated))
     return replace(ir, output_scale=ir.output_scale * factor), factor, generated * factor
 
@@ -306,7 +306,7 @@ def compress(
             that some selected layer cannot reach.
     """
     if (bond_dim is None) == (ratio is None):
-        raise GeneratorError("give exactly one of --bond-dim or --ratio")
+        raise GeneratorError("give exactly one of bond_dim= or ratio=")
     target = model if inplace else copy.deepcopy(model)
     chosen = select_layers(target, layers)
     if layout not in LAYOUTS + ("auto",):

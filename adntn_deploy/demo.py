@@ -19,7 +19,6 @@ import importlib.util
 
 import json
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ServingError
 
 
 @dataclass
@@ -56,13 +55,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _latency_ms(call: Callable[[], Any], repeat: int = 200) -> float:
-    call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median wall-clock latency of ``call()`` in milliseconds: one warm-up call, then ``repeat`` timed ones."""
+    from adntn_deploy.runtime import benchmark
+
+    return benchmark(lambda feeds: call(), {}, repeat=repeat, warmup=1).median_ms
 
 
 def _accuracy(run_batch: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int) -> float:
@@ -104,7 +100,7 @@ def _serve_one_request(onnx_path: Path, image: np.ndarray) -> tuple[np.ndarray, 
         deadline = time.monotonic() + 30
         while not server.started:
             if time.monotonic() > deadline or not thread.is_alive():
-                raise GeneratorError(f"the demo server did not start on 127.0.0.1:{port}")
+                raise ServingError(f"the demo server did not start on 127.0.0.1:{port}")
             time.sleep(0.05)
         body = json.dumps({"inputs": [{"name": "input", "shape": list(image.shape), "datatype": "FP32",
                                        "data": image.ravel().tolist()}]}).encode()
@@ -125,17 +121,15 @@ def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[st
     """Run the whole pipeline, print its progress and the summary table unless ``quiet``; return the results.
 
     Raises:
-        GeneratorError (and subclasses): a stage failed; the message names it. Missing optional parts
+        AdntnError (a stage's subclass): a stage failed; the message names it. Missing optional parts
             (TVM, cross toolchains) do not raise: their rows say "skipped" and why.
     """
     import click
     import torch
 
     import adntn_deploy
-    from adntn_deploy.checkpoint import save_checkpoint
-    from adntn_deploy.compression import compress
-    from adntn_deploy.models.zoo import build_model
-    from adntn_deploy.training import Distillation, evaluate, finetune, predict_logits, train
+    from adntn_deploy.training import predict_logits
+    from adntn_deploy.workflows import compress_checkpoint, train_checkpoint
 
     opts = options or DemoOptions()
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -149,12 +143,9 @@ def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[st
     data = pick_dataset(opts.data, say)
     results["data"] = data.describe()
     x_test, y_test = data.test_x.numpy(), data.test_y.numpy()
-    inputs = [{"name": "input", "shape": [1, *data.input_shape]}]
     say(f"[1/6] train a dense {opts.model} on {data.name} ({opts.epochs} epoch(s))")
-    dense = build_model(opts.model, data.num_classes, opts.seed)
-    train(dense, data, epochs=opts.epochs, seed=opts.seed, progress=not quiet)
-    dense_acc = evaluate(dense, data.test_x, data.test_y)
-    dense_path = save_checkpoint(work / "dense.ckpt", dense, {"inputs": inputs, "dataset": data.name, "test_accuracy": dense_acc})
+    trained = train_checkpoint(opts.model, work / "dense.ckpt", data, epochs=opts.epochs, seed=opts.seed, progress=not quiet)
+    dense, dense_acc, dense_path = trained.model, trained.test_accuracy, trained.checkpoint
     one = data.test_x[:1]
     with torch.no_grad():
         dense_ms = _latency_ms(lambda: dense(one))
@@ -163,14 +154,11 @@ def run_demo(options: DemoOptions | None = None, quiet: bool = False) -> dict[st
 
     say(f"[2/6] compress the classifier: {opts.family} ({opts.layout} layout) at >= {opts.ratio:,.0f}x per layer, then "
         f"fine-tune {opts.finetune_epochs} epoch(s) distilling from the dense model")
-    model, report = compress(dense, "classifier", opts.family, ratio=opts.ratio, layout=opts.layout, fit_steps=opts.fit_steps,
-                             seed=opts.seed, calibration=data.train_x[:2000])
-    finetune(model, data, epochs=opts.finetune_epochs, scope="head", seed=opts.seed, progress=not quiet,
-             distill=Distillation(dense))
-    model.eval()
-    acc = evaluate(model, data.test_x, data.test_y)
-    small_path = save_checkpoint(work / "compressed.ckpt", model, {"inputs": inputs, "dataset": data.name, "test_accuracy": acc,
-                                                                   "dense_accuracy": dense_acc, "compression": report.as_dict()})
+    compressed = compress_checkpoint(dense, work / "compressed.ckpt", data, family=opts.family, ratio=opts.ratio,
+                                     layout=opts.layout, fit_steps=opts.fit_steps, calibrate=2000,
+                                     epochs=opts.finetune_epochs, scope="head", distill=True, seed=opts.seed,
+                                     dense_accuracy=dense_acc, progress=not quiet)
+    model, report, acc, small_path = compressed.model, compressed.report, compressed.accuracy, compressed.checkpoint
     with torch.no_grad():
         reference = model(data.test_x[:64]).numpy()
         torch_ms = _latency_ms(lambda: model(one))

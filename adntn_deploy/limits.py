@@ -24,7 +24,7 @@ import re
 import sys
 from typing import Iterable, Mapping
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 ENV = "ADNTN_MAX_WEIGHT_BYTES"
 FLAG = "--max-weight-bytes"
@@ -41,7 +41,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "m
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-class LimitError(GeneratorError):
+class LimitError(AdntnError):
     """A declared size (weight, tensor, layer) is above the memory limit, or the limit itself is malformed."""
 
 

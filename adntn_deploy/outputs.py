@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 
-class OutputError(GeneratorError):
+class OutputError(AdntnError):
     """An output would overwrite one of the command's inputs, or something this tool did not write."""
 
 
@@ -36,13 +36,14 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def refuse_overwriting_inputs(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "-o") -> None:
+def refuse_overwriting_inputs(output: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "output=") -> None:
     """Refuse an ``output`` path that would overwrite or remove an input or the current directory.
 
     Refused: ``output`` is one of ``inputs`` (same resolved path, or the same file through a hard link),
     holds one of them (a folder output replaced as a whole would delete it), lies inside an input folder,
     or is the current directory or one of its parents. ``None`` inputs and inputs that do not exist are
-    skipped. ``option`` names the output in the message ("-o", "--outputs"; a parameter name in library use).
+    skipped. ``option`` names the output in the message: the library parameter (``output=``, the default;
+    the CLI turns it into ``-o``), or a flag ("--outputs").
 
     Raises:
         OutputError: one line naming the path and asking for another one.
@@ -75,7 +76,7 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
-def check_replaceable(out: str | os.PathLike, is_ours: Callable[[Path], bool], option: str = "-o",
+def check_replaceable(out: str | os.PathLike, is_ours: Callable[[Path], bool], option: str = "output=",
                       what: str = "an output") -> None:
     """Refuse now an existing ``out`` that :func:`replace_output_dir` would refuse (call it before long work).
 
@@ -98,7 +99,7 @@ def check_replaceable(out: str | os.PathLike, is_ours: Callable[[Path], bool], o
 
 
 def replace_output_dir(staging: str | os.PathLike, out: str | os.PathLike, is_ours: Callable[[Path], bool],
-                       option: str = "-o", what: str = "an output") -> Path:
+                       option: str = "output=", what: str = "an output") -> Path:
     """Move the finished folder ``staging`` to ``out``, replacing an existing ``out`` only if it is ours.
 
     ``staging`` must lie beside ``out`` (:func:`staging_dir`). An existing ``out`` is renamed aside,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 #: deep enough for every file we write (tuning records nest 7 levels, manifests 4), far below any stack limit
 DEFAULT_MAX_DEPTH = 64
@@ -22,7 +22,7 @@ _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _CHUNK = 1 << 20  # brackets per numpy step: bounds the temporary arrays to a few MiB whatever the input
 
 
-class JsonLimitError(GeneratorError):
+class JsonLimitError(AdntnError):
     """A JSON text is invalid or nested deeper than the reader accepts."""
 
 

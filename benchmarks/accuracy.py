@@ -42,10 +42,10 @@ def dense_baseline(model_name: str, data, epochs: int, seed: int):
 
 
 def run(args) -> list[dict]:
-    from adntn_deploy.compression import compress
     from adntn_deploy.data import load_dataset
     from adntn_deploy.errors import GeneratorError
-    from adntn_deploy.training import Distillation, evaluate, finetune
+    from adntn_deploy.training import evaluate
+    from adntn_deploy.workflows import compress_checkpoint
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
@@ -74,26 +74,27 @@ def run(args) -> list[dict]:
                     save()
                     print(f"  scratch {layout} {family} {ratio}x: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
                     continue
-                try:
-                    model, report = compress(dense, "classifier", family, ratio=ratio, layout=layout, activation=args.activation,
-                                             fit_steps=args.fit_steps, seed=args.seed,
-                                             calibration=data.train_x[:args.calibrate] if args.calibrate else None)
-                except GeneratorError as exc:
+                try:  # the compress command's workflow, without a checkpoint file
+                    outcome = compress_checkpoint(
+                        dense, None, data, family=family, ratio=ratio, layout=layout, activation=args.activation,
+                        fit_steps=args.fit_steps, calibrate=args.calibrate, epochs=args.epochs, scope=args.scope,
+                        distill=args.distill_weight > 0, distill_temperature=args.distill_temperature,
+                        distill_weight=args.distill_weight, dense_accuracy=dense_acc, measure_fit=True, seed=args.seed,
+                        progress=True)
+                except GeneratorError as exc:  # a ratio this family cannot reach on these layers
                     row.update(accuracy=None, unreachable=str(exc))
                     rows.append(row)
                     save()
                     print(f"  {layout} {family} {ratio}x: {exc}", flush=True)
                     continue
-                fitted_acc = evaluate(model, data.test_x, data.test_y)
-                teacher = Distillation(dense, args.distill_temperature, args.distill_weight) if args.distill_weight > 0 else None
-                tuned = finetune(model, data, epochs=args.epochs, scope=args.scope, seed=args.seed, distill=teacher)
-                acc = evaluate(model, data.test_x, data.test_y)
+                report, acc = outcome.report, outcome.accuracy
                 row.update(
-                    accuracy=acc, accuracy_after_fit=fitted_acc, delta_points=100 * (acc - dense_acc),
+                    accuracy=acc, accuracy_after_fit=outcome.fitted_accuracy, delta_points=100 * (acc - dense_acc),
                     layer_ratios=[round(r.ratio, 1) for r in report.layers], layer_params=[r.params for r in report.layers],
                     configs=[{k: r.spec[k] for k in ("bond_dim", "max_mode", "share")} for r in report.layers],
                     fit_errors=[round(r.fit_error, 4) for r in report.layers], model_ratio=report.model_ratio,
-                    seconds=time.perf_counter() - start, finetune_seconds=tuned.seconds,
+                    seconds=time.perf_counter() - start,
+                    finetune_seconds=outcome.finetune.seconds if outcome.finetune else 0.0,
                 )
                 rows.append(row)
                 save()

@@ -107,7 +107,7 @@ def test_shared_cores_start_random_and_still_fit(trained_mlp):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of --bond-dim or --ratio"),
+    ({}, "exactly one of bond_dim= or ratio="),
     ({"bond_dim": 4, "ratio": 10}, "exactly one"),
     ({"bond_dim": 4, "family": "peps"}, "unknown generator family"),
     ({"ratio": 0.5}, "must be >= 1"),

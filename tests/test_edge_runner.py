@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from tolerance import float32_rtol, relative_error
 from adntn_deploy.compiler.runner import build_runner, run_with_qemu, runtime_libs_dir  # noqa: E402
-from adntn_deploy.errors import GeneratorError  # noqa: E402
+from adntn_deploy.errors import CompileError  # noqa: E402
 
 AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 IN_DIM, HIDDEN, OUT_DIM = 16, 32, 10
@@ -173,7 +173,7 @@ def _require_aarch64_tools() -> None:
         pytest.skip(f"{', '.join(missing)} not found: apt-get install qemu-user g++-aarch64-linux-gnu")
     try:
         runtime_libs_dir("aarch64")
-    except GeneratorError as err:
+    except CompileError as err:
         pytest.skip(str(err))
 
 
@@ -193,7 +193,7 @@ def test_runner_aarch64_qemu(tmp_path):
 
 def test_runtime_libs_dir_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("ADNTN_EDGE_RUNTIME_DIR", str(tmp_path))
-    with pytest.raises(GeneratorError, match="scripts/fetch_edge_runtime.sh aarch64"):
+    with pytest.raises(CompileError, match="scripts/fetch_edge_runtime.sh aarch64"):
         runtime_libs_dir("aarch64")
 
 

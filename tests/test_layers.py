@@ -19,7 +19,7 @@ LAYERS = [
     ["adntn_deploy.generators"],
     ["adntn_deploy.nn", "adntn_deploy.fit"],
     ["adntn_deploy.models", "adntn_deploy.data", "adntn_deploy.checkpoint", "adntn_deploy.training",
-     "adntn_deploy.compression", "adntn_deploy.presets"],
+     "adntn_deploy.compression", "adntn_deploy.presets", "adntn_deploy.workflows"],
     ["adntn_deploy.onnx_export"],
     ["adntn_deploy.compiler"],
     ["adntn_deploy.runtime"],
@@ -145,6 +145,13 @@ def test_only_the_compiler_and_the_tvm_runtime_import_tvm():
     importers = sorted(m for m, p in MODULES.items()
                        if any(i == "tvm" or i.startswith("tvm.") or i == "tvm_ffi" for i in _imports(m, p)))
     assert importers and all(any(_is_under(m, allowed) for allowed in TVM_IMPORTERS) for m in importers), importers
+
+
+def test_nothing_outside_the_cli_imports_it():
+    """The library never reaches up into click commands: cli/ parses, calls one library function, formats."""
+    leaks = [f"{m} -> {t}" for m, imported in GRAPH.items() if not _is_under(m, "adntn_deploy.cli")
+             for t in imported if _is_under(t, "adntn_deploy.cli")]
+    assert leaks == []
 
 
 def test_torch_layers_import_nothing_from_the_deployment_side():

@@ -95,7 +95,7 @@ def test_compile_keeps_an_artifact_with_a_user_file_added(tmp_path, tiny, artifa
     shutil.copytree(artifact, folder)
     (folder / "notes.txt").write_text("mine")
     before = snapshot(folder)
-    with pytest.raises(OutputError, match="choose another -o"):
+    with pytest.raises(OutputError, match="choose another output="):
         compile_model(tiny, "host", folder)
     assert snapshot(folder) == before
 
@@ -148,7 +148,7 @@ def test_replace_output_dir_replaces_only_ours_and_leaves_nothing_behind(tmp_pat
     (out / "old").write_text("old")
     staging = staging_dir(out)
     (staging / "new").write_text("new")
-    with pytest.raises(OutputError, match="choose another -o"):
+    with pytest.raises(OutputError, match="choose another output="):
         replace_output_dir(staging, out, lambda p: False)
     assert (out / "old").read_text() == "old" and staging.exists()
     replace_output_dir(staging, out, lambda p: (p / "old").exists())
@@ -176,8 +176,8 @@ def test_run_refuses_outputs_over_its_inputs(tmp_path, tiny):
     inputs = tmp_path / "x.npz"
     np.savez(inputs, input=np.ones((1, 16), np.float32))
     before = inputs.read_bytes()
-    for given in (inputs, tmp_path / "x"):  # numpy.savez appends .npz: "x" writes x.npz too
-        one_line_error(cli("run", tiny, "--inputs", inputs, "--outputs", given), "is the input")
+    for outputs in (inputs, tmp_path / "x"):  # numpy.savez appends .npz: "x" writes x.npz too
+        one_line_error(cli("run", tiny, "--inputs", inputs, "--outputs", outputs), "is the input")
     assert inputs.read_bytes() == before
 
 

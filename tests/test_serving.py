@@ -204,9 +204,9 @@ def test_triton_config_is_valid(repository):
 
 
 def test_package_refuses_to_overwrite(repository, onnx_model):
-    from adntn_deploy.errors import GeneratorError
+    from adntn_deploy.outputs import OutputError
 
-    with pytest.raises(GeneratorError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         package_triton(onnx_model, repository, name="clf", version=1)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import sys
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from adntn_deploy.cli.errors import cli_message
+from adntn_deploy.errors import AdntnError
 from adntn_deploy.version import __version__
-from adntn_deploy.ir.program import GeneratorError
 
 
 #: set to 1 to see the traceback of an unexpected error instead of its one-line summary
@@ -26,17 +26,19 @@ def _first_line(exc: BaseException) -> str:
 class _Group(click.Group):
     """Turns errors into one-line messages and exit code 1, never a traceback (unless ADNTN_DEBUG=1).
 
-    The project's own errors (GeneratorError) already say what is wrong and how to fix it. As a last line
-    of defence, OSError and MemoryError (an unreadable file, a folder where a file belongs, a size this
-    machine cannot hold) get one line too, and anything else -- a bug, or an input no check anticipated --
+    The project's own errors (:class:`~adntn_deploy.errors.AdntnError` and its stage classes) already say what
+    is wrong and how to fix it; the parameters they name (``weights=``) are shown as this CLI's flags
+    (``--weights``, :func:`adntn_deploy.cli.errors.cli_message`). As a last line of defence, OSError and
+    MemoryError (an unreadable file, a folder where a file belongs, a size this machine cannot hold) get one
+    line too, and anything else -- a bug, or an input no check anticipated --
     gets one line naming it and how to see its traceback.
     """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except GeneratorError as exc:
-            raise click.ClickException(str(exc)) from None
+        except AdntnError as exc:
+            raise click.ClickException(cli_message(exc)) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename}") from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -81,17 +83,9 @@ def _emit(rows: list[dict], as_json: bool, title: str | None = None) -> None:
 @click.option("--model", type=click.Choice(["alexnet", "vgg16"]), help="Only presets of this model.")
 def presets(as_json: bool, model: str | None) -> None:
     """List the paper-scale presets with their exact parameter counts and ratios."""
-    from adntn_deploy.generators import build_structure
-    from adntn_deploy.inspection import describe
-    from adntn_deploy.presets import PRESETS
+    from adntn_deploy.inspection import preset_rows
 
-    rows = []
-    for name, preset in PRESETS.items():
-        if model and preset.model != model:
-            continue
-        ir, _ = build_structure(preset.spec, preset.weight_shape)
-        rows.append(describe(name, ir))
-    _emit(rows, as_json)
+    _emit(preset_rows(model), as_json)
 
 
 @cli.command()
@@ -99,56 +93,9 @@ def presets(as_json: bool, model: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(targets: tuple[str, ...], as_json: bool) -> None:
     """Report generators of presets (names or glob patterns such as 'vgg16-*'), checkpoints or .onnx files."""
-    from adntn_deploy.generators import build_structure
-    from adntn_deploy.inspection import describe
-    from adntn_deploy.presets import PRESETS
+    from adntn_deploy.inspection import inspect_targets
 
-    rows = []
-    for target in targets:
-        path = Path(target)
-        if path.exists():
-            rows.extend(_inspect_file(path))
-            continue
-        names = [n for n in PRESETS if fnmatch.fnmatchcase(n, target)]
-        if not names:
-            raise click.ClickException(
-                f"{target!r} is neither a file nor a preset: give a checkpoint path or a name from 'adntn-deploy presets'"
-            )
-        for name in names:
-            ir, _ = build_structure(PRESETS[name].spec, PRESETS[name].weight_shape)
-            rows.append(describe(name, ir))
-    _emit(rows, as_json)
-
-
-def _inspect_file(path: Path) -> list[dict]:
-    from adntn_deploy.checkpoint import read_checkpoint
-    from adntn_deploy.inspection import describe
-
-    if path.suffix.lower() == ".onnx":
-        return _inspect_onnx(path)
-    info = read_checkpoint(path)
-    if not info.generators:
-        click.echo(f"{path}: no generated layers", err=True)
-    return [dict(describe(name, ir), source=str(path)) for name, ir in info.generators.items()]
-
-
-def _inspect_onnx(path: Path) -> list[dict]:
-    from adntn_deploy.inspection import describe
-    from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
-
-    model = load_onnx(path)
-    generators = find_generators(model)
-    if generators:
-        return [dict(describe(g.layer, g.ir), source=str(path), op=f"ai.adntn::{g.op_type}") for g in generators]
-    summary = generator_summary(model)  # the standard-ops form keeps only the summary
-    if not summary:
-        click.echo(f"{path}: no generated layers", err=True)
-    return [
-        {"name": s.get("layer"), "family": s.get("family"), "weight_shape": [], "out_modes": [], "in_modes": [],
-         "bond_dim": None, "params": s.get("params"), "dense_params": s.get("dense_params"), "ratio": s.get("ratio"),
-         "flops": 0, "peak_bytes": 0, "source": str(path), "op": "inlined (standard ops)"}
-        for s in summary.values()
-    ]
+    _emit(inspect_targets(targets, notes=lambda line: click.echo(line, err=True)), as_json)
 
 
 @cli.command()

@@ -44,24 +44,6 @@ max_weight_bytes_option = click.option(
 )
 
 
-def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    if given:
-        return [parse_input_shape(g) for g in given]
-    stored = info.extra.get("inputs")
-    if not stored:
-        raise click.ClickException(
-            f"{info.path} records no input shape: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)"
-        )
-    well_formed = isinstance(stored, list) and all(
-        isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("shape"), list)
-        and i["shape"] and all(type(d) is int and d >= 1 for d in i["shape"]) for i in stored)
-    if not well_formed:
-        raise click.ClickException(
-            f"{info.path} records malformed input shapes: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)"
-        )
-    return [(i["name"], tuple(i["shape"])) for i in stored]
-
-
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
@@ -79,28 +61,12 @@ def _checkpoint_inputs(info, given: tuple[str, ...]) -> list[tuple[str, tuple[in
 @max_weight_bytes_option
 def export_command(checkpoint, output, input_shapes, dynamic_batch, opset, standard_ops, stream, output_names, as_json):
     """Export a checkpoint's model to ONNX; generated layers become ai.adntn nodes holding only the cores."""
-    import torch
+    from adntn_deploy.onnx_export import export_checkpoint
 
-    from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint
-    from adntn_deploy.limits import check_tensor
-    from adntn_deploy.onnx_export import export_onnx
-    from adntn_deploy.outputs import refuse_overwriting_inputs
-
-    refuse_overwriting_inputs(output, checkpoint)
-    info = read_checkpoint(checkpoint)
-    inputs = _checkpoint_inputs(info, input_shapes)
-    model = load_checkpoint(checkpoint)
-    generator = torch.Generator().manual_seed(0)
-    examples = []
-    for name, shape in inputs:
-        if dynamic_batch and shape[0] < 2:
-            shape = (2,) + shape[1:]  # torch specialises a batch of 1; the exported axis is symbolic anyway
-        check_tensor(f"example input {name!r}", shape)
-        examples.append(torch.randn(shape, generator=generator))
     start = time.perf_counter()
-    result = export_onnx(
-        model, examples, output, input_names=[n for n, _ in inputs], output_names=list(output_names) or None,
-        dynamic_batch=dynamic_batch, opset=opset, standard_ops=standard_ops, stream=stream,
+    result = export_checkpoint(
+        checkpoint, output, input_shapes=[parse_input_shape(s) for s in input_shapes], dynamic_batch=dynamic_batch,
+        opset=opset, standard_ops=standard_ops, stream=stream, output_names=output_names,
     )
     dense_bytes = sum(4 * g["dense_params"] for g in result.generators.values())
     summary = {
@@ -131,61 +97,6 @@ def stream_decision_line(layer: dict) -> str:
     return f"  layer {layer['layer']}: generator kept ({human_bytes(layer['dense_bytes'])} at load): {layer['reason']}"
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file, each array's declared shape and dtype checked before it is read.
-
-    Refuses Python objects (no pickle) and arrays above the memory limit: a small compressed .npz can
-    declare terabytes.
-
-    Raises:
-        click.ClickException: not a readable .npz, a member that is not an array, or object arrays.
-        LimitError: an array above the limit (:mod:`adntn_deploy.limits`).
-    """
-    import zipfile
-
-    from numpy.lib import format as npy
-
-    from adntn_deploy.errors import GeneratorError
-    from adntn_deploy.limits import check_tensor
-
-    arrays = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                name = member.filename[:-4] if member.filename.endswith(".npy") else None
-                if name is None:
-                    raise ValueError(f"member {member.filename!r} is not a .npy array")
-                with archive.open(member) as f:
-                    version = npy.read_magic(f)
-                    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-                    shape, _, dtype = header(f)
-                if dtype.hasobject:
-                    raise ValueError(f"array {name!r} holds Python objects, which are never unpickled")
-                check_tensor(f"array {name!r} in {path}", shape, dtype.itemsize)
-                with archive.open(member) as f:
-                    arrays[name] = npy.read_array(f, allow_pickle=False)
-    except GeneratorError:
-        raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise click.ClickException(f"cannot read inputs from {path}: {str(exc)[:200]} (write them with numpy.savez)") from None
-    return arrays
-
-
-def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarray]:
-    from adntn_deploy.limits import check_tensor
-
-    if path is None:
-        rng = np.random.default_rng(seed)
-        shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in predictor.inputs}
-        for i in predictor.inputs:  # drawn as float64, then cast
-            check_tensor(f"random input {i.name!r}", shapes[i.name], max(8, np.dtype(i.dtype).itemsize))
-        return {i.name: rng.standard_normal(shapes[i.name]).astype(i.dtype) for i in predictor.inputs}
-    arrays = read_npz(path)
-    if len(arrays) == 1 and len(predictor.inputs) == 1:  # a single unnamed array (arr_0) feeds the only input
-        arrays = {predictor.inputs[0].name: next(iter(arrays.values()))}
-    return arrays
-
-
 @click.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -203,7 +114,7 @@ def _load_inputs(predictor, path: Path | None, seed: int) -> dict[str, np.ndarra
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
     """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
     from adntn_deploy.outputs import refuse_overwriting_inputs
-    from adntn_deploy.runtime import load
+    from adntn_deploy.runtime import benchmark, load, load_feeds
 
     if outputs_path:
         if outputs_path.suffix != ".npz":  # numpy.savez appends .npz: that is the file written
@@ -213,25 +124,16 @@ def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threa
     start = time.perf_counter()
     predictor = load(model, backend=backend, **options)
     load_seconds = time.perf_counter() - start
-    feeds = _load_inputs(predictor, inputs_path, seed)
-    for _ in range(max(0, warmup)):
-        predictor.run(feeds)
-    times, outputs = [], {}
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        outputs = predictor.run(feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
+    feeds = load_feeds(predictor, inputs_path, seed)
+    timing = benchmark(predictor, feeds, repeat=max(1, repeat), warmup=max(0, warmup))  # as ever: 0 means the least
+    outputs = timing.outputs
     if outputs_path:
         np.savez(outputs_path, **outputs)
-    ms = np.array(times)
     report = {
         "model": str(model), "backend": predictor.backend, "threads": predictor.threads, "load_seconds": load_seconds,
         "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
-        "latency_ms": {
-            "calls": len(times), "mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
-            "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)), "min": float(ms.min()),
-        },
+        "latency_ms": timing.stats(),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -240,8 +142,8 @@ def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threa
     for name, out in outputs.items():
         click.echo(f"  output {name}: shape {tuple(out.shape)} {out.dtype}")
     lat = report["latency_ms"]
-    if len(times) > 1:
-        click.echo(f"  latency over {len(times)} calls: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
+    if timing.calls > 1:
+        click.echo(f"  latency over {timing.calls} calls: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
                    f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, min {lat['min']:.3f}")
     else:
         click.echo(f"  latency: {lat['mean']:.3f} ms")

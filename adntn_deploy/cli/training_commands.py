@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
@@ -28,14 +27,9 @@ def data_options(func):
     return func
 
 
-def _inputs_extra(data) -> list[dict]:
-    return [{"name": "input", "shape": [1, *data.input_shape]}]
-
-
-def _guard_output(output: Path, *inputs: Path) -> None:
-    for given in inputs:
-        if given.exists() and output.resolve() == given.resolve():
-            raise click.ClickException(f"-o {output} would overwrite the input checkpoint; write to another path")
+def _say(as_json: bool):
+    """Where a workflow's one-line notes go: stderr, or nowhere when printing JSON."""
+    return None if as_json else (lambda line: click.echo(line, err=True))
 
 
 @click.command("train")
@@ -52,51 +46,17 @@ def _guard_output(output: Path, *inputs: Path) -> None:
 @data_options
 def train_command(model_name, epochs, lr, family, ratio, layout, layers, output, data_name, data_dir, batch_size, seed, as_json):
     """Train a zoo model on a dataset (dense, or with generated layers from the start); writes a checkpoint."""
-    from adntn_deploy.checkpoint import save_checkpoint
-    from adntn_deploy.data import load_dataset
-    from adntn_deploy.models.zoo import build_model
-    from adntn_deploy.training import evaluate, train
+    from adntn_deploy.workflows import train_checkpoint
 
     if (family is None) != (ratio is None):
         raise click.UsageError("give --family and --ratio together to train generated layers from scratch")
-    model = build_model(model_name, seed=seed)  # unknown names fail before the data is read
-    if family is not None:
-        from adntn_deploy.compression import generated_from_scratch
-
-        model, _ = generated_from_scratch(model, layers, family, ratio=ratio, layout=layout, seed=seed)
-    data = load_dataset(data_name, data_dir)
-    result = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=not as_json)
-    accuracy = evaluate(model, data.test_x, data.test_y)
-    summary = {"model": model_name, "data": data.describe(), "test_accuracy": accuracy, "training": result.as_dict(),
-               "generated": {"family": family, "ratio": ratio, "layout": layout, "layers": layers} if family else None,
-               "params": sum(p.numel() for p in model.parameters()), "checkpoint": str(output)}
-    save_checkpoint(output, model, {"inputs": _inputs_extra(data), "dataset": data.name, "test_accuracy": accuracy,
-                                    "training": result.as_dict(), "zoo": model_name})
+    outcome = train_checkpoint(model_name, output, data_name, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
+                               seed=seed, family=family, ratio=ratio, layout=layout, layers=layers, progress=not as_json)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(outcome.summary(), indent=2))
     else:
-        click.echo(f"{model_name} on {data.name}: test accuracy {100 * accuracy:.2f}% after {epochs} epoch(s) "
-                   f"({result.seconds:.0f} s, {summary['params']:,} parameters); wrote {output}")
-
-
-def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, seed: int, quiet: bool):
-    from adntn_deploy.checkpoint import load_checkpoint
-    from adntn_deploy.models.zoo import ZOO, build_model
-    from adntn_deploy.training import train
-
-    path = Path(model_arg)
-    if path.is_file():
-        return load_checkpoint(path), f"checkpoint {path}"
-    if model_arg not in ZOO:
-        raise click.ClickException(
-            f"--model {model_arg!r} is neither a checkpoint file nor a zoo model ({', '.join(ZOO)}): "
-            "pass a checkpoint written by 'adntn-deploy train' or a zoo name"
-        )
-    if not quiet:
-        click.echo(f"no checkpoint given: training a dense {model_arg} for {dense_epochs} epoch(s) first", err=True)
-    model = build_model(model_arg, data.num_classes, seed)
-    train(model, data, epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not quiet)
-    return model, f"zoo {model_arg} trained {dense_epochs} epoch(s)"
+        click.echo(f"{model_name} on {outcome.data.name}: test accuracy {100 * outcome.test_accuracy:.2f}% after {epochs} "
+                   f"epoch(s) ({outcome.training.seconds:.0f} s, {outcome.params:,} parameters); wrote {output}")
 
 
 @click.command("compress")
@@ -133,47 +93,23 @@ def _load_or_train(model_arg: str, data, dense_epochs: int, batch_size: int, see
 def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mode, mixing, activation, fit_steps, epochs, scope,
                      lr, core_lr, warmup, calibrate, distill, distill_temperature, distill_weight, match_layers, dense_epochs, output, data_name, data_dir, batch_size, seed, as_json):
     """Replace layers of a trained model by generators fitted to their weights, fine-tune, report accuracy."""
-    from tqdm import tqdm
-
-    from adntn_deploy.checkpoint import save_checkpoint
-    from adntn_deploy.compression import compress
-    from adntn_deploy.data import load_dataset
-    from adntn_deploy.training import Distillation, evaluate, finetune
+    from adntn_deploy.workflows import compress_checkpoint
 
     if (bond_dim is None) == (ratio is None):
         raise click.UsageError("give exactly one of --bond-dim N or --ratio R")
-    _guard_output(output, Path(model_arg))
-    data = load_dataset(data_name, data_dir)
-    dense, source = _load_or_train(model_arg, data, dense_epochs, batch_size, seed, as_json)
-    dense_acc = evaluate(dense, data.test_x, data.test_y)
-    teacher = Distillation(dense, distill_temperature, distill_weight, match_layers) if distill else None
-    options = {"max_mode": max_mode} if bond_dim is not None else {}
-    if mixing:
-        options["mixing"] = True
-    bar = tqdm(desc="fit cores", unit="step", disable=True if as_json else None, leave=False)
-    start = time.perf_counter()
-
-    def progress(layer: str, step: int, total: int) -> None:
-        bar.set_postfix(layer=layer)
-        bar.update(1)
-
-    model, report = compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, layout=layout, activation=activation,
-                             fit_steps=fit_steps, seed=seed, progress=progress,
-                             calibration=data.train_x[:calibrate] if calibrate > 0 else None, **options)
-    bar.close()
-    tuned = finetune(model, data, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr,
-                     warmup=warmup, seed=seed, progress=not as_json, distill=teacher) if epochs > 0 else None
-    accuracy = evaluate(model, data.test_x, data.test_y)
-    summary = {"source": source, "data": data.describe(), "dense_accuracy": dense_acc, "accuracy": accuracy,
-               "compression": report.as_dict(), "finetune": tuned.as_dict() if tuned else None,
-               "seconds": time.perf_counter() - start, "checkpoint": str(output)}
-    save_checkpoint(output, model, {"inputs": _inputs_extra(data), "dataset": data.name, "dense_accuracy": dense_acc,
-                                    "test_accuracy": accuracy, "compression": report.as_dict()})
+    outcome = compress_checkpoint(
+        model_arg, output, data_name, data_dir=data_dir, layers=layers, family=family, bond_dim=bond_dim, ratio=ratio,
+        layout=layout, max_mode=max_mode, mixing=mixing, activation=activation, fit_steps=fit_steps, calibrate=calibrate,
+        epochs=epochs, scope=scope, lr=lr, core_lr=core_lr, warmup=warmup, distill=distill,
+        distill_temperature=distill_temperature, distill_weight=distill_weight, match_layers=match_layers,
+        dense_epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not as_json, notes=_say(as_json),
+    )
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(outcome.summary(), indent=2))
         return
     from adntn_deploy.reporting import render_table
 
+    report, dense_acc, accuracy = outcome.report, outcome.dense_accuracy, outcome.accuracy
     rows = [[r.name, r.kind, "x".join(map(str, r.weight_shape)), family,
              f"{r.spec.get('layout', 'split')}, bond {r.spec['bond_dim']}, max_mode {r.spec['max_mode']}"
              f"{', shared' if r.spec['share'] else ''}",

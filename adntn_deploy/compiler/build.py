@@ -75,9 +75,9 @@ def compile_model(
     """
     say = progress or (lambda message: None)
     if weights not in WEIGHT_MODES:
-        raise CompileError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
+        raise CompileError(f"weights= must be one of {', '.join(WEIGHT_MODES)}, not {weights!r}")
     if not 0 <= opt_level <= 3:
-        raise CompileError(f"--opt-level must be 0..3, not {opt_level}")
+        raise CompileError(f"opt_level= must be 0..3, not {opt_level}")
     from adntn_deploy.outputs import check_replaceable, refuse_overwriting_inputs, replace_output_dir, staging_dir
 
     out = Path(output)

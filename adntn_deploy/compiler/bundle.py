@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from adntn_deploy.compiler.artifact import is_artifact_dir, read_manifest
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import CompileError
 from adntn_deploy.outputs import check_replaceable, only_listed, refuse_overwriting_inputs, replace_output_dir, staging_dir
 
 _RUN_SH = """#!/bin/sh
@@ -40,7 +40,7 @@ def make_bundle(artifact: str | os.PathLike, output: str | os.PathLike, cross_co
     manifest and the files it lists are copied from the artifact.
 
     Raises:
-        ArtifactError: the artifact is invalid. GeneratorError: no runner can be built for its
+        ArtifactError: the artifact is invalid. CompileError: no runner can be built for its
             architecture here (missing cross compiler or runtime libraries; the message says how to get them).
         OutputError: ``output`` is, holds or lies inside the artifact, or exists and is not a bundle.
     """
@@ -48,7 +48,7 @@ def make_bundle(artifact: str | os.PathLike, output: str | os.PathLike, cross_co
 
     manifest = read_manifest(artifact)
     if manifest.get("device", "cpu") != "cpu":
-        raise GeneratorError(
+        raise CompileError(
             f"bundles hold the CPU runner; {manifest.get('profile', 'this artifact')} runs on {manifest['device']}: "
             "use the TVM runtime with that device on the board (docs/tvm.md)"
         )

@@ -1,25 +1,20 @@
 """Errors of the TVM stage, one per concern; each message says what is wrong and what to do instead.
 
-They derive from the project's :class:`~adntn_deploy.errors.GeneratorError` so that the CLI reports them
-as one line with exit code 1, like every other error.
+``CompileError`` and ``TuningError`` are the stage classes of :mod:`adntn_deploy.errors` (re-exported here);
+the others refine ``CompileError``. All derive from :class:`~adntn_deploy.errors.AdntnError`, so the CLI
+reports them as one line with exit code 1, like every other error.
 """
 
 from __future__ import annotations
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import CompileError, TuningError
+
+__all__ = ["ArtifactError", "CompileError", "StreamCompileError", "TuningError"]
 
 
-class CompileError(GeneratorError):
-    """The model could not be imported into TVM or built for the target; the message says why."""
-
-
-class StreamCompileError(GeneratorError):
+class StreamCompileError(CompileError):
     """A streamed kernel cannot be built for this target; the message says what to do instead."""
 
 
-class TuningError(GeneratorError):
-    """Tuning could not run (bad options, unreachable tracker, broken database)."""
-
-
-class ArtifactError(GeneratorError):
+class ArtifactError(CompileError):
     """An artifact is missing, tampered with, or built for another machine."""

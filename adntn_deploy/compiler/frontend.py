@@ -23,7 +23,7 @@ import numpy as np
 
 from adntn_deploy.compiler.artifact import LIFTED_MODES
 from adntn_deploy.compiler.errors import CompileError, StreamCompileError
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 
 def _sanitize_initializer_names(model) -> None:
@@ -96,14 +96,14 @@ def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, 
         if inp.name in overrides:
             given = list(overrides[inp.name])
             if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
-                raise CompileError(f"--input-shape {inp.name}:{given} does not fit the model's input shape {dims}")
+                raise CompileError(f"input_shapes= {inp.name}:{given} does not fit the model's input shape {dims}")
             dims = given
         shapes[inp.name] = [d if d is not None else 1 for d in dims]  # symbolic axes (batch) default to 1
         itemsize = np.dtype(_ONNX_DTYPES.get(inp.type.tensor_type.elem_type, "float32")).itemsize
         check_tensor(f"input {inp.name!r}", shapes[inp.name], itemsize)  # before TVM plans buffers for it
     unknown = sorted(set(overrides) - set(shapes))
     if unknown:
-        raise CompileError(f"--input-shape names {unknown}, but the model's inputs are {sorted(shapes)}")
+        raise CompileError(f"input_shapes= names {unknown}, but the model's inputs are {sorted(shapes)}")
     return shapes
 
 
@@ -199,7 +199,7 @@ def import_model(
     try:
         with onnx_streamed_ops():
             mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=lifted)
-    except GeneratorError:
+    except AdntnError:  # our own converters' errors (StreamCompileError, ...) pass through as they are
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import CompileError
 
 PROFILE_DIR_ENV = "ADNTN_TARGETS_DIR"
 
 
-class ProfileError(GeneratorError):
+class ProfileError(CompileError):
     """An unknown or malformed device profile, or a missing toolchain."""
 
 
@@ -110,7 +110,7 @@ def get_profile(name: str) -> DeviceProfile:
 
 
 def resolve_target(spec: str) -> DeviceProfile:
-    """Turn ``--target`` into a profile: a profile name, a TVM target tag, or a JSON target dict.
+    """Turn ``target`` (``--target``) into a profile: a profile name, a TVM target tag, or a JSON target dict.
 
     Raises:
         ProfileError: none of the three forms matches, or the JSON is invalid.
@@ -120,7 +120,7 @@ def resolve_target(spec: str) -> DeviceProfile:
         try:
             target = json.loads(spec)
         except json.JSONDecodeError as exc:
-            raise ProfileError(f"--target JSON is invalid: {exc}") from None
+            raise ProfileError(f"target= JSON is invalid: {exc}") from None
         return _profile_for_target("custom", target, f"custom target {spec}")
     profiles = {p.name: p for p in list_profiles()}
     if spec in profiles:
@@ -196,6 +196,6 @@ def require_cross_compiler(profile: DeviceProfile, override: str | None = None) 
         package = profile.cross_compiler_package or "the matching g++ cross compiler"
         raise ProfileError(
             f"cross compiler {compiler.split()[0]} not found for target {profile.name}: apt-get install {package}"
-            " (or pass --cross-compiler)"
+            " (or pass cross_compiler=)"
         )
     return compiler

@@ -29,7 +29,7 @@ from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import require_cross_compiler, resolve_target
 from adntn_deploy.compiler.target import configure_threads, tvm_target
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 
 _TENSOR_INTRIN = "tvm.s_tir.tensor_intrin"
@@ -275,16 +275,16 @@ def tune_model(
     from adntn_deploy.compiler.schedules import fuse_kernels, register_schedule_rules
 
     if trials < 1:
-        raise TuningError("--trials must be at least 1")
+        raise TuningError("trials= must be at least 1")
     if bool(rpc_tracker) != bool(rpc_key):
-        raise TuningError("--rpc-tracker and --rpc-key go together")
+        raise TuningError("rpc_tracker= and rpc_key= go together")
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
     if compiler and not rpc_tracker:
         raise TuningError(f"{profile.name} runs on {profile.arch}: tune on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
     tvm_tgt = tvm_target(profile)
     if weights not in LIFTED_MODES:
-        raise TuningError(f"--weights must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
+        raise TuningError(f"weights= must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     register_schedule_rules()
     register_tensor_intrinsics(tvm_tgt)
     verbose = bool(os.environ.get("ADNTN_TUNE_VERBOSE"))
@@ -300,7 +300,7 @@ def tune_model(
     if rpc_tracker:
         host, _, port = rpc_tracker.rpartition(":")
         if not host or not port.isdigit():
-            raise TuningError(f"--rpc-tracker must be HOST:PORT, not {rpc_tracker!r}")
+            raise TuningError(f"rpc_tracker= must be HOST:PORT, not {rpc_tracker!r}")
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
                                      session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(config, max_workers=1)  # one server serves one session at a time
@@ -351,7 +351,7 @@ def tune_model(
         with native.capture():
             defaults, default_notes = record_default_schedules(contexts, tvm_tgt, builder, runner, staging)
         publish(staging, records)
-    except GeneratorError:
+    except AdntnError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -33,7 +33,7 @@ VALIDATION_SIZE = 5_000
 SPLIT_SEED = 20_260_606  # fixed: the validation split never changes between runs or machines
 
 
-class DataError(GeneratorError):
+class DataError(AdntnError):
     """A dataset is missing, unreadable or unknown."""
 
 

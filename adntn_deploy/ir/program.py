@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError, GeneratorError
 from adntn_deploy.ir.activations import get_activation
 
 __all__ = ["Core", "GeneratorError", "GeneratorIR", "GeneratorReport", "Step"]
@@ -317,6 +317,8 @@ class GeneratorIR:
             data = loads_bounded(text, what="generator IR")
         except GeneratorError:
             raise
+        except AdntnError as exc:  # safejson's JsonLimitError: reported as the IR's own error, same message
+            raise GeneratorError(str(exc)) from None
         except ValueError as exc:  # json's own limits, e.g. an integer of more than 4,300 digits
             raise GeneratorError(f"generator IR is not valid JSON: {str(exc)[:120]}") from None
         return cls.from_dict(data)

@@ -23,16 +23,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ExportError
 from adntn_deploy.ir.program import GeneratorIR
 from adntn_deploy.onnx_export.lowering import body_signature, lower_program
 from adntn_deploy.onnx_export.schema import DOMAIN, DOMAIN_VERSION, FAMILY_OPS, METADATA_KEY, register_schemas
 
 DEFAULT_OPSET = 18
-
-
-class ExportError(GeneratorError):
-    """The model could not be exported; the message says why and what to change."""
 
 
 @dataclass
@@ -237,7 +233,7 @@ def export_onnx(
     if not 13 <= opset <= 23:
         raise ExportError(f"opset {opset} is not supported: use 13..23 (default {DEFAULT_OPSET})")
     if dynamic_batch and any(getattr(x, "shape", (0,))[0] < 2 for x in example_inputs):
-        raise ExportError("--dynamic-batch needs example inputs with batch >= 2 (torch specialises batch 1)")
+        raise ExportError("dynamic_batch= needs example inputs with batch >= 2 (torch specialises batch 1)")
     register_schemas()
     names = list(input_names or [f"input{k}" for k in range(len(example_inputs))])
     if len(names) != len(example_inputs):

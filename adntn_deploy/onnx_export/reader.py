@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ExportError, GeneratorError
 from adntn_deploy.ir.program import GeneratorIR
 from adntn_deploy.onnx_export.schema import (
     DOMAIN,
@@ -18,7 +18,7 @@ from adntn_deploy.onnx_export.schema import (
 )
 
 
-class OnnxModelError(GeneratorError):
+class OnnxModelError(ExportError):
     """An ONNX file is unreadable, malformed, or holds an ai.adntn node this version cannot run."""
 
 

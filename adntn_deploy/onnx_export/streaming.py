@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ExportError, GeneratorError
 from adntn_deploy.ir.kron import KroneckerSplit, kronecker_split
 from adntn_deploy.ir.split import Factor, SplitGenerator, split_generator
 from adntn_deploy.onnx_export import stream_forms
@@ -37,7 +37,7 @@ POLICIES = ("all", "auto")
 RUNTIMES = ("tvm", "onnx")
 
 
-class StreamError(GeneratorError):
+class StreamError(ExportError):
     """A generated layer cannot be streamed; the message names the layer and what to do instead."""
 
 

@@ -1,12 +1,18 @@
-"""Predictors: one interface (``inputs``, ``outputs``, ``run``) over ONNX Runtime (:mod:`.ort`) and the TVM runtime (:mod:`.tvm`)."""
+"""Predictors: one interface (``inputs``, ``outputs``, ``run``) over ONNX Runtime (:mod:`.ort`) and the TVM runtime (:mod:`.tvm`).
+
+Also: :func:`benchmark` (time a predictor, :mod:`.timing`) and :func:`load_feeds` / :func:`read_npz`
+(its inputs, :mod:`.feeds`).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import InferenceError
 from adntn_deploy.runtime.base import InputError, TensorInfo, validate_feeds
+from adntn_deploy.runtime.feeds import load_feeds, read_npz
+from adntn_deploy.runtime.timing import Timing, benchmark
 
 BACKENDS = ("ort", "tvm")
 
@@ -19,7 +25,8 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
     ONNX Runtime; ``device_id`` for TVM).
 
     Raises:
-        GeneratorError: unknown backend, or a file no backend can open.
+        InferenceError: unknown backend, or a path whose runtime cannot be told (pass ``backend=``).
+        OnnxModelError (an ExportError) / ArtifactError (a CompileError): a file the runtime cannot open.
     """
     path = Path(path)
     if backend is None:
@@ -28,7 +35,7 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
         elif path.is_dir() and (path / "manifest.json").exists():
             backend = "tvm"
         else:
-            raise GeneratorError(f"cannot tell which runtime opens {path}: pass backend= one of {', '.join(BACKENDS)}")
+            raise InferenceError(f"cannot tell which runtime opens {path}: pass backend= one of {', '.join(BACKENDS)}")
     if backend == "ort":
         from adntn_deploy.runtime.ort import OrtPredictor
 
@@ -37,7 +44,8 @@ def load(path: str | os.PathLike, backend: str | None = None, **options):
         from adntn_deploy.runtime.tvm import TvmPredictor
 
         return TvmPredictor(path, **options)
-    raise GeneratorError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    raise InferenceError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "InputError", "TensorInfo", "load", "validate_feeds"]
+__all__ = ["BACKENDS", "InferenceError", "InputError", "TensorInfo", "Timing", "benchmark", "load", "load_feeds",
+           "read_npz", "validate_feeds"]

@@ -7,10 +7,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import InferenceError
 
 
-class InputError(GeneratorError):
+class InputError(InferenceError):
     """Inputs given to a predictor do not match the model (names, shapes or dtypes)."""
 
 

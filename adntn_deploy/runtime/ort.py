@@ -41,6 +41,7 @@ class OrtPredictor:
     Raises:
         OnnxModelError: the file is unreadable, malformed or holds an unknown ai.adntn op or version.
         LimitError: its generated weights exceed the memory limit (:mod:`adntn_deploy.limits`).
+        InferenceError: an execution provider this onnxruntime does not have.
     """
 
     backend = "ort"
@@ -54,6 +55,7 @@ class OrtPredictor:
     ) -> None:
         import onnxruntime as ort
 
+        from adntn_deploy.errors import InferenceError
         from adntn_deploy.limits import cap_threads, check_generators
         from adntn_deploy.onnx_export.reader import OnnxModelError, find_generators, load_onnx
         from adntn_deploy.onnx_export.streaming import resident_weight_bytes
@@ -70,7 +72,7 @@ class OrtPredictor:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         unknown = [p for p in providers if p not in available]
         if unknown:
-            raise OnnxModelError(f"execution provider(s) {unknown} are not in this onnxruntime; available: {available}")
+            raise InferenceError(f"providers= {unknown} are not in this onnxruntime; available: {available}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.threads = cap_threads(intra_op_threads, "intra-op threads") if intra_op_threads else default_threads()

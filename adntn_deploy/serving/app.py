@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from adntn_deploy.version import __version__
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import AdntnError, ServingError
 from adntn_deploy.serving.protocol import (
     HEADER_LENGTH, DEFAULT_MAX_DEPTH, ProtocolError, datatype_of, decode_request, encode_response_parts,
 )
@@ -102,7 +102,7 @@ def load_models(config: ServeConfig) -> dict[str, dict[str, LoadedModel]]:
     """Load every model version under ``config.path``; {name: {version: LoadedModel}}.
 
     Raises:
-        GeneratorError: nothing servable, or a model that fails to load (the message names it).
+        ServingError: nothing servable, or a model that fails to load (the message names it).
     """
     from adntn_deploy.runtime import load
 
@@ -110,10 +110,10 @@ def load_models(config: ServeConfig) -> dict[str, dict[str, LoadedModel]]:
     for entry in discover(config.path, config.backend):
         try:
             predictor = load(entry.path, backend=entry.backend)
-        except GeneratorError as exc:
-            raise GeneratorError(f"model {entry.name} version {entry.version}: {exc}") from None
+        except AdntnError as exc:
+            raise ServingError(f"model {entry.name} version {entry.version}: {exc}") from None
         except Exception as exc:  # a runtime's own error (allocation, native loader): one line, not a traceback
-            raise GeneratorError(f"model {entry.name} version {entry.version}: cannot load {entry.path}: "
+            raise ServingError(f"model {entry.name} version {entry.version}: cannot load {entry.path}: "
                                  f"{_first_line(exc)}") from None
         if config.warmup:
             warm_up(entry, predictor)
@@ -134,14 +134,14 @@ def warm_up(entry: ModelEntry, predictor: Any) -> None:
     every run fails to allocate it); serving it would report ready and answer 500 for ever.
 
     Raises:
-        GeneratorError: the call failed; the message names the model and the ``--no-warmup`` escape.
+        ServingError: the call failed; the message names the model and the ``--no-warmup`` escape.
     """
     feeds = {i.name: np.zeros(tuple(d if isinstance(d, int) and d >= 0 else 1 for d in i.shape), dtype=i.dtype)
              for i in predictor.inputs}
     try:
         predictor.run(feeds)
     except Exception as exc:
-        raise GeneratorError(
+        raise ServingError(
             f"model {entry.name} version {entry.version} ({entry.path}) loads but cannot run: a warm-up call on "
             f"zeros of its input shapes failed: {_first_line(exc)}; fix the model (or pass --no-warmup to serve it anyway)"
         ) from None
@@ -254,7 +254,7 @@ def create_app(config: ServeConfig):
     """The ASGI app serving ``config`` (models are loaded and warmed up now, before the first request).
 
     Raises:
-        GeneratorError: see :func:`load_models`.
+        ServingError: see :func:`load_models`.
     """
     import anyio
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -394,7 +394,7 @@ def create_app(config: ServeConfig):
             return error(499, "the client disconnected")  # never sent; 499 (nginx's code) marks it in the log
         except ProtocolError as exc:  # bad requests (400, 408, 413) and outputs JSON cannot carry (422)
             return error(exc.status, str(exc), close=exc.status == 408)
-        except GeneratorError as exc:  # the predictor's InputError: names, shapes, dtypes
+        except AdntnError as exc:  # the predictor's InputError (names, shapes, dtypes), a LimitError
             return error(400, str(exc))
         except (BrokenProcessPool, MemoryError):
             log.error(json.dumps({"ts": round(time.time(), 3), "path": request.url.path,

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ServingError
 from adntn_deploy.safejson import nesting_depth
 
 DATATYPES: dict[str, np.dtype] = {
@@ -41,7 +41,7 @@ _JSON_NAMES = {str: "strings", dict: "objects", type(None): "nulls", bool: "true
                int: "integers", list: "lists"}
 
 
-class ProtocolError(GeneratorError):
+class ProtocolError(ServingError):
     """A request that does not follow the protocol or does not fit the model (HTTP ``status``, 400)."""
 
     status = 400

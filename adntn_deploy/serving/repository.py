@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ServingError
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,14 @@ def _entry_for(path: Path, name: str, version: str, backend: str | None) -> Mode
 
 
 def discover(path: str | Path, backend: str | None = None) -> list[ModelEntry]:
-    """Every model version under ``path``; GeneratorError when nothing servable is found."""
+    """Every model version under ``path`` (a file, an artifact folder or a model repository).
+
+    Raises:
+        ServingError: ``path`` does not exist, or holds nothing servable.
+    """
     root = Path(path)
     if not root.exists():
-        raise GeneratorError(f"{root} does not exist: give an .onnx file, a compiled artifact or a model repository")
+        raise ServingError(f"{root} does not exist: give an .onnx file, a compiled artifact or a model repository")
     single = _entry_for(root, root.stem if root.is_file() else root.name, "1", backend)
     if single is not None:
         return [single]
@@ -50,7 +54,7 @@ def discover(path: str | Path, backend: str | None = None) -> list[ModelEntry]:
                 if entry is not None:
                     entries.append(entry)
     if not entries:
-        raise GeneratorError(
+        raise ServingError(
             f"no servable model in {root}: expected model.onnx, an artifact, or REPO/<name>/<version>/model.onnx"
         )
     return entries

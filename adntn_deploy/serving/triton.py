@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import ServingError
 from adntn_deploy.outputs import OutputError, refuse_overwriting_inputs, replace_output_dir, staging_dir
 
 _TRITON_TYPES = {1: "TYPE_FP32", 11: "TYPE_FP64", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32",
@@ -25,7 +25,7 @@ def _tensors(values) -> list[tuple[str, str, list[int | None]]]:
     for v in values:
         tensor = v.type.tensor_type
         if tensor.elem_type not in _TRITON_TYPES:
-            raise GeneratorError(f"tensor {v.name!r} has an element type Triton's config cannot describe here")
+            raise ServingError(f"tensor {v.name!r} has an element type Triton's config cannot describe here")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         out.append((v.name, _TRITON_TYPES[tensor.elem_type], dims))
     return out
@@ -57,7 +57,8 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
     and version folders, and its config.pbtxt must be the one this model needs (it is written when missing).
 
     Raises:
-        OnnxModelError: the ONNX file is invalid. GeneratorError: a name with a path separator.
+        OnnxModelError: the ONNX file is invalid. ServingError: a name with a path separator, or a tensor
+            type Triton's config cannot describe.
         OutputError: the model's folder already holds that version, holds files this tool did not write,
             or has a different config.pbtxt.
     """
@@ -70,7 +71,7 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
     proto = load_onnx(source)
     name = name or source.stem
     if "/" in name or name.startswith("."):
-        raise GeneratorError(f"model name {name!r} must be a plain folder name")
+        raise ServingError(f"name= {name!r} must be a plain folder name")
     if any(o.domain == "ai.adntn" for o in proto.opset_import):
         proto = to_standard_ops(proto)
     onnx.checker.check_model(proto)
@@ -81,9 +82,9 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
     config = config_pbtxt(name, inputs, outputs, max_batch_size if batched else 0)
     folder = Path(repository) / name
     version_dir = folder / str(version)
-    refuse_overwriting_inputs(version_dir, source)
+    refuse_overwriting_inputs(version_dir, source, option="repository=")
     if os.path.lexists(version_dir):
-        raise OutputError(f"{version_dir} exists; give another --version or a new repository")
+        raise OutputError(f"{version_dir} exists; give another version= or a new repository")
     existing = os.path.lexists(folder)
     if existing:
         _check_model_folder(folder, config)
@@ -96,11 +97,11 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
         for path in (staging, *staging.rglob("*")):
             path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp makes 0700, mkstemp 0600
         if existing:
-            replace_output_dir(staging, version_dir, lambda _: False, option="--version", what="a model version")
+            replace_output_dir(staging, version_dir, lambda _: False, option="version=", what="a model version")
             if not (folder / "config.pbtxt").exists():
                 _write_new_file(folder / "config.pbtxt", config)
         else:
-            replace_output_dir(staging, folder, lambda _: False, option="--name", what="a model folder")
+            replace_output_dir(staging, folder, lambda _: False, option="name=", what="a model folder")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,15 +116,15 @@ def _check_model_folder(folder: Path, config: str) -> None:
             folders, or its config.pbtxt differs from ``config`` (another model, other options, or edited).
     """
     if folder.is_symlink() or not folder.is_dir():
-        raise OutputError(f"{folder} exists and is not a model folder; choose another --name or -o")
+        raise OutputError(f"{folder} exists and is not a model folder; choose another name= or repository=")
     for entry in folder.iterdir():
         if entry.is_symlink() or not (entry.name == "config.pbtxt" and entry.is_file()
                                       or entry.name.isdigit() and entry.is_dir()):
-            raise OutputError(f"{folder} holds {entry.name!r}, which this tool did not write; choose another --name or -o")
+            raise OutputError(f"{folder} holds {entry.name!r}, which this tool did not write; choose another name= or repository=")
     current = folder / "config.pbtxt"
     if current.exists() and current.read_text(errors="replace") != config:
         raise OutputError(f"{current} differs from the one this model needs (another model, other options, or edited "
-                          "by hand) and is not overwritten; choose another --name or -o")
+                          "by hand) and is not overwritten; choose another name= or repository=")
 
 
 def _write_new_file(path: Path, text: str) -> None:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from adntn_deploy.errors import GeneratorError
+from adntn_deploy.errors import CompileError
 
 __all__ = ["RUNTIME_LIBS", "SOURCE", "build_runner", "run_with_qemu", "runtime_libs_dir"]
 
@@ -36,7 +36,7 @@ def _package_dir(name: str) -> Path:
     """The folder of an installed package, found without importing it (importing tvm takes seconds)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise GeneratorError(
+        raise CompileError(
             f"Python package '{name}' is not installed; install it with "
             "pip install 'apache-tvm[all]==0.27.0.post1' 'apache-tvm-ffi==0.1.14.post1'"
         )
@@ -51,7 +51,7 @@ def _host_libs() -> dict[str, Path]:
     }
     for name, path in libs.items():
         if not path.is_file():
-            raise GeneratorError(f"{name} not found at {path}; reinstall apache-tvm==0.27.0.post1 / apache-tvm-ffi==0.1.14.post1")
+            raise CompileError(f"{name} not found at {path}; reinstall apache-tvm==0.27.0.post1 / apache-tvm-ffi==0.1.14.post1")
     return libs
 
 
@@ -59,7 +59,7 @@ def _include_dirs() -> list[Path]:
     """Header folders for the runner: tvm_ffi's (which also holds dlpack) and tvm's."""
     dirs = [_package_dir("tvm_ffi") / "include", _package_dir("tvm") / "include"]
     if not (dirs[0] / "tvm" / "ffi" / "extra" / "module.h").is_file():
-        raise GeneratorError(f"tvm_ffi headers not found under {dirs[0]}; reinstall apache-tvm-ffi==0.1.14.post1")
+        raise CompileError(f"tvm_ffi headers not found under {dirs[0]}; reinstall apache-tvm-ffi==0.1.14.post1")
     return [d for d in dirs if d.is_dir()]
 
 
@@ -71,7 +71,7 @@ def runtime_libs_dir(arch: str) -> Path:
     runtime yourself, see README.md here).
 
     Raises:
-        GeneratorError: either library is missing there; the message says how to fetch them.
+        CompileError: either library is missing there; the message says how to fetch them.
     """
     env = os.environ.get("ADNTN_EDGE_RUNTIME_DIR")
     folder = Path(env) if env else _REPO / ".cache" / "edge-runtime" / arch
@@ -82,7 +82,7 @@ def runtime_libs_dir(arch: str) -> Path:
             if arch == "aarch64"
             else "build the TVM runtime for it (adntn_deploy/compiler/runner/README.md) and set ADNTN_EDGE_RUNTIME_DIR"
         )
-        raise GeneratorError(f"{', '.join(missing)} for {arch} not found in {folder}; {fix}")
+        raise CompileError(f"{', '.join(missing)} for {arch} not found in {folder}; {fix}")
     return folder
 
 
@@ -99,7 +99,7 @@ def build_runner(arch: str, out_dir: Path, cross_compiler: str | None = None) ->
         The path of the binary, ``out_dir / "adntn-runner"``.
 
     Raises:
-        GeneratorError: unknown arch, compiler not installed (names the Debian package), runtime libraries
+        CompileError: unknown arch, compiler not installed (names the Debian package), runtime libraries
             or headers missing, or the compilation failed (with the compiler's last lines).
     """
     out_dir = Path(out_dir)
@@ -111,9 +111,9 @@ def build_runner(arch: str, out_dir: Path, cross_compiler: str | None = None) ->
         folder = runtime_libs_dir(arch)
         libs = {name: folder / name for name in RUNTIME_LIBS}
     else:
-        raise GeneratorError(f"unknown runner arch '{arch}'; use one of x86_64, {', '.join(_TOOLCHAINS)}")
+        raise CompileError(f"unknown runner arch '{arch}'; use one of x86_64, {', '.join(_TOOLCHAINS)}")
     if shutil.which(cxx) is None:
-        raise GeneratorError(f"C++ compiler '{cxx}' not found; install it with apt-get install {package}")
+        raise CompileError(f"C++ compiler '{cxx}' not found; install it with apt-get install {package}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, path in libs.items():
@@ -128,7 +128,7 @@ def build_runner(arch: str, out_dir: Path, cross_compiler: str | None = None) ->
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise GeneratorError(f"building adntn-runner for {arch} failed ({' '.join(cmd)}):\n{tail}")
+        raise CompileError(f"building adntn-runner for {arch} failed ({' '.join(cmd)}):\n{tail}")
     return binary
 
 
@@ -140,13 +140,13 @@ def run_with_qemu(binary: Path, args: list[str], arch: str = "aarch64") -> subpr
     status is not checked. Timings under qemu say nothing about real boards; use it to check correctness.
 
     Raises:
-        GeneratorError: unknown arch, or the qemu binary is not installed (package qemu-user).
+        CompileError: unknown arch, or the qemu binary is not installed (package qemu-user).
     """
     if arch not in _TOOLCHAINS:
-        raise GeneratorError(f"no qemu setup for arch '{arch}'; use one of {', '.join(_TOOLCHAINS)}")
+        raise CompileError(f"no qemu setup for arch '{arch}'; use one of {', '.join(_TOOLCHAINS)}")
     _, _, qemu, sysroot = _TOOLCHAINS[arch]
     if shutil.which(qemu) is None:
-        raise GeneratorError(f"{qemu} not found; install it with apt-get install qemu-user")
+        raise CompileError(f"{qemu} not found; install it with apt-get install qemu-user")
     binary = Path(binary).resolve()
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = str(binary.parent)

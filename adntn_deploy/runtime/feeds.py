@@ -1,0 +1,78 @@
+"""Inputs for a predictor: arrays read from an ``.npz`` file (checked before they are read), or random ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adntn_deploy.errors import AdntnError
+from adntn_deploy.runtime.base import InputError
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, each array's declared shape and dtype checked before it is read.
+
+    Refuses Python objects (no pickle) and arrays above the memory limit: a small compressed .npz can
+    declare terabytes.
+
+    Raises:
+        InputError: not a readable .npz, a member that is not an array, or object arrays.
+        LimitError: an array above the limit (:mod:`adntn_deploy.limits`).
+    """
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from adntn_deploy.limits import check_tensor
+
+    path = Path(path)
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename[:-4] if member.filename.endswith(".npy") else None
+                if name is None:
+                    raise ValueError(f"member {member.filename!r} is not a .npy array")
+                with archive.open(member) as f:
+                    version = npy.read_magic(f)
+                    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} holds Python objects, which are never unpickled")
+                check_tensor(f"array {name!r} in {path}", shape, dtype.itemsize)
+                with archive.open(member) as f:
+                    arrays[name] = npy.read_array(f, allow_pickle=False)
+    except AdntnError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read inputs from {path}: {str(exc)[:200]} (write them with numpy.savez)") from None
+    return arrays
+
+
+def load_feeds(predictor: Any, path: str | os.PathLike | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for ``predictor``: the arrays of the .npz at ``path``, or standard-normal random inputs when None.
+
+    Random inputs take each input's declared shape with symbolic axes set to 1 (batch 1) and its dtype,
+    drawn from ``numpy.random.default_rng(seed)``. A .npz holding a single array feeds a model with a
+    single input whatever the array's name (``numpy.savez(path, x)`` names it arr_0). The arrays are not
+    checked against the model here: :meth:`run` does that.
+
+    Raises:
+        InputError: see :func:`read_npz`.
+        LimitError: a declared input or an array above the memory limit (:mod:`adntn_deploy.limits`).
+    """
+    from adntn_deploy.limits import check_tensor
+
+    if path is None:
+        rng = np.random.default_rng(seed)
+        shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in predictor.inputs}
+        for i in predictor.inputs:  # drawn as float64, then cast
+            check_tensor(f"random input {i.name!r}", shapes[i.name], max(8, np.dtype(i.dtype).itemsize))
+        return {i.name: rng.standard_normal(shapes[i.name]).astype(i.dtype) for i in predictor.inputs}
+    arrays = read_npz(path)
+    if len(arrays) == 1 and len(predictor.inputs) == 1:  # a single unnamed array (arr_0) feeds the only input
+        arrays = {predictor.inputs[0].name: next(iter(arrays.values()))}
+    return arrays
