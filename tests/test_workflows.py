@@ -165,6 +165,30 @@ def test_load_feeds_random_and_from_npz(tmp_path):
         read_npz(tmp_path / "bad.npz")
 
 
+def test_run_model_feeds_times_and_saves_in_one_call(tmp_path):
+    """run_model is the whole ``run`` command: open, feed, time, save; a save over an input is refused first."""
+    import torch
+    from torch import nn
+
+    from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.outputs import OutputError
+    from adntn_deploy.runtime.session import run_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "lin.onnx"
+    export_onnx(nn.Linear(3, 2).eval(), [torch.randn(1, 3)], path, input_names=["x"])
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 3), np.float32))
+    result = run_model(path, tmp_path / "in.npz", tmp_path / "out", repeat=3, warmup=0)
+    assert result.backend == "ort" and result.timing.calls == 3 and result.written == tmp_path / "out.npz"
+    (name,) = result.outputs
+    np.testing.assert_array_equal(np.load(result.written)[name], result.outputs[name])
+    assert result.summary()["inputs"] == {"x": [1, 3]} and result.summary()["latency_ms"]["calls"] == 3
+    before = (tmp_path / "in.npz").read_bytes()
+    with pytest.raises(OutputError, match="outputs= .* is the input"):
+        run_model(path, tmp_path / "in.npz", tmp_path / "in.npz")
+    assert (tmp_path / "in.npz").read_bytes() == before
+
+
 def test_inspection_calls(compressed):
     from adntn_deploy.inspection import inspect_targets, preset_rows
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -113,39 +112,22 @@ def stream_decision_line(layer: dict) -> str:
 @max_weight_bytes_option
 def run_command(model, inputs_path, outputs_path, backend, repeat, warmup, threads, seed, as_json):
     """Run MODEL (an .onnx file or a compiled artifact) on inputs from an .npz; report outputs and latency."""
-    from adntn_deploy.outputs import refuse_overwriting_inputs
-    from adntn_deploy.runtime import benchmark, load, load_feeds
+    from adntn_deploy.runtime.session import run_model
 
-    if outputs_path:
-        if outputs_path.suffix != ".npz":  # numpy.savez appends .npz: that is the file written
-            outputs_path = outputs_path.with_name(outputs_path.name + ".npz")
-        refuse_overwriting_inputs(outputs_path, inputs_path, model, option="--outputs")
-    options = {"intra_op_threads": threads} if threads else {}
-    start = time.perf_counter()
-    predictor = load(model, backend=backend, **options)
-    load_seconds = time.perf_counter() - start
-    feeds = load_feeds(predictor, inputs_path, seed)
-    timing = benchmark(predictor, feeds, repeat=max(1, repeat), warmup=max(0, warmup))  # as ever: 0 means the least
-    outputs = timing.outputs
-    if outputs_path:
-        np.savez(outputs_path, **outputs)
-    report = {
-        "model": str(model), "backend": predictor.backend, "threads": predictor.threads, "load_seconds": load_seconds,
-        "inputs": {k: list(v.shape) for k, v in feeds.items()},
-        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
-        "latency_ms": timing.stats(),
-    }
+    result = run_model(model, inputs_path, outputs_path, backend=backend, repeat=max(1, repeat),
+                       warmup=max(0, warmup), threads=threads, seed=seed)  # as ever: 0 means the least
+    report = result.summary()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{model} on {predictor.backend}, {predictor.threads} thread(s) (loaded in {load_seconds:.2f} s)")
-    for name, out in outputs.items():
+    click.echo(f"{model} on {result.backend}, {result.threads} thread(s) (loaded in {result.load_seconds:.2f} s)")
+    for name, out in result.outputs.items():
         click.echo(f"  output {name}: shape {tuple(out.shape)} {out.dtype}")
     lat = report["latency_ms"]
-    if timing.calls > 1:
-        click.echo(f"  latency over {timing.calls} calls: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
+    if result.timing.calls > 1:
+        click.echo(f"  latency over {result.timing.calls} calls: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
                    f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, min {lat['min']:.3f}")
     else:
         click.echo(f"  latency: {lat['mean']:.3f} ms")
-    if outputs_path:
-        click.echo(f"  wrote {outputs_path}")
+    if result.written:
+        click.echo(f"  wrote {result.written}")

@@ -1,7 +1,7 @@
 """Predictors: one interface (``inputs``, ``outputs``, ``run``) over ONNX Runtime (:mod:`.ort`) and the TVM runtime (:mod:`.tvm`).
 
-Also: :func:`benchmark` (time a predictor, :mod:`.timing`) and :func:`load_feeds` / :func:`read_npz`
-(its inputs, :mod:`.feeds`).
+Also: :func:`benchmark` (time a predictor, :mod:`.timing`), :func:`load_feeds` / :func:`read_npz`
+(its inputs, :mod:`.feeds`) and :func:`~.session.run_model` (open, feed, time and save in one call: `adntn-deploy run`).
 """
 
 from __future__ import annotations
