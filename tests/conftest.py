@@ -1,3 +1,10 @@
+"""Shared fixtures: ``rng``, ``onnx_model`` (a small served classifier), ``tiny_onnx`` (a tiny ONNX model per
+family and layer kind), ``free_port`` and ``cli_runner`` (the CLI in this process).
+
+Helpers that code outside a test calls live in modules of this folder (on sys.path): ``tolerance``
+(float32_rtol, relative_error, assert_rel_close, assert_float32_close) and ``processes`` (free_port, stop_group).
+"""
+
 import numpy as np
 import pytest
 import torch
@@ -23,3 +30,128 @@ def onnx_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "clf.onnx"
     export_onnx(model, [torch.randn(2, 16)], path, input_names=["input"], output_names=["logits"], dynamic_batch=True)
     return path
+
+
+@pytest.fixture
+def free_port():
+    """``free_port()`` -> a TCP port on 127.0.0.1 that nothing listens on now, a new one each call
+    (``processes.free_port``, which code outside a test, such as a server class, imports)."""
+    from processes import free_port as pick
+
+    return pick
+
+
+TINY_FAMILIES = ("ttn", "attn", "mera")
+#: input shape (batch 1) of each kind of ``tiny_onnx`` model
+TINY_SHAPES = {"linear": (1, 16), "conv": (1, 3, 6, 6)}
+
+
+def _tiny_module(family, kind):
+    from torch import nn
+
+    from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear
+
+    layer = (ADNTNLinear(16, 8, family=family, bond_dim=2) if kind == "linear"
+             else ADNTNConv2d(3, 4, 3, padding=1, family=family, bond_dim=2))
+    return nn.Sequential(layer, nn.ReLU()).eval()
+
+
+class TinyOnnx:
+    """``tiny_onnx(family, kind)``: the path of a tiny ONNX model (input "input", static batch 1), exported once
+    per session and shared: copy it before changing it. ``tiny_onnx.module(family, kind)`` is the torch module
+    it was exported from (eval mode, seeded: the same weights every session); ``tiny_onnx.shape(kind)`` its
+    input shape.
+
+    linear: ADNTNLinear(16 -> 8, bond 2) + ReLU; conv: ADNTNConv2d(3 -> 4, 3x3, padding 1, bond 2) + ReLU on 6x6.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._modules = {}
+        self._paths = {}
+
+    @staticmethod
+    def _check(family, kind):
+        if family not in TINY_FAMILIES or kind not in TINY_SHAPES:
+            raise ValueError(f"tiny_onnx knows families {TINY_FAMILIES} and kinds {tuple(TINY_SHAPES)}, "
+                             f"not ({family!r}, {kind!r})")
+
+    @staticmethod
+    def shape(kind):
+        return TINY_SHAPES[kind]
+
+    def module(self, family, kind):
+        self._check(family, kind)
+        if (family, kind) not in self._modules:
+            with torch.random.fork_rng():  # seeded without moving the global generator other tests draw from
+                torch.manual_seed(0)
+                self._modules[family, kind] = _tiny_module(family, kind)
+        return self._modules[family, kind]
+
+    def __call__(self, family, kind):
+        self._check(family, kind)
+        if (family, kind) not in self._paths:
+            from adntn_deploy.onnx_export import export_onnx
+
+            path = self.folder / f"tiny-{family}-{kind}.onnx"
+            with torch.random.fork_rng():
+                export_onnx(self.module(family, kind), [torch.randn(*self.shape(kind))], path, input_names=["input"])
+            self._paths[family, kind] = path
+        return self._paths[family, kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """Factory of tiny ONNX models per family (ttn, attn, mera) and layer kind (linear, conv); see :class:`TinyOnnx`."""
+    return TinyOnnx(tmp_path_factory.mktemp("tiny_onnx"))
+
+
+class CliResult:
+    """What an in-process CLI run gave: ``returncode`` (alias ``exit_code``), ``stdout``, ``stderr`` and
+    ``output`` (both, interleaved) -- the attributes tests read from a ``subprocess.CompletedProcess``."""
+
+    def __init__(self, result):
+        self.returncode = self.exit_code = result.exit_code
+        self.stdout, self.stderr, self.output = result.stdout, result.stderr, result.output
+
+    def __repr__(self):
+        return f"CliResult(returncode={self.returncode}, stderr={self.stderr[-500:]!r})"
+
+
+@pytest.fixture
+def cli_runner():
+    """Run ``adntn-deploy ARGS...`` in this process (click's CliRunner): ``cli_runner(*args, env=None)`` -> CliResult.
+
+    For tests of messages, exit codes and output where a real process is not the point; tests of the real
+    binary (signals, crashes, servers, memory, native stderr) keep a subprocess. Arguments are str()-ed;
+    TQDM_DISABLE=1 is set; ``env`` adds variables (None removes one). The process environment is restored
+    afterwards (--max-weight-bytes sets a variable). An exception the CLI does not turn into a one-line error
+    propagates instead of passing as exit code 1.
+    """
+    import os
+
+    from click.testing import CliRunner
+
+    from adntn_deploy.cli.main import cli
+
+    def invoke(*args, env=None):
+        saved = dict(os.environ)
+        try:
+            result = CliRunner().invoke(cli, [str(a) for a in args], env={"TQDM_DISABLE": "1", **(env or {})},
+                                        prog_name="adntn-deploy", catch_exceptions=False)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return CliResult(result)
+
+    return invoke
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the cases marked here must be seen by it
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` the cases of the big end-to-end grids that the default suite leaves out (default_subset.py)."""
+    from default_subset import is_default
+
+    for item in items:
+        if not is_default(item.nodeid):
+            item.add_marker(pytest.mark.slow)

@@ -32,6 +32,8 @@ def test_train_writes_a_checkpoint_that_records_inputs_and_accuracy(dense_ckpt):
     assert info.extra["zoo"] == "mlp" and info.architecture["zoo"] == "mlp"
 
 
+# export of a compressed checkpoint stays in the default suite as tests/test_workflows.py::test_export_checkpoint_*
+@pytest.mark.slow
 def test_compress_then_export(dense_ckpt, tmp_path):
     out = tmp_path / "small.adntn"
     result = json.loads(run("compress", "--model", str(dense_ckpt), "--data", "digits", "--family", "mera", "--ratio", "300",

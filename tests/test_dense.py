@@ -1,8 +1,6 @@
 """Packed dense kernels: which matmuls are rewritten, panel and block choices, and results equal ORT's."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -154,12 +152,11 @@ def test_stream_factors_are_packed(tmp_path):
     assert relative_error(got, expected[name]) < float32_rtol(256)
 
 
-def test_cli_no_prepack(tmp_path):
+def test_cli_no_prepack(tmp_path, cli_runner):
     path = _gemm(tmp_path, 2, 32, 64)
     outputs = {}
     for flag in ("--prepack", "--no-prepack"):
-        proc = subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", "compile", str(path), "--target", "host", "-o",
-                               str(tmp_path / flag), flag, "--json"], capture_output=True, text=True, timeout=600)
+        proc = cli_runner("compile", path, "--target", "host", "-o", tmp_path / flag, flag, "--json")
         assert proc.returncode == 0, proc.stderr
         outputs[flag] = json.loads(proc.stdout)["tuning"]["packed_dense"]
     assert outputs == {"--prepack": 1, "--no-prepack": 0}

@@ -8,7 +8,6 @@ import sys
 import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from torch import nn
 
 from adntn_deploy.errors import (
@@ -174,22 +173,19 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-def test_cli_prints_a_library_error_once_with_its_flags(tmp_path):
+def test_cli_prints_a_library_error_once_with_its_flags(tmp_path, cli_runner):
     from adntn_deploy.checkpoint import save_checkpoint
-    from adntn_deploy.cli.main import cli
 
-    runner = CliRunner()
-    line = _one_error_line(runner.invoke(cli, ["run", str(tmp_path / "model.bin")]))
+    line = _one_error_line(cli_runner("run", tmp_path / "model.bin"))
     assert "cannot tell which runtime opens" in line and "pass --backend one of ort, tvm" in line
-    line = _one_error_line(runner.invoke(cli, ["compile", str(tmp_path / "m.onnx"), "--target", "{bad json", "-o",
-                                               str(tmp_path / "art")]))
+    line = _one_error_line(cli_runner("compile", tmp_path / "m.onnx", "--target", "{bad json", "-o", tmp_path / "art"))
     assert "--target JSON is invalid" in line
     bare = save_checkpoint(tmp_path / "bare.ckpt", nn.Linear(3, 2))  # records no input shape
-    line = _one_error_line(runner.invoke(cli, ["export", str(bare), "-o", str(tmp_path / "b.onnx")]))
+    line = _one_error_line(cli_runner("export", bare, "-o", tmp_path / "b.onnx"))
     assert line.endswith("records no input shape: pass --input-shape NAME:D1,D2,... (e.g. input:1,1,28,28)")
-    line = _one_error_line(runner.invoke(cli, ["export", str(bare), "-o", str(bare)]))
+    line = _one_error_line(cli_runner("export", bare, "-o", bare))
     assert f"-o {bare} is the input" in line and "choose another -o" in line
-    line = _one_error_line(runner.invoke(cli, ["inspect", "no-such-preset-*"]))
+    line = _one_error_line(cli_runner("inspect", "no-such-preset-*"))
     assert "is neither a file nor a preset" in line
 
 
@@ -202,18 +198,13 @@ def test_cli_bad_input_is_one_line_and_exit_1_as_a_process(tmp_path):
     assert lines[0].startswith("Error: cannot tell which runtime opens") and "--backend" in lines[0]
 
 
-def test_debug_mode_is_untouched_for_library_errors(tmp_path, monkeypatch):
+def test_debug_mode_is_untouched_for_library_errors(tmp_path, monkeypatch, cli_runner):
     """ADNTN_DEBUG shows tracebacks of unexpected errors only; the project's own stay one line."""
-    from adntn_deploy.cli.main import cli
-
     monkeypatch.setenv("ADNTN_DEBUG", "1")
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "model.bin")])
-    assert "--backend" in _one_error_line(result)
+    assert "--backend" in _one_error_line(cli_runner("run", tmp_path / "model.bin"))
 
 
-def test_json_output_is_unaffected_by_the_mapping(tmp_path):
-    from adntn_deploy.cli.main import cli
-
-    result = CliRunner().invoke(cli, ["presets", "--json", "--model", "alexnet"])
-    assert result.exit_code == 0 and json.loads(result.output)
-    assert np.all([row["ratio"] > 1 for row in json.loads(result.output)])
+def test_json_output_is_unaffected_by_the_mapping(cli_runner):
+    result = cli_runner("presets", "--json", "--model", "alexnet")
+    assert result.exit_code == 0 and json.loads(result.stdout)
+    assert np.all([row["ratio"] > 1 for row in json.loads(result.stdout)])

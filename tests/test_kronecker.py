@@ -2,8 +2,6 @@
 --weights auto's choices, the stream format check and the resident-weight metric (TVM cases: test_streaming.py)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -192,12 +190,7 @@ def test_a_newer_stream_format_is_refused_with_upgrade_advice(tmp_path):
         load_onnx(tmp_path / "future.onnx")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_cli_export_stream_and_auto(tmp_path):
+def test_cli_export_stream_and_auto(tmp_path, cli_runner):
     torch.manual_seed(0)
     from adntn_deploy.models.sequential import build_sequential
 
@@ -208,14 +201,14 @@ def test_cli_export_stream_and_auto(tmp_path):
     model = build_sequential({"type": "sequential", "layers": [
         linear(64, bond_dim=8, max_mode=16), {"type": "relu"}, linear(10, bond_dim=2, max_mode=4)]})
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", model, {"inputs": [{"name": "x", "shape": [64, 64]}]})
-    done = _cli("export", checkpoint, "-o", tmp_path / "s.onnx", "--stream", "--json")
+    done = cli_runner("export", checkpoint, "-o", tmp_path / "s.onnx", "--stream", "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["stream"] == "on" and [layer["mode"] for layer in summary["streamed"]] == ["stream", "stream"]
-    done = _cli("export", checkpoint, "-o", tmp_path / "a.onnx", "--stream", "auto")
+    done = cli_runner("export", checkpoint, "-o", tmp_path / "a.onnx", "--stream", "auto")
     assert done.returncode == 0, done.stderr
     assert "layer 0: generator kept" in done.stdout and "layer 2: streamed (kronecker, rank 2)" in done.stdout
-    done = _cli("export", checkpoint, "-o", tmp_path / "b.onnx", "--stream", "sometimes")
+    done = cli_runner("export", checkpoint, "-o", tmp_path / "b.onnx", "--stream", "sometimes")
     assert done.returncode == 2 and "sometimes" in done.stderr and not (tmp_path / "b.onnx").exists()
 
 

@@ -1,7 +1,8 @@
-"""Bad ONNX files and bad run-time inputs: one clear line and a non-zero exit, never a deep traceback."""
+"""Bad ONNX files and bad run-time inputs: one clear line and a non-zero exit, never a deep traceback.
 
-import subprocess
-import sys
+The CLI runs in this process (the cli_runner fixture): what is checked is its messages and exit codes; an
+exception it failed to turn into one line would fail the test itself.
+"""
 
 import numpy as np
 import onnx
@@ -24,11 +25,6 @@ def good_model(tmp_path_factory):
     model = nn.Sequential(ADNTNLinear(32, 16, family="mera"), nn.ReLU(), ADNTNLinear(16, 4)).eval()
     export_onnx(model, [torch.randn(2, 32)], path, input_names=["input"], dynamic_batch=True)
     return path
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
 
 
 def _generator_nodes(model):
@@ -67,12 +63,12 @@ def _mutate(model, how):
         ("no-function", "no function body"),
     ],
 )
-def test_invalid_adntn_nodes(tmp_path, good_model, how, message):
+def test_invalid_adntn_nodes(tmp_path, good_model, cli_runner, how, message):
     bad = tmp_path / f"{how}.onnx"
     onnx.save(_mutate(onnx.load(good_model), how), bad)
     with pytest.raises(OnnxModelError, match=message):
         load(bad)
-    proc = cli("run", bad)
+    proc = cli_runner("run", bad)
     assert proc.returncode == 1
     assert message.split(" ")[0] in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -82,7 +78,7 @@ def test_invalid_adntn_nodes(tmp_path, good_model, how, message):
     "content, message",
     [(None, "does not exist"), (b"", "holds no graph"), (b"\x08\x07garbage\xff\xff", "not a valid ONNX file"), ("half", "")],
 )
-def test_unreadable_files(tmp_path, good_model, content, message):
+def test_unreadable_files(tmp_path, good_model, cli_runner, content, message):
     path = tmp_path / "broken.onnx"
     if content == "half":
         path.write_bytes(good_model.read_bytes()[: good_model.stat().st_size // 2])
@@ -91,7 +87,7 @@ def test_unreadable_files(tmp_path, good_model, content, message):
     with pytest.raises(OnnxModelError, match=message):
         load(path)
     for command in ("run", "inspect"):
-        proc = cli(command, path)
+        proc = cli_runner(command, path)
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -112,41 +108,41 @@ def test_bad_runtime_inputs(good_model, feeds, message):
         predictor.run(feeds)
 
 
-def test_cli_run_with_bad_inputs_file(tmp_path, good_model):
+def test_cli_run_with_bad_inputs_file(tmp_path, good_model, cli_runner):
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, input=np.zeros((1, 5), np.float32))
-    proc = cli("run", good_model, "--inputs", wrong)
+    proc = cli_runner("run", good_model, "--inputs", wrong)
     assert proc.returncode == 1 and "expects" in proc.stderr and "Traceback" not in proc.stderr
     notnpz = tmp_path / "x.npz"
     notnpz.write_text("hello")
-    proc = cli("run", good_model, "--inputs", notnpz)
+    proc = cli_runner("run", good_model, "--inputs", notnpz)
     assert proc.returncode == 1 and "cannot read inputs" in proc.stderr
 
 
-def test_cli_export_run_inspect_round_trip(tmp_path):
+def test_cli_export_run_inspect_round_trip(tmp_path, cli_runner):
     model = build_sequential({"type": "sequential", "layers": [
         {"type": "adntn_linear", "in_features": 64, "out_features": 32, "generator": {"family": "attn", "bond_dim": 2}},
         {"type": "relu"}, {"type": "linear", "in_features": 32, "out_features": 3}]})
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, extra={"inputs": [{"name": "input", "shape": [1, 64]}]})
     out = tmp_path / "m.onnx"
-    proc = cli("export", ckpt, "-o", out, "--dynamic-batch", "--output-name", "logits")
+    proc = cli_runner("export", ckpt, "-o", out, "--dynamic-batch", "--output-name", "logits")
     assert proc.returncode == 0, proc.stderr
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     np.savez(tmp_path / "x.npz", input=x)
-    proc = cli("run", out, "--inputs", tmp_path / "x.npz", "--outputs", tmp_path / "y.npz", "--repeat", "5")
+    proc = cli_runner("run", out, "--inputs", tmp_path / "x.npz", "--outputs", tmp_path / "y.npz", "--repeat", "5")
     assert proc.returncode == 0 and "p99" in proc.stdout, proc.stderr
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(x)).numpy()
     got = np.load(tmp_path / "y.npz")["logits"]
     assert relative_error(got, expected) < float32_rtol(64, 32)
-    proc = cli("inspect", out)
+    proc = cli_runner("inspect", out)
     assert proc.returncode == 0 and "attn" in proc.stdout
     # no recorded shape and none given: one clear line
     bare = save_checkpoint(tmp_path / "bare.safetensors", model)
-    proc = cli("export", bare, "-o", tmp_path / "b.onnx")
+    proc = cli_runner("export", bare, "-o", tmp_path / "b.onnx")
     assert proc.returncode == 1 and "--input-shape" in proc.stderr
-    proc = cli("export", bare, "-o", tmp_path / "b.onnx", "--input-shape", "input:1,63")
+    proc = cli_runner("export", bare, "-o", tmp_path / "b.onnx", "--input-shape", "input:1,63")
     assert proc.returncode == 1 and "torch could not export" in proc.stderr and "Traceback" not in proc.stderr
-    proc = cli("export", bare, "-o", tmp_path / "b.onnx", "--input-shape", "input:1,x")
+    proc = cli_runner("export", bare, "-o", tmp_path / "b.onnx", "--input-shape", "input:1,x")
     assert proc.returncode == 2 and "NAME:D1,D2" in proc.stderr
     assert not (tmp_path / "b.onnx").exists()

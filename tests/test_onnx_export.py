@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tolerance import float32_rtol, relative_error
+from tolerance import assert_rel_close, float32_rtol, relative_error
 from adntn_deploy.ir import GeneratorError
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear, ADNTNMultiheadAttention
 from adntn_deploy.onnx_export import DOMAIN, export_onnx, to_standard_ops
@@ -50,10 +50,6 @@ KINDS = {"linear": (linear_model, (48,)), "conv": (conv_model, (3, 12, 12)), "at
 REDUCTIONS = {"linear": (48, 64), "conv": (27, 72, 32), "attention": (32, 8, 6, 32, 32)}
 
 
-def _relative(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _ort_outputs(path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x.numpy()})[0]
@@ -80,7 +76,7 @@ def test_torch_equals_onnxruntime(tmp_path, family, kind, layout):
         x = torch.randn(batch, *shape)
         with torch.no_grad():
             expected = model(x).numpy()
-        assert _relative(_ort_outputs(path, x), expected) < float32_rtol(*REDUCTIONS[kind]), (path.name, batch)
+        assert_rel_close(_ort_outputs(path, x), expected, float32_rtol(*REDUCTIONS[kind]), f"{path.name}, batch {batch}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -131,7 +127,7 @@ def test_predictor_interface_and_threads(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     out = predictor.run({"input": x})
-    assert _relative(out["logits"], expected) < float32_rtol(48, 64)
+    assert_rel_close(out["logits"], expected, float32_rtol(48, 64))
 
     from concurrent.futures import ThreadPoolExecutor
 

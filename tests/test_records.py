@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ from adntn_deploy.compiler.database import default_records, schedules_dir  # noq
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
 
-CLI = [sys.executable, "-m", "adntn_deploy.cli.main"]
 x86_only = pytest.mark.skipif(host_arch() != "x86_64", reason="x86-64 targets compile only on an x86-64 host here")
 
 
@@ -90,12 +87,11 @@ def mlp(tmp_path_factory):
 
 @x86_only
 @pytest.mark.parametrize("target", ["host", '{"kind": "llvm", "mcpu": "znver2", "num-cores": 2}'])
-def test_records_tuned_on_another_cpu_schedule_every_kernel(tmp_path, mlp, target):
+def test_records_tuned_on_another_cpu_schedule_every_kernel(tmp_path, mlp, cli_runner, target):
     expected = host_isa() if target == "host" else "x86-64-avx2"
     if expected is None:
         pytest.skip("this CPU has neither AVX-512 nor AVX2: no shipped records apply to it")
-    proc = subprocess.run([*CLI, "compile", str(mlp), "--target", target, "-o", str(tmp_path / "art"), "--json"],
-                          capture_output=True, text=True)
+    proc = cli_runner("compile", mlp, "--target", target, "-o", tmp_path / "art", "--json")
     assert proc.returncode == 0, proc.stderr
     tuning = json.loads(proc.stdout)["tuning"]
     assert tuning["records_profile"] == expected and expected in tuning["records_note"]
@@ -109,11 +105,10 @@ def test_records_tuned_on_another_cpu_schedule_every_kernel(tmp_path, mlp, targe
     assert relative_error(got[name], want[name]) < float32_rtol(784, 1024, 1024)
 
 
-def test_compile_says_which_records_it_applied(tmp_path, mlp):
-    proc = subprocess.run([*CLI, "compile", str(mlp), "--target", '{"kind": "llvm", "mcpu": "core2"}',
-                           "-o", str(tmp_path / "art")], capture_output=True, text=True)
+def test_compile_says_which_records_it_applied(tmp_path, mlp, cli_runner):
     if host_arch() != "x86_64":
         pytest.skip("an x86-64 JSON target compiles only on an x86-64 host here")
+    proc = cli_runner("compile", mlp, "--target", '{"kind": "llvm", "mcpu": "core2"}', "-o", tmp_path / "art")
     assert proc.returncode == 0, proc.stderr
     assert "untuned (generic schedules: this core2 CPU has none of the instruction sets" in proc.stdout
 

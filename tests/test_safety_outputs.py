@@ -21,10 +21,8 @@ import pytest
 
 pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]'")
 
-import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from torch import nn  # noqa: E402
 
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.compiler.bundle import _RUN_SH, is_bundle_dir, make_bundle  # noqa: E402
@@ -32,8 +30,6 @@ from adntn_deploy.compiler.database import DB_FILES, clean_database, copy_databa
 from adntn_deploy.compiler.errors import TuningError  # noqa: E402
 from adntn_deploy.compiler.artifact import is_artifact_dir, read_manifest  # noqa: E402
 from adntn_deploy.compiler.errors import ArtifactError  # noqa: E402
-from adntn_deploy.nn import ADNTNLinear  # noqa: E402
-from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.outputs import OutputError, refuse_overwriting_inputs, replace_output_dir, staging_dir  # noqa: E402
 from adntn_deploy.safejson import JsonLimitError, loads_bounded, nesting_depth  # noqa: E402
 from adntn_deploy.serving.triton import package_triton  # noqa: E402
@@ -59,16 +55,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return nn.Sequential(ADNTNLinear(16, 8, family="ttn", bond_dim=2), nn.ReLU()).eval()
+def tiny_model(tiny_onnx):
+    return tiny_onnx.module("ttn", "linear")  # ADNTNLinear(16 -> 8) + ReLU
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_model):
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    export_onnx(tiny_model, [torch.randn(1, 16)], path, input_names=["input"])
-    return path
+def tiny(tiny_onnx):
+    return tiny_onnx("ttn", "linear")
 
 
 @pytest.fixture(scope="module")

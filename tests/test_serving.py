@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,8 @@ import numpy as np
 import pytest
 
 from adntn_deploy.runtime import load
-from processes import stop_group
+from processes import free_port, stop_group
 from adntn_deploy.serving.triton import package_triton
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

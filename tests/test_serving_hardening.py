@@ -21,18 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adntn_deploy.runtime import load
-from processes import stop_group
+from processes import free_port, stop_group
 from adntn_deploy.serving.protocol import DATATYPES, InferRequest, ProtocolError, decode_request
 
 LIMIT = 20_000_000  # --max-request-bytes of the shared server: room for the 16 MiB bodies of the health test
 TIMEOUT = 2.0  # --request-timeout of the shared server, seconds
 CLI = [sys.executable, "-m", "adntn_deploy.cli.main"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cap_memory():  # a wrong allocation in a server under test fails instead of swapping the machine

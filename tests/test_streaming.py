@@ -14,15 +14,11 @@ tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tolerance import float32_rtol  # noqa: E402
+from tolerance import assert_rel_close, float32_rtol  # noqa: E402
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
-
-
-def _relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _linear(family, top):
@@ -59,8 +55,8 @@ def test_stream_matches_load_mode_and_torch(tmp_path, family, top, kind):
     (got,) = load(streamed.path).run({"input": x}).values()
     (reference,) = load(loaded.path).run({"input": x}).values()
     bound = float32_rtol(96, 48) if kind == "linear" else float32_rtol(27, 128)
-    assert _relative(got, reference) < bound
-    assert _relative(got, expected) < bound
+    assert_rel_close(got, reference, bound, "stream vs load")
+    assert_rel_close(got, expected, bound, "stream vs torch")
     kernels = {layer["kernel"] for layer in streamed.manifest["streamed"]}
     assert kernels == ({"factored"} if top == "identity" else {"fused"})
     assert streamed.manifest["weights"] == "stream"
@@ -134,12 +130,12 @@ def test_cli_tune_stream_kernel_then_compile_applies_it(tmp_path):
     assert proc.returncode != 0 and "no kernel's task name contains" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_stream_refuses_a_layer_it_cannot_stream(tmp_path):
+def test_cli_stream_refuses_a_layer_it_cannot_stream(tmp_path, cli_runner):
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
     export_onnx(nn.Sequential(ADNTNConv2d(3, 4, 3, family="ttn", bond_dim=2, top_activation="tanh")).eval(),
                 [torch.randn(1, 3, 6, 6)], path, input_names=["input"])
-    proc = _cli("compile", path, "--target", "host", "--weights", "stream", "-o", tmp_path / "art")
+    proc = cli_runner("compile", path, "--target", "host", "--weights", "stream", "-o", tmp_path / "art")
     assert proc.returncode != 0 and "identity top activation" in proc.stderr and "--weights load" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "art").exists()
 
@@ -166,7 +162,7 @@ def test_operator_layout_streams_as_kronecker_products_in_tvm(tmp_path, kind, we
         expected = model(torch.from_numpy(x)).numpy()
     predictor = load(artifact.path)
     (got,) = predictor.run({"input": x}).values()
-    assert _relative(got, expected) < (float32_rtol(96, 64) if kind == "linear" else float32_rtol(288, 400))
+    assert_rel_close(got, expected, float32_rtol(96, 64) if kind == "linear" else float32_rtol(288, 400))
     decisions = artifact.manifest["streamed"]
     assert [d["layout"] for d in decisions] == ["operator", "operator"] and artifact.manifest["weights"] == weights
     streamed = [d for d in decisions if d["mode"] == "stream"]
@@ -183,19 +179,21 @@ def test_operator_stream_compiles_for_gpu_and_arm(tmp_path):
     model, shape = _operator_model("linear")
     path = tmp_path / "m.onnx"
     export_onnx(model.eval(), [torch.randn(*shape)], path, input_names=["input"])
-    for target in ("cuda-sm80", "aarch64"):
+    for target, arch, device in (("cuda-sm80", "x86_64", "cuda"), ("aarch64", "aarch64", "cpu")):
         artifact = compile_model(path, target, tmp_path / target, weights="stream", input_shapes={"input": shape})
+        assert (artifact.manifest["arch"], artifact.manifest["device"]) == (arch, device)
+        assert artifact.manifest["weights"] == "stream" and (artifact.path / artifact.manifest["library"]).is_file()
         assert {d["kernel"] for d in artifact.manifest["streamed"]} == {"kronecker"}
 
 
-def test_cli_compile_auto_prints_each_layer_choice(tmp_path):
+def test_cli_compile_auto_prints_each_layer_choice(tmp_path, cli_runner):
     torch.manual_seed(0)
     # the first layer's halves (16x16 at rank 8, 4x4) cost more than its dense GEMM; the second's do not
     model = nn.Sequential(ADNTNLinear(64, 64, layout="operator", bond_dim=8, max_mode=16),
                           ADNTNLinear(64, 64, layout="operator", bond_dim=1, max_mode=2)).eval()
     path = tmp_path / "m.onnx"
     export_onnx(model, [torch.randn(64, 64)], path, input_names=["input"])
-    proc = _cli("compile", path, "--target", "host", "--weights", "auto", "-o", tmp_path / "art")
+    proc = cli_runner("compile", path, "--target", "host", "--weights", "auto", "-o", tmp_path / "art")
     assert proc.returncode == 0, proc.stderr
     assert "layer 0: generator kept" in proc.stdout and "layer 1: streamed (kronecker, rank 1)" in proc.stdout
     assert "1 layers streamed (kronecker)" in proc.stdout

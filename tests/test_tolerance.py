@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tolerance import float32_rtol, relative_error
+from tolerance import assert_rel_close, float32_rtol, relative_error
 
 
 def _net(rng, dims):
@@ -50,3 +50,12 @@ def test_the_bound_catches_real_defects(defect):
 def test_reduction_lengths_must_be_positive():
     with pytest.raises(ValueError, match=">= 1"):
         float32_rtol(0)
+
+
+def test_assert_rel_close_scales_by_the_largest_wanted_value_and_names_the_failure():
+    want = np.array([1.0, -4.0])
+    assert_rel_close(want + [0.0, 0.039], want, 0.01)  # 0.039 / 4
+    with pytest.raises(AssertionError, match="logits: relative error 0.0125 > 0.01"):
+        assert_rel_close(want + [0.05, 0.0], want, 0.01, "logits")
+    with pytest.raises(AssertionError, match="shape"):
+        assert_rel_close(np.zeros(3), np.zeros(2), 1.0)

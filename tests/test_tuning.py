@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,6 @@ from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.compiler.database import DB_FILES, clean_database, list_schedules  # noqa: E402
 from adntn_deploy.compiler.errors import TuningError  # noqa: E402
 from adntn_deploy.compiler.tuning import tune_model  # noqa: E402
-from adntn_deploy.nn import ADNTNLinear  # noqa: E402
 from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
 
@@ -30,12 +28,8 @@ CLI = [sys.executable, "-m", "adntn_deploy.cli.main"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = nn.Sequential(ADNTNLinear(16, 8, family="ttn", bond_dim=2), nn.ReLU()).eval()
-    path = tmp_path_factory.mktemp("tune") / "tiny.onnx"
-    export_onnx(model, [torch.randn(1, 16)], path, input_names=["input"])
-    return path
+def tiny(tiny_onnx):
+    return tiny_onnx("ttn", "linear")  # ADNTNLinear(16 -> 8) + ReLU
 
 
 def records_in(folder: Path) -> int:
@@ -92,14 +86,8 @@ def test_tune_survives_kill_resumes_and_applies(tmp_path, dense64):
     assert meta["models"] == ["dense64.onnx"] and meta["trials"] >= 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, dense64):
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, dense64, free_port):
     tracker_port, server_port = free_port(), free_port()
     tracker = subprocess.Popen([*CLI, "rpc", "tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

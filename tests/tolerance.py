@@ -45,3 +45,9 @@ def assert_float32_close(got, want, *reductions: int, what: str = "") -> None:
     """Assert ``got`` equals ``want`` within :func:`float32_rtol` of the given reduction lengths."""
     err, bound = relative_error(got, want), float32_rtol(*reductions)
     assert err <= bound, f"{what or 'outputs'}: relative error {err:.3g} > float32 bound {bound:.3g} for K={reductions}"
+
+
+def assert_rel_close(got, want, rtol: float, what: str = "") -> None:
+    """Assert :func:`relative_error` (max|got - want| / max|want|) of ``got`` against ``want`` is at most ``rtol``."""
+    err = relative_error(got, want)
+    assert err <= rtol, f"{what or 'outputs'}: relative error {err:.3g} > {rtol:.3g}"

@@ -1,0 +1,76 @@
+"""Which cases of the big parametrized end-to-end grids run in the default suite; the rest run with the slow tests.
+
+A plain ``python -m pytest`` must stay within ~12 minutes on 2 cores and still cover every feature once.
+Each grid below multiplies families x layer kinds x layouts x weight modes (x activations); the kept ids
+cover every value of every axis at least once (checked by :func:`uncovered`, which a test runs), so a
+feature broken for one family or mode still fails the default suite. The whole grids run under
+``python -m pytest -m slow`` and in the README's test command (``-m "slow or not slow"``), which CI runs.
+
+Ids are pytest's parameter ids, ``[a-b-c]`` in the order pytest prints them.
+"""
+
+from __future__ import annotations
+
+#: test node (file::function) -> the parameter ids that stay in the default suite
+DEFAULT_CASES: dict[str, set[str]] = {
+    # weights-layout-kind-family
+    "tests/test_compiler.py::test_tvm_matches_onnxruntime_and_torch": {
+        "load-split-linear-ttn", "fold-split-conv-attn", "load-operator-conv-mera", "fold-operator-linear-mera",
+    },
+    # kind-family-layout
+    "tests/test_onnx_export.py::test_torch_equals_onnxruntime": {
+        "linear-ttn-split", "conv-attn-operator", "attention-mera-split", "linear-mera-operator",
+    },
+    # family-top activation-kind (every activation's TIR lowering is checked alone in tests/test_activations.py)
+    "tests/test_streaming.py::test_stream_matches_load_mode_and_torch": {
+        "ttn-identity-linear", "attn-relu-linear", "mera-identity-conv",
+    },
+    # weights-layout
+    "tests/test_edge_runner.py::test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86": {
+        "load-split", "fold-operator", "stream-operator",
+    },
+    # family
+    "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": {"ttn"},
+    # weights-batch
+    "tests/test_dense.py::test_packed_equals_ort_and_generic": {"load-1", "fold-3", "load-16"},
+}
+
+#: grid -> {axis position: why the default subset need not cover every value of that axis}
+EXEMPT_AXES: dict[str, dict[int, str]] = {
+    "tests/test_streaming.py::test_stream_matches_load_mode_and_torch": {
+        1: "each activation's TIR lowering is checked against numpy in tests/test_activations.py"},
+    "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": {
+        0: "the point is the 4096^2 scale; every family trains at small sizes in tests/test_nn.py"},
+}
+
+
+#: every id collected for each grid in this session (filled at collection, before ``-m`` deselects)
+COLLECTED: dict[str, list[str]] = {}
+
+
+def is_default(nodeid: str) -> bool:
+    """Whether the collected test ``nodeid`` ("tests/x.py::test_f[a-b]") stays in the default suite.
+
+    Tests outside :data:`DEFAULT_CASES` always do (their own ``slow`` marks aside)."""
+    name, _, rest = nodeid.partition("[")
+    kept = DEFAULT_CASES.get(name)
+    if kept is None:
+        return True
+    COLLECTED.setdefault(name, []).append(rest.rstrip("]"))
+    return rest.rstrip("]") in kept
+
+
+def uncovered(nodeid_prefix: str, all_ids: list[str]) -> list[str]:
+    """The axis values of grid ``nodeid_prefix`` (its ``all_ids``, split at "-") that no default id covers.
+
+    An axis value is covered when some kept id has it at the same position; :data:`EXEMPT_AXES` lists the
+    axes a grid need not cover, and why.
+    """
+    kept = [case.split("-") for case in DEFAULT_CASES[nodeid_prefix]]
+    exempt = EXEMPT_AXES.get(nodeid_prefix, {})
+    missing = []
+    for case in all_ids:
+        for position, value in enumerate(case.split("-")):
+            if position not in exempt and not any(len(k) > position and k[position] == value for k in kept):
+                missing.append(f"{value} (position {position})")
+    return sorted(set(missing))
