@@ -33,6 +33,17 @@ DEFAULT_CASES: dict[str, set[str]] = {
     "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": {"ttn"},
     # weights-batch
     "tests/test_dense.py::test_packed_equals_ort_and_generic": {"load-1", "fold-3", "load-16"},
+    # model-layer-family-[operator-]ratio
+    "tests/test_presets.py::test_preset_weight_is_the_same_in_numpy_and_torch": {
+        "alexnet-fc6-ttn-2k", "vgg16-fc7-attn-50k", "vgg16-fc8-mera-35k", "vgg16-fc8-attn-10k",
+        "vgg16-fc7-mera-operator-77k", "vgg16-fc7-ttn-operator-2k", "vgg16-fc7-attn-operator-50k",
+    },
+    # family-options
+    "tests/test_generators.py::test_gradients_match_finite_differences": {"ttn-options0", "attn-options5", "mera-options8"},
+    # layout
+    "tests/test_compression.py::test_compress_layouts": {"auto"},
+    # which layers fine-tune
+    "tests/test_compression.py::test_finetune_recovers_accuracy": {"head"},
 }
 
 #: grid -> {axis position: why the default subset need not cover every value of that axis}
@@ -41,6 +52,11 @@ EXEMPT_AXES: dict[str, dict[int, str]] = {
         1: "each activation's TIR lowering is checked against numpy in tests/test_activations.py"},
     "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": {
         0: "the point is the 4096^2 scale; every family trains at small sizes in tests/test_nn.py"},
+    "tests/test_generators.py::test_gradients_match_finite_differences": {
+        1: "each family's option sets are its own (sharing, gates, activations); every family keeps one"},
+    "tests/test_compression.py::test_compress_layouts": {0: "auto fits both the operator and the split layout"},
+    "tests/test_compression.py::test_finetune_recovers_accuracy": {
+        0: "fine-tuning all layers runs the same loop as the head; tests/test_workflows.py fine-tunes a whole model"},
 }
 
 
