@@ -125,6 +125,9 @@ def test_random_start_has_the_kaiming_variance(family):
     assert math.isclose(float(w.std()), math.sqrt(2 / 256), rel_tol=1e-6)
 
 
+# a scale test (13 s), run with -m slow: the dense start itself runs in the default suite in
+# test_sum_of_kronecker_products_is_recovered_exactly_from_a_dense_start; the thin SVD of tall unfoldings is checked only here
+@pytest.mark.slow
 def test_dense_start_handles_sites_with_a_million_rows():
     """Three sites of 16x16 on a 1024x1024 weight: the left half spans 65,536 rows against 16 columns (a Gram
     matrix there would need 34 GB); the start takes a thin SVD and still reproduces what the bonds can hold."""
