@@ -278,6 +278,10 @@ def tune_model(
         raise TuningError("trials= must be at least 1")
     if bool(rpc_tracker) != bool(rpc_key):
         raise TuningError("rpc_tracker= and rpc_key= go together")
+    if rpc_tracker:  # checked before the import: a typo should not cost a minute of work
+        host, _, port = rpc_tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise TuningError(f"rpc_tracker= must be HOST:PORT, not {rpc_tracker!r}")
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
     if compiler and not rpc_tracker:
@@ -298,9 +302,6 @@ def tune_model(
         copy_database(records, staging)
     builder = persistent_builder(timeout, build_candidate, partial(_export_with, compiler) if compiler else None)
     if rpc_tracker:
-        host, _, port = rpc_tracker.rpartition(":")
-        if not host or not port.isdigit():
-            raise TuningError(f"rpc_tracker= must be HOST:PORT, not {rpc_tracker!r}")
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
                                      session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(config, max_workers=1)  # one server serves one session at a time
