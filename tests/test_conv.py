@@ -7,14 +7,13 @@ import pytest
 
 tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
 
-import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from exporting import export_seeded  # noqa: E402
 from tolerance import float32_rtol, relative_error  # noqa: E402
 from adntn_deploy.compiler.build import compile_model  # noqa: E402
 from adntn_deploy.compiler.frontend import import_model  # noqa: E402
 from adntn_deploy.compiler.schedules import fuse_kernels, is_scheduled, packed_conv2d, schedule_untuned  # noqa: E402
-from adntn_deploy.onnx_export import export_onnx  # noqa: E402
 from adntn_deploy.runtime import load  # noqa: E402
 
 AVX512 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
@@ -37,16 +36,7 @@ CASES = {
 
 def _export(tmp_path, name):
     make, shape, _, _ = CASES[name]
-    torch.manual_seed(0)
-    module = make().eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics, so that folding them is checked too
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / f"{name}.onnx"
-    export_onnx(module, [torch.randn(*shape)], path, input_names=["input"])
-    return path, shape
+    return export_seeded(make, shape, tmp_path / f"{name}.onnx"), shape
 
 
 @pytest.mark.parametrize("case", list(CASES))

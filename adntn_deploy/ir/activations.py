@@ -191,10 +191,9 @@ def get_lowering(backend: str, name: str) -> Callable:
     info = _check_backend(backend)
     if backend == "numpy":
         return activation.numpy
-    try:
-        return _LOWERINGS[backend][name]
-    except KeyError:
-        pass
+    lowering = _LOWERINGS[backend].get(name)
+    if lowering is not None:
+        return lowering
     hint = (f" (no {backend} lowering is registered at all: is {info.module} imported?)"
             if not _LOWERINGS[backend] else "")
     raise GeneratorError(
