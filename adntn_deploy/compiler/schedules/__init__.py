@@ -149,10 +149,9 @@ def _generic(func, target):
         return None
 
 
-def default_schedule(func, target, generic: bool = True):
+def default_schedule(func, target):
     """The traced schedule that :func:`schedule_untuned` gives ``func`` (a PrimFunc or IRModule): its
-    rules' defaults for a kernel of ours, else (``generic``) the generic CPU schedule; None when neither
-    applies.
+    rules' defaults for a kernel of ours, else the generic CPU schedule; None when neither applies.
 
     Tuning measures it beside the searched candidates, so a database always holds it and a compile with
     records never picks a kernel slower than the one a compile without records gets.
@@ -162,7 +161,7 @@ def default_schedule(func, target, generic: bool = True):
     sch = s_tir.Schedule(func)
     if _schedule_defaults(sch, target):
         return sch
-    return _generic(func, target) if generic else None
+    return _generic(func, target)
 
 
 def fuse_kernels(mod, target):
@@ -214,9 +213,9 @@ def count_scheduled(mod) -> tuple[int, int]:
     return sum(1 for f in funcs if is_scheduled(f)), len(funcs)
 
 
-def schedule_untuned(mod, target, generic: bool = True) -> tuple[Any, dict[str, int]]:
-    """Give every kernel of ours that no tuning record scheduled its rule's default schedule, and (with
-    ``generic``, on CPU targets) every other unscheduled kernel the generic CPU schedule.
+def schedule_untuned(mod, target) -> tuple[Any, dict[str, int]]:
+    """Give every kernel of ours that no tuning record scheduled its rule's default schedule, and (on CPU
+    targets) every other unscheduled kernel the generic CPU schedule.
 
     Returns (module, {rule name or :data:`GENERIC`: kernels scheduled here}).
 
@@ -233,7 +232,7 @@ def schedule_untuned(mod, target, generic: bool = True) -> tuple[Any, dict[str, 
         applied = _schedule_defaults(sch, target)
         for name in applied:
             counts[name] += 1
-        if not applied and generic and (sch := _generic(func, target)) is not None:
+        if not applied and (sch := _generic(func, target)) is not None:
             counts[GENERIC] += 1
             applied = [GENERIC]
         if applied:
