@@ -26,23 +26,18 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from adntn_deploy.version import __version__
-from adntn_deploy.errors import AdntnError, ServingError
 from adntn_deploy.serving.protocol import (
-    HEADER_LENGTH, DEFAULT_MAX_DEPTH, ProtocolError, datatype_of, decode_request, encode_response_parts,
+    HEADER_LENGTH, DEFAULT_MAX_DEPTH, ProtocolError, decode_request, encode_response_parts,
 )
-from adntn_deploy.serving.repository import ModelEntry, discover
+from adntn_deploy.serving.engine import (  # noqa: F401  (ServeConfig, load_models: the serving API)
+    InferenceEngine, LoadedModel, ModelBusyError, ModelNotFoundError, ServeConfig, first_line, input_rejection_message,
+    load_models, rejects_inputs,
+)
 
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_CONCURRENCY = 2  # Triton's default instance count on CPU
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_REQUEST_TIMEOUT = 30.0
-DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 #: bodies up to this size are decoded in a thread (json.loads of 256 KiB holds the GIL a few ms); larger in a process
 INLINE_DECODE_BYTES = 256 * 1024
 #: a decoded tensor may take this many times --max-request-bytes: a JSON value needs 2 bytes ("0,") and
@@ -62,89 +57,6 @@ class BodyTimeoutError(ProtocolError):
     """The request body did not arrive within ``request_timeout`` seconds (HTTP 408)."""
 
     status = 408
-
-
-@dataclass
-class ServeConfig:
-    """What to serve and how: path (file, artifact or repository), backend override, body size limit (bytes),
-    requests run at once and queued per model version, body and keep-alive timeouts (seconds), warm-up."""
-
-    path: str
-    backend: str | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    extra: dict[str, Any] = field(default_factory=dict)
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    max_queue: int = DEFAULT_MAX_QUEUE
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    warmup: bool = True
-
-
-@dataclass
-class LoadedModel:
-    """One served model version: its entry, predictor and admission state (requests admitted, run slots)."""
-
-    entry: ModelEntry
-    predictor: Any
-    admitted: int = 0
-    slots: asyncio.Semaphore | None = None
-
-    def metadata(self, versions: list[str]) -> dict[str, Any]:
-        def tensors(infos):
-            return [{"name": t.name, "datatype": datatype_of(t.dtype),
-                     "shape": [d if isinstance(d, int) else -1 for d in t.shape]} for t in infos]
-
-        platform = "onnxruntime_onnx" if self.entry.backend == "ort" else "tvm"
-        return {"name": self.entry.name, "versions": versions, "platform": platform,
-                "inputs": tensors(self.predictor.inputs), "outputs": tensors(self.predictor.outputs)}
-
-
-def load_models(config: ServeConfig) -> dict[str, dict[str, LoadedModel]]:
-    """Load every model version under ``config.path``; {name: {version: LoadedModel}}.
-
-    Raises:
-        ServingError: nothing servable, or a model that fails to load (the message names it).
-    """
-    from adntn_deploy.runtime import load
-
-    models: dict[str, dict[str, LoadedModel]] = {}
-    for entry in discover(config.path, config.backend):
-        try:
-            predictor = load(entry.path, backend=entry.backend)
-        except AdntnError as exc:
-            raise ServingError(f"model {entry.name} version {entry.version}: {exc}") from None
-        except Exception as exc:  # a runtime's own error (allocation, native loader): one line, not a traceback
-            raise ServingError(f"model {entry.name} version {entry.version}: cannot load {entry.path}: "
-                                 f"{_first_line(exc)}") from None
-        if config.warmup:
-            warm_up(entry, predictor)
-        models.setdefault(entry.name, {})[entry.version] = LoadedModel(entry, predictor)
-    return models
-
-
-def _first_line(exc: BaseException, limit: int = 400) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def warm_up(entry: ModelEntry, predictor: Any) -> None:
-    """Run ``predictor`` once on zeros of its declared input shapes (symbolic axes: 1).
-
-    Why: a model can load and still fail on every call (a generator declaring a 4 TiB weight loads, then
-    every run fails to allocate it); serving it would report ready and answer 500 for ever.
-
-    Raises:
-        ServingError: the call failed; the message names the model and the ``--no-warmup`` escape.
-    """
-    feeds = {i.name: np.zeros(tuple(d if isinstance(d, int) and d >= 0 else 1 for d in i.shape), dtype=i.dtype)
-             for i in predictor.inputs}
-    try:
-        predictor.run(feeds)
-    except Exception as exc:
-        raise ServingError(
-            f"model {entry.name} version {entry.version} ({entry.path}) loads but cannot run: a warm-up call on "
-            f"zeros of its input shapes failed: {_first_line(exc)}; fix the model (or pass --no-warmup to serve it anyway)"
-        ) from None
 
 
 _READ_SLICE = 4 << 20
@@ -266,19 +178,28 @@ def create_app(config: ServeConfig):
 
     from adntn_deploy.serving.connection import TimedH11Protocol
 
-    models = load_models(config)
-    for versions in models.values():
-        for loaded in versions.values():
-            loaded.slots = asyncio.Semaphore(config.max_concurrency)
-    capacity = config.max_concurrency + config.max_queue
+    registry = CollectorRegistry()
+    batch_requests = Histogram("adntn_batch_requests", "Requests merged into each batched model run", ["model"],
+                               registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    batch_rows = Histogram("adntn_batch_rows", "Rows (first-axis entries) in each batched model run", ["model"],
+                           registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+    def on_batch(name: str, requests: int, rows: int) -> None:
+        batch_requests.labels(name).observe(requests)
+        batch_rows.labels(name).observe(rows)
+
+    engine = InferenceEngine(config, on_batch=on_batch)
+    models = engine.models
     max_tensor_bytes = TENSOR_BYTES_PER_BODY_BYTE * config.max_request_bytes
     decode_pool = DecodePool(config.max_concurrency)
     TimedH11Protocol.header_timeout = config.request_timeout  # one app per process: the protocol reads it here
-    registry = CollectorRegistry()
-    requests_total = Counter("adntn_requests", "HTTP requests", ["route", "model", "status"], registry=registry)
+    requests_total = Counter("adntn_requests", "Requests (HTTP routes, and route grpc for gRPC calls)",
+                             ["route", "model", "status"], registry=registry)
     latency = Histogram("adntn_request_duration_seconds", "Request latency", ["route", "model"], registry=registry,
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-    inference = Histogram("adntn_inference_duration_seconds", "Model run time", ["model"], registry=registry,
+    inference = Histogram("adntn_inference_duration_seconds",
+                          "Seconds from decoded inputs to outputs (waiting for a batch included)", ["model"],
+                          registry=registry,
                           buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
     resident = Gauge("adntn_model_resident_weight_bytes",
                      "Bytes of weights a served model version keeps in memory after load (a streamed layer keeps "
@@ -291,16 +212,10 @@ def create_app(config: ServeConfig):
         return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
     def find(request: Request) -> tuple[LoadedModel | None, JSONResponse | None]:
-        name = request.path_params["name"]
-        versions = models.get(name)
-        if versions is None:
-            return None, error(404, f"unknown model {name!r}; served models: {sorted(models)}")
-        version = request.path_params.get("version")
-        if version is None:
-            version = max(versions, key=int)
-        if version not in versions:
-            return None, error(404, f"model {name!r} has no version {version!r}; versions: {sorted(versions, key=int)}")
-        return versions[version], None
+        try:
+            return engine.find(request.path_params["name"], request.path_params.get("version")), None
+        except ModelNotFoundError as exc:
+            return None, error(404, str(exc))
 
     async def live(request: Request):
         return JSONResponse({"live": True})
@@ -357,11 +272,12 @@ def create_app(config: ServeConfig):
         finally:
             await run_in_threadpool(unlink_spooled, path)
 
-    def run_and_encode(model: LoadedModel, decoded) -> tuple[list[bytes], dict[str, str]]:
+    async def run_and_encode(model: LoadedModel, decoded) -> tuple[list[bytes], dict[str, str]]:
         start = time.perf_counter()
-        outputs = model.predictor.run(decoded.inputs, decoded.outputs)
+        outputs = await engine.run(model, decoded.inputs, decoded.outputs)
         inference.labels(model.entry.name).observe(time.perf_counter() - start)
-        return encode_response_parts(model.entry.name, model.entry.version, decoded, outputs, list(outputs))
+        return await run_in_threadpool(encode_response_parts, model.entry.name, model.entry.version, decoded,
+                                       outputs, list(outputs))
 
     class PartsResponse(Response):
         """A body sent part by part (about 1 MiB each), so no single write of a big answer holds the loop."""
@@ -379,33 +295,28 @@ def create_app(config: ServeConfig):
         model, problem = find(request)
         if problem:
             return problem
-        if model.admitted >= capacity:  # refused unread: uvicorn discards the body, within the header deadline
-            return error(503, f"model {model.entry.name!r} is busy: {capacity} requests are running or waiting; "
-                              "retry later (serve --max-concurrency / --max-queue raise the limits)")
-        model.admitted += 1
         try:
-            body = await read_body(request)
-            async with model.slots:
-                decoded = await decode(body, request.headers.get(HEADER_LENGTH))
+            with engine.admission(model):  # a busy model refuses unread: uvicorn discards the body in time
+                body = await read_body(request)
+                async with model.slots:  # bounds the memory of bodies being decoded
+                    decoded = await decode(body, request.headers.get(HEADER_LENGTH))
                 del body
-                parts, headers = await run_in_threadpool(run_and_encode, model, decoded)
+                parts, headers = await run_and_encode(model, decoded)
             return PartsResponse(parts, headers)
+        except ModelBusyError as exc:
+            return error(503, str(exc))
         except ClientDisconnect:
             return error(499, "the client disconnected")  # never sent; 499 (nginx's code) marks it in the log
         except ProtocolError as exc:  # bad requests (400, 408, 413) and outputs JSON cannot carry (422)
             return error(exc.status, str(exc), close=exc.status == 408)
-        except AdntnError as exc:  # the predictor's InputError (names, shapes, dtypes), a LimitError
-            return error(400, str(exc))
         except (BrokenProcessPool, MemoryError):
             log.error(json.dumps({"ts": round(time.time(), 3), "path": request.url.path,
                                   "error": "out of memory decoding a request (or a decoding process died)"}))
             return error(503, "the server ran out of memory decoding this request; retry later or send less")
         except Exception as exc:
-            if type(exc).__name__ == "InvalidArgument":  # onnxruntime's verdict on inputs, e.g. inconsistent batch axes
-                return error(400, f"model {model.entry.name!r} rejects these inputs: {_first_line(exc)}")
+            if rejects_inputs(exc):  # the predictor's InputError (names, shapes, dtypes), a LimitError, ORT's verdict
+                return error(400, input_rejection_message(model, exc))
             raise
-        finally:
-            model.admitted -= 1
 
     async def metrics(request: Request):
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
@@ -426,11 +337,28 @@ def create_app(config: ServeConfig):
     async def internal_error(request: Request, exc: Exception):
         return error(500, "internal server error (logged); retry, or report it if it persists")
 
+    def grpc_request(method: str, model: str, status: str, seconds: float) -> None:
+        requests_total.labels("grpc", model, status).inc()
+        latency.labels("grpc", model).observe(seconds)
+        line = json.dumps({"ts": round(time.time(), 3), "grpc": method, "status": status,
+                           "ms": round(seconds * 1e3, 3), "model": model})
+        (log.info if status in ("OK", "NOT_FOUND", "INVALID_ARGUMENT", "UNAVAILABLE") else log.error)(line)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        grpc_server = None
+        if config.grpc_port is not None:  # in the app's own event loop, so both front ends share the engine
+            from adntn_deploy.serving.grpc_service import InferenceService, start_grpc_server
+
+            service = InferenceService(engine, max_tensor_bytes, grpc_request)
+            grpc_server = await start_grpc_server(service, config.grpc_host, config.grpc_port,
+                                                  config.max_request_bytes, share_port=config.workers > 1)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+            await engine.close()
             decode_pool.close()
 
     app = Starlette(routes=routes, lifespan=lifespan,
@@ -457,7 +385,7 @@ def create_app(config: ServeConfig):
             try:
                 await self.inner(scope, receive, capture)
             except Exception as exc:  # Starlette has answered 500 already; log one line instead of a traceback
-                status["code"], failure = 500, f"{type(exc).__name__}: {_first_line(exc)}"
+                status["code"], failure = 500, f"{type(exc).__name__}: {first_line(exc)}"
             finally:
                 path = scope["path"]
                 parts = path.split("/")
@@ -475,6 +403,7 @@ def create_app(config: ServeConfig):
                     log.info(json.dumps(line))
 
     app.state.models = models
+    app.state.engine = engine
     return AccessLog(app)
 
 

@@ -77,7 +77,7 @@ def _brief(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _shape(value: Any, name: str, itemsize: int, max_tensor_bytes: int) -> tuple[int, ...]:
+def declared_shape(value: Any, name: str, itemsize: int, max_tensor_bytes: int) -> tuple[int, ...]:
     """The declared shape, refused before anything is allocated when its extent passes ``max_tensor_bytes``.
 
     Zero-sized axes count as 1 in that extent: ``[0, 2**62]`` holds no element, yet numpy cannot represent it.
@@ -209,7 +209,7 @@ def decode_request(
             raise ProtocolError(f"input {name!r}: datatype {_brief(datatype)} is not supported; "
                                 f"use one of {', '.join(DATATYPES)}")
         dtype = DATATYPES[datatype]
-        shape = _shape(item.get("shape"), name, dtype.itemsize, max_tensor_bytes)
+        shape = declared_shape(item.get("shape"), name, dtype.itemsize, max_tensor_bytes)
         count = int(np.prod(shape, dtype=np.int64))  # exact: _shape bounded the product
         params = _params(item.get("parameters"), f"input {name!r}")
         if "binary_data_size" in params:
