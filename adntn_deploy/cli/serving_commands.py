@@ -32,25 +32,39 @@ from adntn_deploy.cli.onnx_commands import max_weight_bytes_option
               help="Seconds an idle keep-alive connection stays open.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Run each model once on zeros at start and refuse to serve one that fails.")
+@click.option("--grpc-port", default=None, type=click.IntRange(1, 65535),
+              help="Also serve the KServe v2 gRPC protocol on this port (Triton uses 8001), from the same models.")
+@click.option("--max-batch-size", default=1, show_default=True, type=click.IntRange(1, 65536),
+              help="Merge concurrent requests into runs of up to this many rows (1: no dynamic batching).")
+@click.option("--max-queue-delay-us", default=500, show_default=True, type=click.IntRange(0, 10_000_000),
+              help="Microseconds a batch waits for more requests after its oldest one arrived.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @max_weight_bytes_option
 def serve_command(model, backend, host, port, workers, max_request_bytes, max_concurrency, max_queue,
-                  request_timeout, keep_alive_timeout, warmup, log_level):
-    """Serve MODEL (an .onnx file, a compiled artifact or a model repository) over the Open Inference Protocol v2."""
+                  request_timeout, keep_alive_timeout, warmup, grpc_port, max_batch_size, max_queue_delay_us, log_level):
+    """Serve MODEL (an .onnx file, a compiled artifact or a model repository) over the Open Inference Protocol v2
+    (HTTP, and gRPC with --grpc-port), batching concurrent requests with --max-batch-size."""
     import uvicorn
 
     from adntn_deploy.serving.app import CONFIG_ENV, ServeConfig, create_app
     from adntn_deploy.serving.connection import TimedH11Protocol
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr)
+    if grpc_port is not None and grpc_port == port:
+        raise click.UsageError(f"--grpc-port {grpc_port} is the HTTP --port too; give them different ports")
+    if grpc_port is not None and workers == 1:
+        check_port_free(host, grpc_port, "--grpc-port")
     config = ServeConfig(str(model.resolve()), backend, max_request_bytes, max_concurrency=max_concurrency,
-                         max_queue=max_queue, request_timeout=request_timeout, warmup=warmup)
+                         max_queue=max_queue, request_timeout=request_timeout, warmup=warmup,
+                         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, grpc_host=host,
+                         grpc_port=grpc_port, workers=workers)
     # h11 with a header deadline (uvicorn's own protocols have none); the app bounds the body
     server_options = dict(host=host, port=port, log_level="warning", access_log=False, http=TimedH11Protocol,
                           timeout_keep_alive=keep_alive_timeout)
     if workers == 1:
         app = create_app(config)  # load now: a bad model fails here, with one line, before binding
-        click.echo(f"serving {sorted(app.inner.state.models)} on http://{host}:{port}/v2", err=True)
+        grpc = f" and grpc://{host}:{grpc_port}" if grpc_port is not None else ""
+        click.echo(f"serving {sorted(app.inner.state.models)} on http://{host}:{port}/v2{grpc}", err=True)
         uvicorn.run(app, **server_options)
         return
     from adntn_deploy.serving.app import load_models
@@ -60,15 +74,58 @@ def serve_command(model, backend, host, port, workers, max_request_bytes, max_co
     uvicorn.run("adntn_deploy.serving.app:create_app_from_env", factory=True, workers=workers, **server_options)
 
 
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Fail with a one-line usage error when ``host:port`` cannot be bound now (in use, or not our address)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise click.UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another {flag}") from None
+
+
 @click.command("package")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["triton"]), default="triton", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Repository folder.")
+@click.option("--format", "fmt", type=click.Choice(["triton", "kserve"]), default="triton", show_default=True,
+              help="triton: a model repository; kserve: that repository under OUTPUT/repository/ and an "
+                   "InferenceService manifest OUTPUT/<name>.yaml.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Repository folder (triton); folder for the manifest and repository/ (kserve).")
 @click.option("--name", default=None, help="Model name in the repository (default: the file's stem).")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--version", "model_version", default=1, show_default=True, type=click.IntRange(1))
-def package_command(model, fmt, output, name, max_batch_size, model_version):
-    """Write a Triton model repository (onnxruntime backend) for an ONNX file; adntn-deploy serve reads it too."""
+@click.option("--runtime", type=click.Choice(["adntn", "triton"]), default="adntn", show_default=True,
+              help="kserve: the predictor: our image running adntn-deploy serve, or KServe's Triton runtime.")
+@click.option("--storage-uri", default=None,
+              help="kserve: where the repository will be uploaded (s3://, gs://, pvc://, https://, ...; "
+                   "default pvc://adntn-models/<name>).")
+@click.option("--image", default="adntn-deploy:latest", show_default=True,
+              help="kserve, --runtime adntn: the image built from the Dockerfile, pushed where the cluster pulls.")
+@click.option("--cpu", default="1", show_default=True, help="kserve: CPU request and limit (cores, or 500m).")
+@click.option("--memory-headroom", default=1.5, show_default=True, type=click.FloatRange(min=1),
+              help="kserve: memory request and limit = measured peak memory x this factor.")
+def package_command(model, fmt, output, name, max_batch_size, model_version, runtime, storage_uri, image, cpu,
+                    memory_headroom):
+    """Write a Triton model repository (onnxruntime backend) for an ONNX file; adntn-deploy serve reads it too.
+
+    With --format kserve, also measure the model's peak memory (a fresh process loads and runs it once) and
+    write a KServe InferenceService that serves the repository with probes and resource requests.
+    """
+    if fmt == "kserve":
+        from adntn_deploy.serving.kserve import package_kserve
+
+        done = package_kserve(model, output, name=name, runtime=runtime, storage_uri=storage_uri, image=image,
+                              cpu=cpu, memory_headroom=memory_headroom, max_batch_size=max_batch_size,
+                              version=model_version)
+        click.echo(f"wrote {done.manifest} (memory {done.memory}: {memory_headroom:g} x the measured peak of "
+                   f"{done.peak_bytes / 2**20:.0f} MiB) and the repository {done.repository}/")
+        where = " (the default: a PersistentVolumeClaim; pass --storage-uri s3://BUCKET/PATH for S3)" if done.storage_default else ""
+        click.echo(f"next: upload the contents of {done.repository}/ to {done.storage_uri}{where}, "
+                   f"then kubectl apply -f {done.manifest}")
+        return
     from adntn_deploy.serving.triton import package_triton
 
     folder = package_triton(model, output, name=name, max_batch_size=max_batch_size, version=model_version)
