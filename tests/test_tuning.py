@@ -87,42 +87,51 @@ def test_tune_survives_kill_resumes_and_applies(tmp_path, dense64):
 
 
 @pytest.mark.slow
-def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path, dense64, free_port):
-    tracker_port, server_port = free_port(), free_port()
+def test_a_farm_of_two_rpc_servers_under_one_key_shares_the_measurements(tmp_path, dense64, free_port):
+    """A tracker on loopback with two servers registered under one key: tune measures on both (each server's
+    log shows sessions), and the records are the same kind of database as a local run's."""
+    tracker_port = free_port()
     tracker = subprocess.Popen([*CLI, "rpc", "tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server = None
+    servers, logs = [], [tmp_path / f"server{k}.log" for k in range(2)]
     try:
         time.sleep(2)
-        server = subprocess.Popen([*CLI, "rpc", "server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", "loopback",
-                                   "--host", "127.0.0.1", "--port", str(server_port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for log in logs:
+            with open(log, "w") as sink:
+                servers.append(subprocess.Popen(
+                    [*CLI, "rpc", "server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", "farm",
+                     "--host", "127.0.0.1", "--port", str(free_port())],
+                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
         from tvm import rpc
 
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                if "loopback" in rpc.connect_tracker("127.0.0.1", tracker_port).summary().get("queue_info", {}):
+                if rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"].get("farm", {}).get("free") == 2:
                     break
             except Exception:
                 pass
             time.sleep(1)
         else:
-            pytest.fail("the RPC server never registered with the tracker")
-        records = tmp_path / "rpc-records"
-        report = tune_model(dense64, "host", records, trials=4, rpc_tracker=f"127.0.0.1:{tracker_port}", rpc_key="loopback",
+            pytest.fail("the two RPC servers never registered with the tracker")
+        records = tmp_path / "farm-records"
+        report = tune_model(dense64, "host", records, trials=8, rpc_tracker=f"127.0.0.1:{tracker_port}", rpc_key="farm",
                             prepack=False, only=["matmul"])
-        assert report.trials >= 4 and records_in(records) >= 1
+        assert report.trials >= 8 and records_in(records) >= 1
+        assert set(DB_FILES) <= {p.name for p in records.iterdir()}  # what a local run writes, in the same format
+        assert json.loads((records / "adntn_schedule.json").read_text())["models"] == ["dense64.onnx"]
+        sessions = [log.read_text().count("start serving") for log in logs]  # one line per session
+        assert all(n >= 1 for n in sessions), f"sessions per server: {sessions}"
     finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                kill_group(proc, signal.SIGTERM)
+        for proc in (*servers, tracker):
+            kill_group(proc, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"trials": 0}, "at least 1"),
     ({"rpc_tracker": "127.0.0.1:9190"}, "go together"),
     ({"rpc_tracker": "nohost", "rpc_key": "k"}, "HOST:PORT"),
+    ({"rpc_tracker": "127.0.0.1:1", "rpc_key": "k"}, "cannot reach the RPC tracker at 127.0.0.1:1"),
 ])
 def test_bad_tuning_options(tmp_path, tiny, kwargs, message):
     with pytest.raises(TuningError, match=message):

@@ -147,6 +147,28 @@ def persistent_builder(timeout: float, f_build, f_export=None, workers: int | No
     return PersistentBuilder()
 
 
+def rpc_boards(host: str, port: int, key: str) -> int:
+    """How many RPC servers are registered (and free) under ``key`` on the tracker at ``host:port``; at least 1.
+
+    The runner measures on that many boards at once: the tracker hands each session to a different server.
+
+    Raises:
+        TuningError: the tracker cannot be reached.
+    """
+    import socket
+
+    from tvm import rpc
+
+    try:  # tvm's own connect retries for a minute; a closed port should fail at once
+        socket.create_connection((host, port), timeout=10).close()
+        queues = rpc.connect_tracker(host, port).summary().get("queue_info", {})
+    except Exception as exc:  # tvm raises a bare TVMError or ConnectionError: either way, nothing listens there
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuningError(f"cannot reach the RPC tracker at {host}:{port} ({reason}); start it with "
+                          "adntn-deploy rpc tracker, or fix rpc_tracker=") from None
+    return max(1, int(queues.get(key, {}).get("free", 0)))
+
+
 def inference_only(mod):
     """``mod`` without ``main_transform_params`` and the kernels only it calls.
 
@@ -282,6 +304,7 @@ def tune_model(
         host, _, port = rpc_tracker.rpartition(":")
         if not host or not port.isdigit():
             raise TuningError(f"rpc_tracker= must be HOST:PORT, not {rpc_tracker!r}")
+        boards = rpc_boards(host, int(port), rpc_key)
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
     if compiler and not rpc_tracker:
@@ -304,7 +327,8 @@ def tune_model(
     if rpc_tracker:
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
                                      session_timeout_sec=int(timeout))
-        runner = ms.runner.RPCRunner(config, max_workers=1)  # one server serves one session at a time
+        # one server serves one session at a time: one runner worker per board the key has (a farm)
+        runner = ms.runner.RPCRunner(config, max_workers=boards)
     else:
         # candidates are measured in worker processes started from here: give them the thread pool that
         # inference will use (TVM's x86 default is half the CPUs), or the search tunes for the wrong machine
