@@ -79,6 +79,12 @@ class CompressionReport:
                 "model_params_after": self.model_params_after, "model_ratio": self.model_ratio,
                 "layers_ratio": self.layers_ratio}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
+        """Rebuild a report from :meth:`as_dict` output (the ratios are recomputed)."""
+        layers = [LayerReport(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in data["layers"]]
+        return cls(layers, int(data["model_params_before"]), int(data["model_params_after"]))
+
 
 def count_params(model: nn.Module) -> int:
     """Trainable-parameter count of ``model`` (generator cores count, generated weights do not exist)."""

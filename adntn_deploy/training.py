@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from adntn_deploy import distributed
 from adntn_deploy.data import Dataset
 from adntn_deploy.errors import GeneratorError
 from adntn_deploy.nn.generated import GeneratedWeight
@@ -41,9 +42,11 @@ class TrainResult:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of ``model`` (put in eval mode) on ``x``, computed in batches."""
+    """Logits of ``model`` (put in eval mode) on ``x``, computed in batches on the model's device; returned on ``x``'s."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+    dev = next((p.device for p in model.parameters()), x.device)
+    return (torch.cat([model(x[i:i + batch_size].to(dev)).to(x.device) for i in range(0, len(x), batch_size)])
+            if len(x) else torch.empty(0))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -140,11 +143,19 @@ def _fit_loop(
     epochs: int, batch_size: int, lr: float, core_lr: float, seed: int, progress: bool, desc: str, warmup: int = 0,
     distill: Distillation | None = None,
 ) -> TrainResult:
+    """The shared loop. Under an initialised process group (:mod:`adntn_deploy.distributed`) every rank draws
+    the same order, trains on its shard of each global batch of ``batch_size`` through DDP, and the loss of
+    each shard is weighted by its share of the batch, so the averaged gradient is the global batch's mean
+    gradient even when the shards differ in size; dropout draws from ``seed + rank``."""
     from tqdm import tqdm
 
     if epochs < 0 or batch_size < 1 or lr <= 0 or core_lr <= 0:
         raise GeneratorError(f"need epochs >= 0, batch size >= 1 and positive learning rates (got {epochs}, {batch_size}, {lr}, {core_lr})")
-    torch.manual_seed(seed)
+    world = distributed.world_size()
+    torch.manual_seed(seed + distributed.rank())
+    home = next((p.device for p in module.parameters()), torch.device("cpu"))
+    net = distributed.wrap(module)  # the module itself in a plain run; DDP (on the rank's device) when distributed
+    dev = distributed.device() if net is not module else home
     opt = torch.optim.Adam(_param_groups(module, lr, core_lr))
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
     total_steps = max(1, epochs * steps_per_epoch)
@@ -156,6 +167,10 @@ def _fit_loop(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     cross_entropy = nn.CrossEntropyLoss()
+    teacher_home = None
+    if distill is not None:
+        teacher_home = next((p.device for p in distill.teacher.parameters()), dev)
+        distill.teacher.to(dev)
     distill_loss = _DistillLoss(module, distill) if distill is not None else None
 
     def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -164,31 +179,45 @@ def _fit_loop(
     result = TrainResult(epochs)
     start = time.perf_counter()
     shuffler = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        module.train()
-        order = torch.randperm(len(train_y), generator=shuffler)
-        total, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
-        for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            opt.zero_grad(set_to_none=True)
-            batch_x = train_x[idx]
-            loss = loss_fn(module(batch_x), batch_x, train_y[idx])
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{total / seen:.4f}")
-        bar.close()
-        if not math.isfinite(total):
-            raise GeneratorError(f"training diverged in epoch {epoch + 1} (non-finite loss); lower the learning rate")
-        result.train_loss.append(total / max(seen, 1))
-        result.val_accuracy.append(val())
+    try:
+        for epoch in range(epochs):
+            module.train()
+            order = torch.randperm(len(train_y), generator=shuffler)
+            total, seen = 0.0, 0
+            bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                       disable=None if progress and distributed.is_main_process() else True, leave=False)
+            for step in bar:
+                batch = order[step * batch_size:(step + 1) * batch_size]
+                idx = distributed.shard(batch)
+                opt.zero_grad(set_to_none=True)
+                batch_x, batch_y = train_x[idx].to(dev), train_y[idx].to(dev)
+                logits = net(batch_x)
+                if len(idx):
+                    loss = loss_fn(logits, batch_x, batch_y)
+                    total += float(loss.detach()) * len(idx)
+                    seen += len(idx)
+                else:  # a batch smaller than the group leaves this rank nothing: zero gradients, DDP still syncs
+                    loss = logits.sum() * 0.0
+                # DDP averages over ranks: weighting each shard's mean by world * its share of the batch makes
+                # that average the whole batch's mean gradient (a plain run: a factor of exactly 1)
+                (loss * (world * len(idx) / len(batch)) if world > 1 else loss).backward()
+                opt.step()
+                sched.step()
+                if step % 20 == 0 and seen:
+                    bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.close()
+            total, seen = distributed.all_reduce_sum([total, seen])
+            if not math.isfinite(total):
+                raise GeneratorError(f"training diverged in epoch {epoch + 1} (non-finite loss); lower the learning rate")
+            result.train_loss.append(total / max(seen, 1))
+            result.val_accuracy.append(val())
+    finally:
+        if distill_loss is not None:
+            distill_loss.close()
+        if teacher_home is not None:
+            distill.teacher.to(teacher_home)
+        module.to(home)
     result.seconds = time.perf_counter() - start
-    if distill_loss is not None:
-        distill_loss.close()
     module.eval()
     return result
 
@@ -197,7 +226,9 @@ def train(model: nn.Module, data: Dataset, *, epochs: int = 3, batch_size: int =
           seed: int = 0, progress: bool = True) -> TrainResult:
     """Train every parameter of ``model`` on ``data``'s training split (cross-entropy, Adam, cosine decay).
 
-    Returns per-epoch validation accuracy and loss; the model is left in eval mode.
+    Returns per-epoch validation accuracy and loss; the model is left in eval mode. Under an initialised
+    torch.distributed group (torchrun, :mod:`adntn_deploy.distributed`) the run is data-parallel with
+    ``batch_size`` as the global batch, and matches one process up to float summation order.
 
     Raises:
         GeneratorError: invalid hyper-parameters, or a diverging run.
@@ -237,6 +268,9 @@ def finetune(model: nn.Module, data: Dataset, *, epochs: int = 1, scope: str = "
     ``distill`` (a :class:`Distillation` holding the dense model) adds knowledge distillation: the
     student learns the teacher's softened logits (and optionally each compressed layer's output) as
     well as the labels. With "head" the teacher is cut at the same index and runs on the cached features.
+
+    Under an initialised torch.distributed group the training is data-parallel, as in :func:`train`
+    (with "head", every rank computes the cached features itself).
 
     Raises:
         GeneratorError: unknown scope, "head" on a model that is not Sequential or has no generated layer,

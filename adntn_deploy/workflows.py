@@ -3,6 +3,10 @@
 ``adntn-deploy train`` / ``compress``, the demo (:mod:`adntn_deploy.demo`) and the accuracy benchmark
 (``benchmarks/accuracy.py``) all run these, so the three cannot drift apart. Each returns an outcome
 object whose :meth:`summary` is the JSON the command prints; the command line only parses and formats.
+
+Under a torch.distributed process group (``torchrun``, :mod:`adntn_deploy.distributed`) training and
+fine-tuning run data-parallel on every rank, compression (calibration and fitting) runs on rank 0 and is
+broadcast, and only rank 0 writes checkpoints; every rank returns the same outcome.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from adntn_deploy import distributed
 from adntn_deploy.compression import CompressionReport
 from adntn_deploy.data import Dataset
 from adntn_deploy.errors import CheckpointError, GeneratorError
 from adntn_deploy.training import TrainResult
 
-__all__ = ["CompressOutcome", "TrainOutcome", "compress_checkpoint", "input_records", "train_checkpoint"]
+__all__ = ["CompressOutcome", "FinetuneOutcome", "TrainOutcome", "compress_checkpoint", "finetune_checkpoint", "input_records",
+           "train_checkpoint"]
 
 
 def input_records(data: Dataset) -> list[dict[str, Any]]:
@@ -32,6 +38,24 @@ def _dataset(data: Dataset | str, data_dir: str | os.PathLike | None) -> Dataset
     from adntn_deploy.data import load_dataset
 
     return data if isinstance(data, Dataset) else load_dataset(data, data_dir)
+
+
+def _save(output: str | os.PathLike | None, model: nn.Module, extra: dict[str, Any]) -> Path | None:
+    """Write the checkpoint on rank 0 only (a plain run: here); every rank returns its path once it is written."""
+    from adntn_deploy.checkpoint import save_checkpoint
+
+    if output is None:
+        return None
+    return distributed.run_on_main(lambda: save_checkpoint(output, model, extra), str, Path)
+
+
+def _refuse_overwrite(model: Any, output: str | os.PathLike | None) -> None:
+    from adntn_deploy.outputs import OutputError
+
+    if output is not None and not isinstance(model, nn.Module):
+        given = Path(model)
+        if given.exists() and Path(output).resolve() == given.resolve():
+            raise OutputError(f"output= {output} would overwrite the input checkpoint; write to another path")
 
 
 @dataclass
@@ -80,8 +104,9 @@ def train_checkpoint(
     (random, variance-calibrated cores reaching ``ratio`` per layer, :func:`~adntn_deploy.compression.generated_from_scratch`).
     ``data`` is a :class:`~adntn_deploy.data.Dataset` or a dataset name (read from ``data_dir`` for
     Fashion-MNIST). ``lr`` is Adam's learning rate (cosine decay to 0), ``epochs`` full passes, ``progress``
-    shows progress bars on stderr. The checkpoint records the input shape (for export), the dataset, the
-    test accuracy and the run.
+    shows progress bars on stderr (rank 0 only). The checkpoint records the input shape (for export), the
+    dataset, the test accuracy and the run. Under torchrun, ``batch_size`` is the global batch, split over
+    the ranks; only rank 0 writes.
 
     Raises:
         GeneratorError: an unknown zoo name (raised before any data is read), ``family`` without ``ratio``
@@ -89,7 +114,6 @@ def train_checkpoint(
             or a diverging run.
         DataError: the dataset is unknown, missing or corrupt.
     """
-    from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.models.zoo import ZOO, build_model
     from adntn_deploy.training import evaluate, train
 
@@ -107,10 +131,8 @@ def train_checkpoint(
         generated = {"family": family, "ratio": ratio, "layout": layout, "layers": layers}
     result = train(net, dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     accuracy = evaluate(net, dataset.test_x, dataset.test_y)
-    path = None
-    if output is not None:
-        path = save_checkpoint(output, net, {"inputs": input_records(dataset), "dataset": dataset.name,
-                                             "test_accuracy": accuracy, "training": result.as_dict(), "zoo": model})
+    path = _save(output, net, {"inputs": input_records(dataset), "dataset": dataset.name,
+                               "test_accuracy": accuracy, "training": result.as_dict(), "zoo": model})
     return TrainOutcome(net, model, dataset, accuracy, result, generated, path)
 
 
@@ -210,7 +232,9 @@ def compress_checkpoint(
     ``data`` is a :class:`~adntn_deploy.data.Dataset` or a dataset name (``data_dir``: Fashion-MNIST's
     folder). ``progress`` shows progress bars on stderr; ``notes`` gets one-line messages (e.g. that a zoo
     model is trained first). The checkpoint records the input shape (for export), the dataset, both
-    accuracies and the compression report.
+    accuracies and the compression report. Under torchrun, fitting (with calibration) runs on rank 0 and
+    its model is broadcast, fine-tuning is data-parallel with ``batch_size`` as the global batch, and only
+    rank 0 writes.
 
     Raises:
         OutputError: ``output`` is the input checkpoint (checked before anything runs).
@@ -221,46 +245,136 @@ def compress_checkpoint(
     """
     from tqdm import tqdm
 
-    from adntn_deploy.checkpoint import save_checkpoint
     from adntn_deploy.compression import compress
-    from adntn_deploy.outputs import OutputError
     from adntn_deploy.training import Distillation, evaluate, finetune
 
-    say = notes or (lambda line: None)
+    say = notes if notes is not None and distributed.is_main_process() else (lambda line: None)
     if (bond_dim is None) == (ratio is None):
         raise GeneratorError("give exactly one of bond_dim= or ratio=")
-    if output is not None and not isinstance(model, nn.Module):
-        given = Path(model)
-        if given.exists() and Path(output).resolve() == given.resolve():
-            raise OutputError(f"output= {output} would overwrite the input checkpoint; write to another path")
+    _refuse_overwrite(model, output)
     dataset = _dataset(data, data_dir)
     dense, source = _dense_model(model, dataset, dense_epochs, batch_size, seed, progress, say)
     if dense_accuracy is None:
         dense_accuracy = evaluate(dense, dataset.test_x, dataset.test_y)
     teacher = Distillation(dense, distill_temperature, distill_weight, match_layers) if distill else None
-    bar = tqdm(desc="fit cores", unit="step", disable=None if progress else True, leave=False)
     start = time.perf_counter()
 
-    def fit_progress(layer: str, step: int, total: int) -> None:
-        bar.set_postfix(layer=layer)
-        bar.update(1)
+    def fit_cores() -> tuple[nn.Module, CompressionReport]:
+        bar = tqdm(desc="fit cores", unit="step", disable=None if progress and distributed.is_main_process() else True, leave=False)
 
-    try:
-        compressed, report = compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, layout=layout,
-                                      activation=activation, fit_steps=fit_steps, seed=seed, progress=fit_progress,
-                                      calibration=dataset.train_x[:calibrate] if calibrate > 0 else None,
-                                      max_mode=max_mode, mixing=mixing)
-    finally:
-        bar.close()
+        def fit_progress(layer: str, step: int, total: int) -> None:
+            bar.set_postfix(layer=layer)
+            bar.update(1)
+
+        try:
+            return compress(dense, layers, family, bond_dim=bond_dim, ratio=ratio, layout=layout,
+                            activation=activation, fit_steps=fit_steps, seed=seed, progress=fit_progress,
+                            calibration=dataset.train_x[:calibrate] if calibrate > 0 else None,
+                            max_mode=max_mode, mixing=mixing)
+        finally:
+            bar.close()
+
+    if getattr(dense, "adntn_architecture", None) is not None and isinstance(dense, nn.Sequential):
+        # rank 0 fits; the others rebuild the model from its architecture and generator IRs
+        compressed, report = distributed.run_on_main(fit_cores, _share_compressed, _receive_compressed)
+    else:  # a model without a JSON architecture cannot be rebuilt elsewhere: every rank fits (seeded, the same)
+        compressed, report = fit_cores()
+    distributed.broadcast_module(compressed)  # rank 0's tensors everywhere (no-op in a plain run)
     fitted = evaluate(compressed, dataset.test_x, dataset.test_y) if measure_fit else None
     tuned = finetune(compressed, dataset, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr,
                      warmup=warmup, seed=seed, progress=progress, distill=teacher) if epochs > 0 else None
     compressed.eval()
     accuracy = evaluate(compressed, dataset.test_x, dataset.test_y)
     seconds = time.perf_counter() - start
-    path = None
-    if output is not None:
-        path = save_checkpoint(output, compressed, {"inputs": input_records(dataset), "dataset": dataset.name,
-                                                    "dense_accuracy": dense_accuracy, "test_accuracy": accuracy,
-                                                    "compression": report.as_dict()})
+    path = _save(output, compressed, {"inputs": input_records(dataset), "dataset": dataset.name,
+                                      "dense_accuracy": dense_accuracy, "test_accuracy": accuracy,
+                                      "compression": report.as_dict()})
     return CompressOutcome(compressed, dense, report, dataset, source, dense_accuracy, accuracy, seconds, tuned, fitted, path)
+
+
+def _share_compressed(result: tuple[nn.Module, CompressionReport]) -> dict[str, Any]:
+    """What the other ranks need to rebuild rank 0's compressed model (its tensors follow separately)."""
+    from adntn_deploy.nn import generated_layers
+
+    model, report = result
+    return {"architecture": model.adntn_architecture, "report": report.as_dict(),
+            "generators": {name: gw.ir.to_dict() for name, gw in generated_layers(model)}}
+
+
+def _receive_compressed(shared: dict[str, Any]) -> tuple[nn.Module, CompressionReport]:
+    from adntn_deploy.ir.program import GeneratorIR
+    from adntn_deploy.models import build_sequential
+
+    model = build_sequential(shared["architecture"], {k: GeneratorIR.from_dict(v) for k, v in shared["generators"].items()})
+    return model.eval(), CompressionReport.from_dict(shared["report"])
+
+
+@dataclass
+class FinetuneOutcome:
+    """What :func:`finetune_checkpoint` did: the model, test accuracy (0..1) before and after, the run, the file written."""
+
+    model: nn.Module
+    data: Dataset
+    source: str
+    accuracy_before: float
+    accuracy: float
+    training: TrainResult
+    checkpoint: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: source, data, accuracy_before, test_accuracy (0..1), finetune (the run), checkpoint."""
+        return {"source": self.source, "data": self.data.describe(), "accuracy_before": self.accuracy_before,
+                "test_accuracy": self.accuracy, "finetune": self.training.as_dict(),
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+
+def finetune_checkpoint(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None,
+    data: Dataset | str = "fashion-mnist",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    epochs: int = 1,
+    scope: str = "all",
+    lr: float = 1e-3,
+    core_lr: float = 3e-2,
+    warmup: int = 200,
+    distill_temperature: float = 4.0,
+    distill_weight: float = 0.7,
+    match_layers: float = 0.0,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> FinetuneOutcome:
+    """Fine-tune the (compressed) checkpoint ``model`` on ``data`` and write the checkpoint ``output`` (None: nothing).
+
+    :func:`~adntn_deploy.training.finetune` with ``epochs``, ``scope``, ``lr`` / ``core_lr`` and ``warmup``;
+    with ``teacher`` (a dense checkpoint of the same architecture) it distils at ``distill_temperature`` and
+    ``distill_weight`` (plus ``match_layers``). The new checkpoint keeps the input's recorded metadata and
+    updates the test accuracy, adding the run as ``finetune``. Under torchrun it is data-parallel with
+    ``batch_size`` as the global batch, and only rank 0 writes.
+
+    Raises:
+        OutputError: ``output`` is the input checkpoint (checked before anything runs).
+        CheckpointError: a missing or unreadable checkpoint (``model`` or ``teacher``).
+        GeneratorError: bad fine-tuning options, or a diverging run.
+        DataError: the dataset is unknown, missing or corrupt.
+    """
+    from adntn_deploy.checkpoint import load_checkpoint, read_checkpoint
+    from adntn_deploy.training import Distillation, evaluate, finetune
+
+    _refuse_overwrite(model, output)
+    info = read_checkpoint(model)
+    net = load_checkpoint(model)
+    dense = load_checkpoint(teacher) if teacher is not None else None
+    dataset = _dataset(data, data_dir)
+    before = evaluate(net, dataset.test_x, dataset.test_y)
+    distill = Distillation(dense, distill_temperature, distill_weight, match_layers) if dense is not None else None
+    result = finetune(net, dataset, epochs=epochs, scope=scope, batch_size=batch_size, lr=lr, core_lr=core_lr, warmup=warmup,
+                      seed=seed, progress=progress, distill=distill)
+    accuracy = evaluate(net, dataset.test_x, dataset.test_y)
+    extra = {**info.extra, "inputs": input_records(dataset), "dataset": dataset.name, "test_accuracy": accuracy,
+             "finetune": result.as_dict()}
+    path = _save(output, net, extra)
+    return FinetuneOutcome(net, dataset, f"checkpoint {model}", before, accuracy, result, path)

@@ -106,3 +106,16 @@ def test_compress_bad_input_is_one_line(dense_ckpt, tmp_path, args, env, message
 def test_train_unknown_model_is_one_line(tmp_path):
     proc = run("train", "--model", "resnet", "--data", "digits", "-o", str(tmp_path / "x.ckpt"), check=False)
     assert proc.returncode == 1 and "unknown model 'resnet': the zoo has vgg, alexnet, mlp, mlp4096" in proc.stderr
+
+
+def test_finetune_tunes_a_checkpoint_and_keeps_its_records(dense_ckpt, tmp_path, cli_runner):
+    out = tmp_path / "tuned.ckpt"
+    result = cli_runner("finetune", "--model", dense_ckpt, "--data", "digits", "--epochs", "1", "--warmup", "5", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["finetune"]["epochs"] == 1 and summary["test_accuracy"] > 0.7
+    info = read_checkpoint(out)
+    assert info.extra["zoo"] == "mlp" and info.extra["test_accuracy"] == summary["test_accuracy"]
+    assert info.extra["finetune"]["scope"] == "all" and info.extra["inputs"] == [{"name": "input", "shape": [1, 1, 28, 28]}]
+    same = cli_runner("finetune", "--model", dense_ckpt, "--data", "digits", "-o", dense_ckpt)
+    assert same.returncode == 1 and "would overwrite the input checkpoint" in same.stderr

@@ -19,7 +19,7 @@ LAYERS = [
     ["adntn_deploy.generators"],
     ["adntn_deploy.nn", "adntn_deploy.fit"],
     ["adntn_deploy.models", "adntn_deploy.data", "adntn_deploy.checkpoint", "adntn_deploy.training",
-     "adntn_deploy.compression", "adntn_deploy.presets", "adntn_deploy.workflows"],
+     "adntn_deploy.compression", "adntn_deploy.presets", "adntn_deploy.workflows", "adntn_deploy.distributed"],
     ["adntn_deploy.onnx_export"],
     ["adntn_deploy.compiler"],
     ["adntn_deploy.runtime"],

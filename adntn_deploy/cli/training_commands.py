@@ -1,4 +1,10 @@
-"""``train`` and ``compress``: dense baselines of the zoo models, and their compression with generators."""
+"""``train``, ``compress`` and ``finetune``: dense baselines of the zoo models, their compression with generators,
+and further fine-tuning of compressed checkpoints.
+
+Each runs data-parallel when launched by torchrun (``torchrun --nproc_per_node N -m adntn_deploy.cli.main train ...``,
+docs/distributed.md): the command joins the process group (:func:`adntn_deploy.distributed.session`), and only
+rank 0 prints, shows progress and writes the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from adntn_deploy import distributed
 from adntn_deploy.data import DATASETS
 
 _data_options = [
@@ -14,7 +21,7 @@ _data_options = [
                  help="Dataset (fashion-mnist from the Debian package dataset-fashion-mnist; digits is built in)."),
     click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Folder with Fashion-MNIST's gzip IDX files (default $ADNTN_DATA_DIR or /usr/share/datasets/fashion-mnist)."),
-    click.option("--batch-size", default=128, show_default=True, help="Training batch size."),
+    click.option("--batch-size", default=128, show_default=True, help="Training batch size (under torchrun: the global batch, split over the ranks)."),
     click.option("--seed", default=0, show_default=True, help="Seed of initialisation and shuffling."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 ]
@@ -28,8 +35,8 @@ def data_options(func):
 
 
 def _say(as_json: bool):
-    """Where a workflow's one-line notes go: stderr, or nowhere when printing JSON."""
-    return None if as_json else (lambda line: click.echo(line, err=True))
+    """Where a workflow's one-line notes go: stderr, or nowhere when printing JSON (or on ranks other than 0)."""
+    return None if as_json or not distributed.is_main_process() else (lambda line: click.echo(line, err=True))
 
 
 @click.command("train")
@@ -50,8 +57,12 @@ def train_command(model_name, epochs, lr, family, ratio, layout, layers, output,
 
     if (family is None) != (ratio is None):
         raise click.UsageError("give --family and --ratio together to train generated layers from scratch")
-    outcome = train_checkpoint(model_name, output, data_name, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-                               seed=seed, family=family, ratio=ratio, layout=layout, layers=layers, progress=not as_json)
+    with distributed.session():
+        outcome = train_checkpoint(model_name, output, data_name, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
+                                   seed=seed, family=family, ratio=ratio, layout=layout, layers=layers, progress=not as_json)
+        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
+    if not main:
+        return
     if as_json:
         click.echo(json.dumps(outcome.summary(), indent=2))
     else:
@@ -97,13 +108,17 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mod
 
     if (bond_dim is None) == (ratio is None):
         raise click.UsageError("give exactly one of --bond-dim N or --ratio R")
-    outcome = compress_checkpoint(
-        model_arg, output, data_name, data_dir=data_dir, layers=layers, family=family, bond_dim=bond_dim, ratio=ratio,
-        layout=layout, max_mode=max_mode, mixing=mixing, activation=activation, fit_steps=fit_steps, calibrate=calibrate,
-        epochs=epochs, scope=scope, lr=lr, core_lr=core_lr, warmup=warmup, distill=distill,
-        distill_temperature=distill_temperature, distill_weight=distill_weight, match_layers=match_layers,
-        dense_epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not as_json, notes=_say(as_json),
-    )
+    with distributed.session():
+        outcome = compress_checkpoint(
+            model_arg, output, data_name, data_dir=data_dir, layers=layers, family=family, bond_dim=bond_dim, ratio=ratio,
+            layout=layout, max_mode=max_mode, mixing=mixing, activation=activation, fit_steps=fit_steps, calibrate=calibrate,
+            epochs=epochs, scope=scope, lr=lr, core_lr=core_lr, warmup=warmup, distill=distill,
+            distill_temperature=distill_temperature, distill_weight=distill_weight, match_layers=match_layers,
+            dense_epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not as_json, notes=_say(as_json),
+        )
+        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
+    if not main:
+        return
     if as_json:
         click.echo(json.dumps(outcome.summary(), indent=2))
         return
@@ -118,3 +133,40 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mod
     click.echo(f"test accuracy: dense {100 * dense_acc:.2f}% -> compressed {100 * accuracy:.2f}% "
                f"({100 * (accuracy - dense_acc):+.2f} points); whole model {report.model_params_before:,} -> "
                f"{report.model_params_after:,} parameters ({report.model_ratio:.1f}x); wrote {output}")
+
+
+@click.command("finetune")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A checkpoint to fine-tune (from compress, or train with --family).")
+@click.option("--epochs", default=1, show_default=True, help="Fine-tuning epochs.")
+@click.option("--scope", type=click.Choice(["all", "head"]), default="all", show_default=True,
+              help="Fine-tune end to end, or only from the first generated layer on (features frozen and cached: faster).")
+@click.option("--lr", default=1e-3, show_default=True, help="Learning rate of dense parameters.")
+@click.option("--core-lr", default=3e-2, show_default=True, help="Cores' learning rate, relative to each core's RMS.")
+@click.option("--warmup", default=200, show_default=True, help="Steps over which learning rates ramp up from 0.")
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A dense checkpoint of the same model to distil from (its softened logits) as well as the labels.")
+@click.option("--distill-temperature", default=4.0, show_default=True, help="Softmax temperature of distillation (with --teacher).")
+@click.option("--distill-weight", default=0.7, show_default=True, help="Weight of the distillation term (0..1, with --teacher).")
+@click.option("--match-layers", default=0.0, show_default=True,
+              help="Weight of matching each generated layer's output to the teacher's (with --teacher; 0: off).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
+@data_options
+def finetune_command(model_path, epochs, scope, lr, core_lr, warmup, teacher, distill_temperature, distill_weight, match_layers,
+                     output, data_name, data_dir, batch_size, seed, as_json):
+    """Fine-tune a compressed checkpoint further (optionally distilling from its dense model); writes a checkpoint."""
+    from adntn_deploy.workflows import finetune_checkpoint
+
+    with distributed.session():
+        outcome = finetune_checkpoint(model_path, output, data_name, data_dir=data_dir, teacher=teacher, epochs=epochs, scope=scope,
+                                      lr=lr, core_lr=core_lr, warmup=warmup, distill_temperature=distill_temperature,
+                                      distill_weight=distill_weight, match_layers=match_layers, batch_size=batch_size,
+                                      seed=seed, progress=not as_json)
+        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
+    if not main:
+        return
+    if as_json:
+        click.echo(json.dumps(outcome.summary(), indent=2))
+    else:
+        click.echo(f"test accuracy {100 * outcome.accuracy_before:.2f}% -> {100 * outcome.accuracy:.2f}% after {epochs} epoch(s) "
+                   f"of fine-tuning ({outcome.training.seconds:.0f} s); wrote {output}")
