@@ -38,11 +38,12 @@ def batch_key(inputs: Mapping[str, np.ndarray]) -> tuple | None:
 
 @dataclass(eq=False)
 class _Pending:
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray] = field(repr=False)
     rows: int
     key: tuple | None
     arrived: float
     future: asyncio.Future = field(repr=False)
+    queued: bool = True  # still in the batcher's queue (not yet taken into a batch)
 
 
 class DynamicBatcher:
@@ -89,8 +90,9 @@ class DynamicBatcher:
         try:
             return await pending.future
         finally:  # a caller that went away (cancelled) leaves the queue if its request has not run yet
-            with contextlib.suppress(ValueError):
+            if pending.queued:
                 self._pending.remove(pending)
+                pending.queued = False
 
     async def close(self) -> None:
         """Stop forming batches; requests still waiting get a cancellation."""
@@ -109,14 +111,17 @@ class DynamicBatcher:
     def _take(self) -> list[_Pending]:
         """The oldest request and the compatible ones after it that fit, removed from the queue."""
         first = self._pending.popleft()
-        batch, rows = [first], first.rows
-        if first.key is None:
-            return batch
-        for pending in list(self._pending):
-            if pending.key == first.key and rows + pending.rows <= self.max_batch_size:
-                self._pending.remove(pending)
-                batch.append(pending)
-                rows += pending.rows
+        batch, rows, left = [first], first.rows, deque()
+        if first.key is not None:
+            for pending in self._pending:
+                if pending.key == first.key and rows + pending.rows <= self.max_batch_size:
+                    batch.append(pending)
+                    rows += pending.rows
+                else:
+                    left.append(pending)
+            self._pending = left
+        for pending in batch:
+            pending.queued = False
         return batch
 
     async def _schedule(self) -> None:
