@@ -106,45 +106,13 @@ def tiny_onnx(tmp_path_factory):
     return TinyOnnx(tmp_path_factory.mktemp("tiny_onnx"))
 
 
-class CliResult:
-    """What an in-process CLI run gave: ``returncode`` (alias ``exit_code``), ``stdout``, ``stderr`` and
-    ``output`` (both, interleaved) -- the attributes tests read from a ``subprocess.CompletedProcess``."""
-
-    def __init__(self, result):
-        self.returncode = self.exit_code = result.exit_code
-        self.stdout, self.stderr, self.output = result.stdout, result.stderr, result.output
-
-    def __repr__(self):
-        return f"CliResult(returncode={self.returncode}, stderr={self.stderr[-500:]!r})"
-
-
 @pytest.fixture
 def cli_runner():
-    """Run ``adntn-deploy ARGS...`` in this process (click's CliRunner): ``cli_runner(*args, env=None)`` -> CliResult.
+    """Run ``adntn-deploy ARGS...`` in this process: ``cli_runner(*args, env=None)`` -> CliResult
+    (:func:`inprocess.invoke_cli`, which module-scoped fixtures import directly)."""
+    from inprocess import invoke_cli
 
-    For tests of messages, exit codes and output where a real process is not the point; tests of the real
-    binary (signals, crashes, servers, memory, native stderr) keep a subprocess. Arguments are str()-ed;
-    TQDM_DISABLE=1 is set; ``env`` adds variables (None removes one). The process environment is restored
-    afterwards (--max-weight-bytes sets a variable). An exception the CLI does not turn into a one-line error
-    propagates instead of passing as exit code 1.
-    """
-    import os
-
-    from click.testing import CliRunner
-
-    from adntn_deploy.cli.main import cli
-
-    def invoke(*args, env=None):
-        saved = dict(os.environ)
-        try:
-            result = CliRunner().invoke(cli, [str(a) for a in args], env={"TQDM_DISABLE": "1", **(env or {})},
-                                        prog_name="adntn-deploy", catch_exceptions=False)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        return CliResult(result)
-
-    return invoke
+    return invoke_cli
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the cases marked here must be seen by it

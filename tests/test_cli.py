@@ -1,4 +1,5 @@
-"""The command line, run as a real process."""
+"""The command line: as a real process where the binary is the point (--version, one-line errors, the
+default demo), in process otherwise."""
 
 import json
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import pytest
 
+from inprocess import invoke_cli
 from tolerance import float32_rtol
 from adntn_deploy import __version__
 from adntn_deploy.checkpoint import save_checkpoint
@@ -27,7 +29,7 @@ def test_version():
 
 
 def test_presets_json_lists_every_preset_with_its_ratio():
-    rows = json.loads(run("presets", "--json").stdout)
+    rows = json.loads(invoke_cli("presets", "--json", check=True).stdout)
     assert {r["name"] for r in rows} == set(PRESETS)
     for r in rows:
         assert r["ratio"] >= PRESETS[r["name"]].min_ratio
@@ -35,7 +37,7 @@ def test_presets_json_lists_every_preset_with_its_ratio():
 
 
 def test_inspect_presets_by_pattern_prints_a_table():
-    out = run("inspect", "vgg16-fc6-*").stdout
+    out = invoke_cli("inspect", "vgg16-fc6-*", check=True).stdout
     assert out.count("vgg16-fc6-") == len([n for n in PRESETS if n.startswith("vgg16-fc6-")])  # 6 split + 9 operator
     assert "50,872x" in out  # vgg16-fc6-ttn-50k
     assert "operator" in out and "79,168x" in out  # vgg16-fc6-ttn-operator-77k
@@ -46,7 +48,7 @@ def test_inspect_checkpoint(tmp_path):
         {"type": "adntn_linear", "in_features": 64, "out_features": 32, "generator": {"family": "mera", "bond_dim": 2}},
     ]})
     path = save_checkpoint(tmp_path / "m.safetensors", model)
-    rows = json.loads(run("inspect", str(path), "--json").stdout)
+    rows = json.loads(invoke_cli("inspect", str(path), "--json", check=True).stdout)
     assert rows[0]["name"] == "0" and rows[0]["family"] == "mera"
     assert rows[0]["params"] == model[0].generator.params
 
@@ -69,7 +71,7 @@ def test_bad_arguments_give_one_line_errors(args, message):
 def test_inspect_corrupt_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage" * 3)
-    proc = run("inspect", str(bad), check=False)
+    proc = invoke_cli("inspect", str(bad))
     assert proc.returncode == 1
     assert "not a readable safetensors checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -78,8 +80,8 @@ def test_inspect_corrupt_checkpoint_is_one_line(tmp_path):
 def test_demo_runs_the_pipeline_and_reports_json(tmp_path):
     """The main job on the built-in digits with a tiny budget: every stage runs, every backend agrees."""
     out = tmp_path / "demo"
-    result = json.loads(run("demo", "--json", "--data", "digits", "--model", "mlp", "--epochs", "1", "--finetune-epochs", "1",
-                            "--ratio", "200", "--fit-steps", "5", "-o", str(out)).stdout)
+    result = json.loads(invoke_cli("demo", "--json", "--data", "digits", "--model", "mlp", "--epochs", "1", "--finetune-epochs", "1",
+                            "--ratio", "200", "--fit-steps", "5", "-o", str(out), check=True).stdout)
     rows = {r["stage"]: r for r in result["rows"]}
     assert list(rows) == ["dense model", "compressed", "ONNX", "TVM host", "TVM rpi4", "server"]
     assert all(r["ratio"] >= 200 for r in result["compression"]["layers"])

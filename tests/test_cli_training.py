@@ -1,4 +1,5 @@
-"""train and compress as real processes: checkpoints on disk, JSON output, one-line errors."""
+"""train, compress and finetune through the CLI (in process; one test as a real process): checkpoints on disk,
+JSON output, one-line errors."""
 
 import json
 import os
@@ -8,14 +9,17 @@ import sys
 import pytest
 
 from adntn_deploy.checkpoint import read_checkpoint
+from inprocess import invoke_cli
 
 
 def run(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    """The CLI in this process (the binary's own exit path is checked by test_train_unknown_model_is_one_line)."""
+    return invoke_cli(*args, env=env, check=check)
+
+
+def run_process(*args):
+    return subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", *args], capture_output=True, text=True,
+                          timeout=600, env=os.environ)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def test_compress_bad_input_is_one_line(dense_ckpt, tmp_path, args, env, message
 
 
 def test_train_unknown_model_is_one_line(tmp_path):
-    proc = run("train", "--model", "resnet", "--data", "digits", "-o", str(tmp_path / "x.ckpt"), check=False)
+    proc = run_process("train", "--model", "resnet", "--data", "digits", "-o", str(tmp_path / "x.ckpt"))
     assert proc.returncode == 1 and "unknown model 'resnet': the zoo has vgg, alexnet, mlp, mlp4096" in proc.stderr
 
 

@@ -158,9 +158,11 @@ def test_a_worker_that_dies_mid_training_fails_the_run_without_a_hang(tmp_path):
     assert saves == [] and not (tmp_path / "never.ckpt").exists()
 
 
+# the default suite covers a dying worker with test_a_worker_that_dies_mid_training_fails_the_run_without_a_hang
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, timeout_s", [
-    ("fit", 60),
-    pytest.param("hang", 8, marks=pytest.mark.slow),  # waits out the timeout: about 25 s
+    ("fit", 60),  # about 18 s
+    ("hang", 8),  # waits out the timeout: about 25 s
 ])
 def test_a_rank_waiting_for_rank_0_ends_with_an_error(tmp_path, fault, timeout_s):
     """Without torchrun's supervision (two plain processes), rank 1 waits on the broadcast of rank 0's fit.

@@ -36,7 +36,7 @@ from adntn_deploy.cli.onnx_commands import max_weight_bytes_option
               help="Also serve the KServe v2 gRPC protocol on this port (Triton uses 8001), from the same models.")
 @click.option("--max-batch-size", default=1, show_default=True, type=click.IntRange(1, 65536),
               help="Merge concurrent requests into runs of up to this many rows (1: no dynamic batching).")
-@click.option("--max-queue-delay-us", default=500, show_default=True, type=click.IntRange(0, 10_000_000),
+@click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
               help="Microseconds a batch waits for more requests after its oldest one arrived.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @max_weight_bytes_option

@@ -26,7 +26,7 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 2  # Triton's default instance count on CPU
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_REQUEST_TIMEOUT = 30.0
-DEFAULT_MAX_QUEUE_DELAY_US = 500
+DEFAULT_MAX_QUEUE_DELAY_US = 0  # as Triton: batch what is queued when a run slot frees
 log = logging.getLogger("adntn_deploy.serving")
 
 
