@@ -26,7 +26,12 @@ DEFAULT_CASES: dict[str, set[str]] = {
         "ttn-identity-linear", "attn-relu-linear", "mera-identity-conv",
     },
     # weights-layout
-    "tests/test_edge_runner.py::test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86": {"load-split"},
+    "tests/test_edge_runner.py::test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86": set(),
+    # mode-kind
+    "tests/test_streaming.py::test_operator_layout_streams_as_kronecker_products_in_tvm": {"stream-conv", "auto-linear"},
+    # profile
+    "tests/test_compiler.py::test_gpu_profiles_compile_and_export": {"cuda-sm80", "jetson-orin", "opencl-adreno"},
+    "tests/test_compiler.py::test_cross_compile_links_for_the_board": {"aarch64", "armv7-neon-hf", "riscv64"},
     # family
     "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": set(),
     # weights-batch
@@ -53,10 +58,15 @@ EXEMPT_AXES: dict[str, dict[int, str]] = {
     "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": {
         0: "a scale test (4096^2, 13 s each): every family trains at small sizes in tests/test_nn.py"},
     "tests/test_edge_runner.py::test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86": {
-        0: "fold builds the same board library with the weights inside; --weights fold is covered on x86 by the "
-           "test_compiler grid, load and stream run on the board here",
-        1: "the operator layout's streamed kernels are built for aarch64 by "
-           "tests/test_streaming.py::test_operator_stream_compiles_for_gpu_and_arm; running them under qemu is slow"},
+        0: "a 15-20 s qemu run per case; tests/test_edge_runner.py::test_runner_aarch64_qemu runs an aarch64 "
+           "artifact with the native runner under qemu, the test_compiler grid covers every weights mode on x86",
+        1: "the layouts' kernels are built for aarch64 by tests/test_streaming.py::"
+           "test_operator_stream_compiles_for_gpu_and_arm and test_compiler's cross-compile cases"},
+    "tests/test_compiler.py::test_gpu_profiles_compile_and_export": {
+        0: "cuda-sm90 builds the same CUDA code as cuda-sm80 for another arch"},
+    "tests/test_compiler.py::test_cross_compile_links_for_the_board": {
+        0: "rpi4 and rpi5 are aarch64 profiles (another -mcpu), linked like the aarch64 case; the demo test "
+           "(tests/test_cli.py) cross-compiles for rpi4 too"},
     "tests/test_kserve.py::test_package_writes_a_valid_inferenceservice": {
         0: "the triton runtime's manifest is validated against the schema by test_every_runtime_and_storage_validate",
         1: "the options only change the manifest's text, checked there too",

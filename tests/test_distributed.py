@@ -151,6 +151,8 @@ def test_compress_and_finetune_under_torchrun_match_one_process(tmp_path):
     assert ddp["test_accuracy"] == one["test_accuracy"] and ddp["finetune"]["scope"] == "head"
 
 
+# 15-20 s; the default suite keeps DDP training (above) and the environment checks (below)
+@pytest.mark.slow
 def test_a_worker_that_dies_mid_training_fails_the_run_without_a_hang(tmp_path):
     proc, saves = torchrun(tmp_path, "train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--batch-size", "64",
                            "-o", str(tmp_path / "never.ckpt"), DIE="1:train")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from inprocess import invoke_cli
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -306,7 +308,7 @@ def test_rpc_binds_loopback_by_default():
     for command in (rpc_server_command, rpc_tracker_command):
         host = next(p for p in command.params if p.name == "host")
         assert host.default == "127.0.0.1"
-    proc = cli("rpc", "server", "--help")
+    proc = invoke_cli("rpc", "server", "--help")
     assert proc.returncode == 0 and "127.0.0.1" in proc.stdout and "0.0.0.0" not in proc.stdout
 
 
@@ -474,7 +476,7 @@ def test_unreadable_file_gives_one_line(files, tmp_path):
 
 @pytest.mark.parametrize("shape", ["input:", ":1,2", "input:1;2", "input:-1,64", "input:" + "9" * 5000])
 def test_bad_input_shape_syntax_is_a_usage_error(files, tmp_path, shape):
-    proc = cli("compile", files["onnx"], "--target", "host", "-o", tmp_path / "art", "--input-shape", shape)
+    proc = invoke_cli("compile", files["onnx"], "--target", "host", "-o", tmp_path / "art", "--input-shape", shape)
     assert proc.returncode == 2 and "NAME:D1,D2" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inprocess import invoke_cli
+
 pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]'")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -161,7 +163,7 @@ def test_export_refuses_to_overwrite_its_checkpoint(tmp_path, tiny_model):
     os.link(ckpt, tmp_path / "link.ckpt")
     before = ckpt.read_bytes()
     for output in (ckpt, tmp_path / "link.ckpt"):
-        one_line_error(cli("export", ckpt, "-o", output), "is the input")
+        one_line_error(invoke_cli("export", ckpt, "-o", output), "is the input")
     assert ckpt.read_bytes() == before
 
 
@@ -170,7 +172,7 @@ def test_run_refuses_outputs_over_its_inputs(tmp_path, tiny):
     np.savez(inputs, input=np.ones((1, 16), np.float32))
     before = inputs.read_bytes()
     for outputs in (inputs, tmp_path / "x"):  # numpy.savez appends .npz: "x" writes x.npz too
-        one_line_error(cli("run", tiny, "--inputs", inputs, "--outputs", outputs), "is the input")
+        one_line_error(invoke_cli("run", tiny, "--inputs", inputs, "--outputs", outputs), "is the input")
     assert inputs.read_bytes() == before
 
 
