@@ -214,9 +214,8 @@ def test_builder_pool_outlives_a_batch():
         builder.close()
 
 
-def test_records_hold_the_measured_default_schedule(tmp_path, tiny):
-    """Tuning measures our rules' untuned default next to the search, so records never lose to it; a resumed
-    run keeps it once, and compile replays it when it measured fastest."""
+def _tune_with_default(tmp_path, tiny):
+    """Tune ``tiny`` with 1 trial; (records folder, its tuning-record lines, the line index of the default)."""
     from tvm.s_tir import meta_schedule as ms
 
     from adntn_deploy.compiler.database import copy_database
@@ -243,7 +242,18 @@ def test_records_hold_the_measured_default_schedule(tmp_path, tiny):
     contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(tmp_path / "work"))
     copy_database(records, tmp_path / "work")
     assert record_default_schedules(contexts, target, None, None, tmp_path / "work") == (0, [])
+    return records, lines, index
 
+
+def test_records_hold_the_measured_default_schedule(tmp_path, tiny):
+    """Tuning measures our rules' untuned default next to the search, so records never lose to it; a resumed
+    run keeps it once. (The one real MetaSchedule run of the default suite.)"""
+    _tune_with_default(tmp_path, tiny)
+
+
+@pytest.mark.slow
+def test_compile_replays_the_default_when_it_measured_fastest(tmp_path, tiny):
+    records, lines, index = _tune_with_default(tmp_path, tiny)
     # make the default the fastest record: compile must replay it, and it still computes the model
     rows = [json.loads(line) for line in lines]
     for i, row in enumerate(rows):
