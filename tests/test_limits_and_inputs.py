@@ -459,11 +459,16 @@ MALFORMED = [  # (command line with {} for the file, file kind, text the one lin
 ]
 
 
+# in process in the default suite (26 fresh interpreters would cost 90 s); as real processes with -m slow
+@pytest.mark.parametrize("runner", ["in-process", pytest.param("process", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("command, kind, needle", MALFORMED, ids=[f"{c.split()[0]}-{k}" for c, k, _ in MALFORMED])
-def test_malformed_input_gives_one_line(files, tmp_path, command, kind, needle):
+def test_malformed_input_gives_one_line(files, tmp_path, command, kind, needle, runner):
     path = _make(kind, files, tmp_path)
     args = command.replace("{}", str(path)).format(dir=tmp_path, onnx=files["onnx"]).split()
-    one_line_error(cli(*args), needle)
+    if runner == "process":
+        one_line_error(cli(*args), needle)
+    else:
+        one_line_error(invoke_cli(*args, env={ENV: None, "ADNTN_DEBUG": None}), needle)
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads unreadable files")
