@@ -39,6 +39,15 @@ def _say(as_json: bool):
     return None if as_json or not distributed.is_main_process() else (lambda line: click.echo(line, err=True))
 
 
+def _on_main_rank(work):
+    """Run ``work()`` inside a distributed session (a plain run: just run it); its result on rank 0, where the
+    command prints, and None on the other ranks."""
+    with distributed.session():
+        outcome = work()
+        main = distributed.is_main_process()
+    return outcome if main else None
+
+
 @click.command("train")
 @click.option("--model", "model_name", required=True, help="Zoo model: vgg, alexnet, mlp or mlp4096.")
 @click.option("--epochs", default=3, show_default=True, help="Training epochs.")
@@ -57,11 +66,10 @@ def train_command(model_name, epochs, lr, family, ratio, layout, layers, output,
 
     if (family is None) != (ratio is None):
         raise click.UsageError("give --family and --ratio together to train generated layers from scratch")
-    with distributed.session():
-        outcome = train_checkpoint(model_name, output, data_name, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-                                   seed=seed, family=family, ratio=ratio, layout=layout, layers=layers, progress=not as_json)
-        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
-    if not main:
+    outcome = _on_main_rank(lambda: train_checkpoint(
+        model_name, output, data_name, data_dir=data_dir, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        family=family, ratio=ratio, layout=layout, layers=layers, progress=not as_json))
+    if outcome is None:
         return
     if as_json:
         click.echo(json.dumps(outcome.summary(), indent=2))
@@ -108,16 +116,14 @@ def compress_command(model_arg, layers, family, bond_dim, ratio, layout, max_mod
 
     if (bond_dim is None) == (ratio is None):
         raise click.UsageError("give exactly one of --bond-dim N or --ratio R")
-    with distributed.session():
-        outcome = compress_checkpoint(
-            model_arg, output, data_name, data_dir=data_dir, layers=layers, family=family, bond_dim=bond_dim, ratio=ratio,
-            layout=layout, max_mode=max_mode, mixing=mixing, activation=activation, fit_steps=fit_steps, calibrate=calibrate,
-            epochs=epochs, scope=scope, lr=lr, core_lr=core_lr, warmup=warmup, distill=distill,
-            distill_temperature=distill_temperature, distill_weight=distill_weight, match_layers=match_layers,
-            dense_epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not as_json, notes=_say(as_json),
-        )
-        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
-    if not main:
+    outcome = _on_main_rank(lambda: compress_checkpoint(
+        model_arg, output, data_name, data_dir=data_dir, layers=layers, family=family, bond_dim=bond_dim, ratio=ratio,
+        layout=layout, max_mode=max_mode, mixing=mixing, activation=activation, fit_steps=fit_steps, calibrate=calibrate,
+        epochs=epochs, scope=scope, lr=lr, core_lr=core_lr, warmup=warmup, distill=distill,
+        distill_temperature=distill_temperature, distill_weight=distill_weight, match_layers=match_layers,
+        dense_epochs=dense_epochs, batch_size=batch_size, seed=seed, progress=not as_json, notes=_say(as_json),
+    ))
+    if outcome is None:
         return
     if as_json:
         click.echo(json.dumps(outcome.summary(), indent=2))
@@ -157,13 +163,11 @@ def finetune_command(model_path, epochs, scope, lr, core_lr, warmup, teacher, di
     """Fine-tune a compressed checkpoint further (optionally distilling from its dense model); writes a checkpoint."""
     from adntn_deploy.workflows import finetune_checkpoint
 
-    with distributed.session():
-        outcome = finetune_checkpoint(model_path, output, data_name, data_dir=data_dir, teacher=teacher, epochs=epochs, scope=scope,
-                                      lr=lr, core_lr=core_lr, warmup=warmup, distill_temperature=distill_temperature,
-                                      distill_weight=distill_weight, match_layers=match_layers, batch_size=batch_size,
-                                      seed=seed, progress=not as_json)
-        main = distributed.is_main_process()  # rank 0 (or a plain run) prints
-    if not main:
+    outcome = _on_main_rank(lambda: finetune_checkpoint(
+        model_path, output, data_name, data_dir=data_dir, teacher=teacher, epochs=epochs, scope=scope, lr=lr,
+        core_lr=core_lr, warmup=warmup, distill_temperature=distill_temperature, distill_weight=distill_weight,
+        match_layers=match_layers, batch_size=batch_size, seed=seed, progress=not as_json))
+    if outcome is None:
         return
     if as_json:
         click.echo(json.dumps(outcome.summary(), indent=2))

@@ -340,9 +340,10 @@ def create_app(config: ServeConfig):
     def grpc_request(method: str, model: str, status: str, seconds: float) -> None:
         requests_total.labels("grpc", model, status).inc()
         latency.labels("grpc", model).observe(seconds)
-        line = json.dumps({"ts": round(time.time(), 3), "grpc": method, "status": status,
-                           "ms": round(seconds * 1e3, 3), "model": model})
-        (log.info if status in ("OK", "NOT_FOUND", "INVALID_ARGUMENT", "UNAVAILABLE") else log.error)(line)
+        level = logging.INFO if status in ("OK", "NOT_FOUND", "INVALID_ARGUMENT", "UNAVAILABLE") else logging.ERROR
+        if log.isEnabledFor(level):  # a hot path: build the line only when it is written
+            log.log(level, json.dumps({"ts": round(time.time(), 3), "grpc": method, "status": status,
+                                       "ms": round(seconds * 1e3, 3), "model": model}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -176,8 +176,7 @@ class InferenceEngine:
                                       "on every input and output: served unbatched")
                     continue
                 report = None if on_batch is None else (lambda n, rows, _name=name: on_batch(_name, n, rows))
-                predictor = loaded.predictor
-                loaded.batcher = DynamicBatcher(lambda feeds, _p=predictor: _p.run(feeds), config.max_batch_size,
+                loaded.batcher = DynamicBatcher(loaded.predictor.run, config.max_batch_size,
                                                 config.max_queue_delay_us * 1e-6, config.max_concurrency, report)
         for note in self.notes:
             log.warning(note)

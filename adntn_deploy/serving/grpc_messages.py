@@ -25,6 +25,9 @@ METHODS = {
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
 }
 
+#: an input tensor of a request and an output tensor of a response have the same fields
+_TENSOR_FIELDS = [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "repeated int64"),
+                  ("parameters", 4, "map<InferParameter>"), ("contents", 5, "InferTensorContents")]
 #: message -> fields (name, number, type); "repeated X" for lists, "map<V>" for map<string, V>; a dotted
 #: message name is nested in its parent; "oneof" groups list the members of one oneof
 _MESSAGES: dict[str, list[tuple]] = {
@@ -54,17 +57,13 @@ _MESSAGES: dict[str, list[tuple]] = {
                           ("inputs", 5, "repeated ModelInferRequest.InferInputTensor"),
                           ("outputs", 6, "repeated ModelInferRequest.InferRequestedOutputTensor"),
                           ("raw_input_contents", 7, "repeated bytes")],
-    "ModelInferRequest.InferInputTensor": [("name", 1, "string"), ("datatype", 2, "string"),
-                                           ("shape", 3, "repeated int64"), ("parameters", 4, "map<InferParameter>"),
-                                           ("contents", 5, "InferTensorContents")],
+    "ModelInferRequest.InferInputTensor": _TENSOR_FIELDS,
     "ModelInferRequest.InferRequestedOutputTensor": [("name", 1, "string"), ("parameters", 2, "map<InferParameter>")],
     "ModelInferResponse": [("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"),
                            ("parameters", 4, "map<InferParameter>"),
                            ("outputs", 5, "repeated ModelInferResponse.InferOutputTensor"),
                            ("raw_output_contents", 6, "repeated bytes")],
-    "ModelInferResponse.InferOutputTensor": [("name", 1, "string"), ("datatype", 2, "string"),
-                                             ("shape", 3, "repeated int64"), ("parameters", 4, "map<InferParameter>"),
-                                             ("contents", 5, "InferTensorContents")],
+    "ModelInferResponse.InferOutputTensor": _TENSOR_FIELDS,
 }
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -73,17 +72,17 @@ _SCALARS = {"bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYT
             "double": _F.TYPE_DOUBLE}
 
 
-def _add_field(message: descriptor_pb2.DescriptorProto, name: str, number: int, kind: str,
+def _add_field(message: descriptor_pb2.DescriptorProto, full_name: str, name: str, number: int, kind: str,
                oneof: int | None = None) -> None:
     field = message.field.add(name=name, number=number, json_name=_camel(name))
     if kind.startswith("map<"):  # map<string, V>: a repeated nested XxxEntry message marked map_entry
         value = kind[4:-1]
         entry = message.nested_type.add(name=_camel(name, upper=True) + "Entry")
         entry.options.map_entry = True
-        _add_field(entry, "key", 1, "string")
-        _add_field(entry, "value", 2, value)
+        _add_field(entry, f"{full_name}.{entry.name}", "key", 1, "string")
+        _add_field(entry, f"{full_name}.{entry.name}", "value", 2, value)
         field.label, field.type = _F.LABEL_REPEATED, _F.TYPE_MESSAGE
-        field.type_name = f".{PACKAGE}.{_full_name(message)}.{entry.name}"
+        field.type_name = f".{PACKAGE}.{full_name}.{entry.name}"
         return
     repeated = kind.startswith("repeated ")
     kind = kind.removeprefix("repeated ")
@@ -94,13 +93,6 @@ def _add_field(message: descriptor_pb2.DescriptorProto, name: str, number: int, 
         field.type, field.type_name = _F.TYPE_MESSAGE, f".{PACKAGE}.{kind}"
     if oneof is not None:
         field.oneof_index = oneof
-
-
-_NAMES: dict[int, str] = {}
-
-
-def _full_name(message: descriptor_pb2.DescriptorProto) -> str:
-    return _NAMES[id(message)]
 
 
 def _camel(name: str, upper: bool = False) -> str:
@@ -117,7 +109,6 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
         parent, _, short = full.rpartition(".")
         message = (built[parent].nested_type if parent else proto.message_type).add(name=short)
         built[full] = message
-        _NAMES[id(message)] = full
     for full, fields in _MESSAGES.items():
         message = built[full]
         for spec in fields:
@@ -125,9 +116,9 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
                 index = len(message.oneof_decl)
                 message.oneof_decl.add(name=spec[1])
                 for name, number, kind in spec[2]:
-                    _add_field(message, name, number, kind, oneof=index)
+                    _add_field(message, full, name, number, kind, oneof=index)
             else:
-                _add_field(message, *spec)
+                _add_field(message, full, *spec)
     service = proto.service.add(name=SERVICE.rpartition(".")[2])
     for method, (request, response) in METHODS.items():
         service.method.add(name=method, input_type=f".{PACKAGE}.{request}", output_type=f".{PACKAGE}.{response}")
