@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from adntn_deploy.data import DataError, load_dataset
+from adntn_deploy.data import DATASET_NAMES, DATASETS, DataError, load_dataset
 from adntn_deploy.data.datasets import DEFAULT_FASHION_DIR, VALIDATION_SIZE, _read_idx
 
 
@@ -76,3 +76,8 @@ def test_digits_is_builtin_and_28x28():
 def test_real_fashion_mnist_labels():
     labels = _read_idx(DEFAULT_FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_the_cli_s_dataset_names_are_the_loaders():
+    # the command line offers DATASET_NAMES without importing the loaders (and torch)
+    assert sorted(DATASET_NAMES) == sorted(DATASETS)

@@ -158,3 +158,18 @@ def test_torch_layers_import_nothing_from_the_deployment_side():
     below = [m for m in MODULES if (_rank(m, LAYERS) or 0) <= _rank("adntn_deploy.nn", LAYERS)]
     leaks = [f"{m} -> {t}" for m in below for t in GRAPH[m] if any(_is_under(t, d) for d in DEPLOYMENT)]
     assert leaks == []
+
+
+def test_the_command_line_and_the_server_start_without_torch():
+    """torch costs about 3 s and 180 MiB at import: ``--version``, ``serve`` and the KServe memory request
+    (measured on a process that imports what serve imports) must not pay for it. A fresh interpreter, since
+    this one has torch loaded already."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import adntn_deploy.cli.main, adntn_deploy.serving.app, adntn_deploy.serving.grpc_service, "
+             "adntn_deploy.runtime.ort; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import click
 
-from adntn_deploy import distributed
-from adntn_deploy.data import DATASETS
+from adntn_deploy.data import DATASET_NAMES
 
 _data_options = [
-    click.option("--data", "data_name", type=click.Choice(sorted(DATASETS)), default="fashion-mnist", show_default=True,
+    click.option("--data", "data_name", type=click.Choice(sorted(DATASET_NAMES)), default="fashion-mnist", show_default=True,
                  help="Dataset (fashion-mnist from the Debian package dataset-fashion-mnist; digits is built in)."),
     click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Folder with Fashion-MNIST's gzip IDX files (default $ADNTN_DATA_DIR or /usr/share/datasets/fashion-mnist)."),
@@ -36,12 +35,16 @@ def data_options(func):
 
 def _say(as_json: bool):
     """Where a workflow's one-line notes go: stderr, or nowhere when printing JSON (or on ranks other than 0)."""
+    from adntn_deploy import distributed  # imports torch: only when a training command runs
+
     return None if as_json or not distributed.is_main_process() else (lambda line: click.echo(line, err=True))
 
 
 def _on_main_rank(work):
     """Run ``work()`` inside a distributed session (a plain run: just run it); its result on rank 0, where the
     command prints, and None on the other ranks."""
+    from adntn_deploy import distributed
+
     with distributed.session():
         outcome = work()
         main = distributed.is_main_process()

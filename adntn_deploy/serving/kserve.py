@@ -93,7 +93,7 @@ def peak_bytes():
 
 try:
     import numpy as np
-    import adntn_deploy.cli.main  # what the image's entry point imports before serving (torch among them)
+    import adntn_deploy.cli.main  # what the image's entry point imports before serving
     try:
         import adntn_deploy.serving.app, uvicorn
     except ImportError:  # packaging on a machine without the serve extra
@@ -116,8 +116,8 @@ def measure_peak_memory(model: str | os.PathLike, timeout: float = 600.0) -> int
     imports, loads ``model`` (an .onnx file) with ONNX Runtime (:func:`adntn_deploy.runtime.load`) and runs
     it once on zeros of its input shapes (symbolic axes set to 1, as ``serve``'s warm-up does).
 
-    The number includes the interpreter and the libraries the server imports (torch, ONNX Runtime, numpy:
-    about 230 MB on x86-64 Linux), which the serving container pays too. It is the process's ``VmHWM``
+    The number includes the interpreter and the libraries the server imports (ONNX Runtime, numpy, the HTTP
+    and gRPC stacks: about 80 MB on x86-64 Linux), which the serving container pays too. It is the process's ``VmHWM``
     (``ru_maxrss`` where /proc is missing); ``timeout`` is in seconds.
 
     Raises:
