@@ -90,7 +90,8 @@ def peaks(models):
 
 @pytest.mark.parametrize("runtime, extra, storage_uri", [
     ("adntn", [], "pvc://adntn-models/small"),  # the default storage
-    ("triton", ["--storage-uri", "s3://models/prod/small", "--cpu", "500m"], "s3://models/prod/small"),
+    ("triton", ["--storage-uri", "s3://models/prod/small", "--cpu", "500m", "--max-queue-delay-us", "250"],
+     "s3://models/prod/small"),
 ])
 def test_package_writes_a_valid_inferenceservice(tmp_path, cli_runner, validator, models, peaks, runtime, extra,
                                                  storage_uri):
@@ -130,7 +131,9 @@ def test_package_writes_a_valid_inferenceservice(tmp_path, cli_runner, validator
 
     (entry,) = discover(out / "repository")  # what `serve /mnt/models` and Triton's --model-store read
     assert (entry.name, entry.version) == ("small", "1")
-    assert (out / "repository" / "small" / "config.pbtxt").is_file()
+    config = (out / "repository" / "small" / "config.pbtxt").read_text()
+    # a dynamic first axis: Triton's dynamic batcher, waiting as long as --max-queue-delay-us says
+    assert f"dynamic_batching {{\n  max_queue_delay_microseconds: {250 if extra else 0}\n}}" in config
 
 
 # the validator has teeth: each mistake is refused by the schema

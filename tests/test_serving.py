@@ -174,10 +174,8 @@ def test_tritonclient_works_unchanged(server, onnx_model):
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_config_is_valid(repository):
-    config = (repository / "clf" / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 32" in config
-    assert "dims: [ 16 ]" in config and "dims: [ 3 ]" in config
+def _triton_model_config(text: str):
+    """``text`` parsed as Triton's ModelConfig message (the schema ships with tritonclient); skips without it."""
     proto_file = None
     if importlib.util.find_spec("tritonclient") is not None:
         proto_file = Path(importlib.util.find_spec("tritonclient").submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
@@ -188,12 +186,34 @@ def test_triton_config_is_valid(repository):
     spec = importlib.util.spec_from_file_location("triton_model_config_pb2", proto_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    parsed = text_format.Parse(config, module.ModelConfig())
+    return text_format.Parse(text, module.ModelConfig())
+
+
+def test_triton_config_is_valid(repository):
+    config = (repository / "clf" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 32" in config
+    assert "dims: [ 16 ]" in config and "dims: [ 3 ]" in config
+    parsed = _triton_model_config(config)
     assert parsed.max_batch_size == 32 and parsed.input[0].name == "input" and list(parsed.input[0].dims) == [16]
+    # a dynamic first axis: Triton batches concurrent requests, as serve --max-batch-size does
+    assert parsed.HasField("dynamic_batching") and parsed.dynamic_batching.max_queue_delay_microseconds == 0
     model = (repository / "clf" / "1" / "model.onnx")
     import onnx
 
     assert not any(o.domain == "ai.adntn" for o in onnx.load(model).opset_import)
+
+
+@pytest.mark.parametrize("max_batch_size, delay_us, batcher", [(32, 500, True), (0, 500, False), (8, 0, True)])
+def test_triton_config_asks_for_the_dynamic_batcher_only_with_a_batch_axis(max_batch_size, delay_us, batcher):
+    from adntn_deploy.serving.triton import config_pbtxt
+
+    dims = [None, 16] if max_batch_size else [4, 16]
+    text = config_pbtxt("m", [("x", "TYPE_FP32", dims)], [("y", "TYPE_FP32", dims[:1] + [3])], max_batch_size, delay_us)
+    assert ("dynamic_batching" in text) == batcher
+    parsed = _triton_model_config(text)
+    assert parsed.HasField("dynamic_batching") == batcher and parsed.max_batch_size == max_batch_size
+    if batcher:
+        assert parsed.dynamic_batching.max_queue_delay_microseconds == delay_us
 
 
 def test_package_refuses_to_overwrite(repository, onnx_model):

@@ -95,7 +95,10 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Repository folder (triton); folder for the manifest and repository/ (kserve).")
 @click.option("--name", default=None, help="Model name in the repository (default: the file's stem).")
-@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1),
+              help="Triton's max_batch_size for a model with a dynamic first axis (its dynamic batcher merges up to this).")
+@click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
+              help="Microseconds Triton's dynamic batcher waits for more requests (as serve --max-queue-delay-us).")
 @click.option("--version", "model_version", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--runtime", type=click.Choice(["adntn", "triton"]), default="adntn", show_default=True,
               help="kserve: the predictor: our image running adntn-deploy serve, or KServe's Triton runtime.")
@@ -107,8 +110,8 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 @click.option("--cpu", default="1", show_default=True, help="kserve: CPU request and limit (cores, or 500m).")
 @click.option("--memory-headroom", default=1.5, show_default=True, type=click.FloatRange(min=1),
               help="kserve: memory request and limit = measured peak memory x this factor.")
-def package_command(model, fmt, output, name, max_batch_size, model_version, runtime, storage_uri, image, cpu,
-                    memory_headroom):
+def package_command(model, fmt, output, name, max_batch_size, max_queue_delay_us, model_version, runtime, storage_uri,
+                    image, cpu, memory_headroom):
     """Write a Triton model repository (onnxruntime backend) for an ONNX file; adntn-deploy serve reads it too.
 
     With --format kserve, also measure the model's peak memory (a fresh process loads and runs it once) and
@@ -119,7 +122,7 @@ def package_command(model, fmt, output, name, max_batch_size, model_version, run
 
         done = package_kserve(model, output, name=name, runtime=runtime, storage_uri=storage_uri, image=image,
                               cpu=cpu, memory_headroom=memory_headroom, max_batch_size=max_batch_size,
-                              version=model_version)
+                              max_queue_delay_us=max_queue_delay_us, version=model_version)
         click.echo(f"wrote {done.manifest} (memory {done.memory}: {memory_headroom:g} x the measured peak of "
                    f"{done.peak_bytes / 2**20:.0f} MiB) and the repository {done.repository}/")
         where = " (the default: a PersistentVolumeClaim; pass --storage-uri s3://BUCKET/PATH for S3)" if done.storage_default else ""
@@ -128,5 +131,6 @@ def package_command(model, fmt, output, name, max_batch_size, model_version, run
         return
     from adntn_deploy.serving.triton import package_triton
 
-    folder = package_triton(model, output, name=name, max_batch_size=max_batch_size, version=model_version)
+    folder = package_triton(model, output, name=name, max_batch_size=max_batch_size, version=model_version,
+                            max_queue_delay_us=max_queue_delay_us)
     click.echo(f"wrote {folder}/config.pbtxt and {folder}/{model_version}/model.onnx")

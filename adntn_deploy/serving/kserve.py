@@ -336,15 +336,15 @@ def to_yaml(value, indent: int = 0) -> str:
 def package_kserve(model: str | os.PathLike, output: str | os.PathLike, name: str | None = None,
                    runtime: str = "adntn", storage_uri: str | None = None, image: str = DEFAULT_IMAGE,
                    cpu: str = DEFAULT_CPU, memory_headroom: float = MEMORY_HEADROOM, max_batch_size: int = 32,
-                   version: int = 1, timeout: float = 600.0) -> KServePackage:
+                   max_queue_delay_us: int = 0, version: int = 1, timeout: float = 600.0) -> KServePackage:
     """Write ``output/repository/`` (the Triton repository of ``model``, an .onnx file) and
     ``output/<name>.yaml``, an InferenceService that serves it (see the module docstring).
 
     ``name`` is the model name (default: the file's stem; the InferenceService name is derived from it,
     :func:`isvc_name`); ``storage_uri`` where the repository will be uploaded (default
     ``pvc://adntn-models/<isvc name>``); ``memory_headroom`` multiplies the measured peak memory (bytes,
-    :func:`measure_peak_memory`, whose ``timeout`` is in seconds); ``max_batch_size`` and ``version`` go to
-    the Triton repository.
+    :func:`measure_peak_memory`, whose ``timeout`` is in seconds); ``max_batch_size``, ``max_queue_delay_us``
+    and ``version`` go to the Triton repository (:func:`.triton.package_triton`).
 
     Everything is checked and measured before anything is written.
 
@@ -375,7 +375,8 @@ def package_kserve(model: str | os.PathLike, output: str | os.PathLike, name: st
     memory = memory_request(peak, memory_headroom)
     manifest = inference_service(service, runtime, uri, memory, cpu, image)
     out.mkdir(parents=True, exist_ok=True)
-    folder = package_triton(source, repository, name=model_name, max_batch_size=max_batch_size, version=version)
+    folder = package_triton(source, repository, name=model_name, max_batch_size=max_batch_size, version=version,
+                            max_queue_delay_us=max_queue_delay_us)
     how = (f"custom predictor {image} running adntn-deploy serve" if runtime == "adntn"
            else f"KServe's {TRITON_RUNTIME} runtime")
     header = (f"# KServe InferenceService for model {model_name!r}, written by adntn-deploy package --format kserve:\n"

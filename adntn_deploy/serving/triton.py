@@ -2,8 +2,9 @@
 
 REPO/<name>/config.pbtxt and REPO/<name>/1/model.onnx, the model in its standard-ops form (the
 generators inlined, no custom domain: what any ONNX Runtime build runs). When every input and output has
-a symbolic first axis, it becomes Triton's batch axis (``max_batch_size``, dims without it); otherwise
-``max_batch_size: 0`` and full dims.
+a symbolic first axis, it becomes Triton's batch axis (``max_batch_size``, dims without it) and the config
+asks for Triton's dynamic batcher (``dynamic_batching``: concurrent requests merged into one run, as
+``adntn-deploy serve --max-batch-size`` does); otherwise ``max_batch_size: 0``, full dims and no batcher.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _tensors(values) -> list[tuple[str, str, list[int | None]]]:
     return out
 
 
-def config_pbtxt(name: str, inputs, outputs, max_batch_size: int) -> str:
-    """The text of config.pbtxt for an onnxruntime-backend model."""
+def config_pbtxt(name: str, inputs, outputs, max_batch_size: int, max_queue_delay_us: int = 0) -> str:
+    """The text of config.pbtxt for an onnxruntime-backend model; with ``max_batch_size`` > 0 it enables
+    Triton's dynamic batcher, whose batches wait at most ``max_queue_delay_us`` microseconds for more requests."""
     def block(kind: str, tensors) -> str:
         items = []
         for tname, ttype, dims in tensors:
@@ -45,12 +47,16 @@ def config_pbtxt(name: str, inputs, outputs, max_batch_size: int) -> str:
         f'name: "{name}"\nbackend: "onnxruntime"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
         + block("input", inputs) + block("output", outputs)
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+        + (f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n" if max_batch_size > 0 else "")
     )
 
 
 def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
-                   max_batch_size: int = 32, version: int = 1) -> Path:
+                   max_batch_size: int = 32, version: int = 1, max_queue_delay_us: int = 0) -> Path:
     """Write ``repository/<name>/{config.pbtxt, <version>/model.onnx}`` for ``model`` (an .onnx file).
+
+    A model whose inputs and outputs all have a symbolic first axis gets ``max_batch_size`` and Triton's
+    dynamic batcher (``max_queue_delay_us``: microseconds a batch waits for more requests).
 
     Nothing this tool did not write is overwritten: a new model folder, or a new version in an existing
     one, is written beside and renamed into place. An existing model folder must hold only config.pbtxt
@@ -79,7 +85,7 @@ def package_triton(model: str | os.PathLike, repository: str | os.PathLike, name
     inputs = _tensors(i for i in proto.graph.input if i.name not in inits)
     outputs = _tensors(proto.graph.output)
     batched = all(dims and dims[0] is None for _, _, dims in inputs + outputs)
-    config = config_pbtxt(name, inputs, outputs, max_batch_size if batched else 0)
+    config = config_pbtxt(name, inputs, outputs, max_batch_size if batched else 0, max_queue_delay_us)
     folder = Path(repository) / name
     version_dir = folder / str(version)
     refuse_overwriting_inputs(version_dir, source, option="repository=")
