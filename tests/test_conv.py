@@ -140,3 +140,59 @@ def test_neon_conv_loop_is_vectorised():
     vector_fmas = re.findall(r"\bfmla\s+v\d+\.4s", assembly)
     row_block, panel_block = packed_conv2d.default_conv_blocks(target, 1, (7, 7), 32 // width, width)
     assert len(vector_fmas) >= row_block * panel_block * width // 4
+
+
+@pytest.mark.parametrize("module, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU()), (1, 128, 6, 6)),  # 3x3 over 128 channels
+    (lambda: nn.Conv2d(2048, 16, 1), (1, 2048, 3, 3)),                                    # 1x1 over 2048 channels
+])
+def test_long_reductions_are_k_blocked_and_equal_ort(tmp_path, module, shape):
+    """A weight panel over REDUCE_SPLIT_BYTES is reduced in chunks of input channels (the row's accumulators
+    stay in a row buffer between chunks); the result still equals ORT's."""
+    path = export_seeded(module, shape, tmp_path / "long.onnx")
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["tuning"]["packed_conv2d"] == 1
+    x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    (name, want), = load(path).run(x).items()
+    got = load(artifact.path).run(x)[name]
+    assert relative_error(got, want) < float32_rtol(shape[1] * 9)
+
+
+@pytest.mark.parametrize("group_in, kh, width, chunk", [
+    (16, 3, 32, None),     # 18 KiB panel: stays whole
+    (64, 3, 16, None),     # 36 KiB (the zoo's widest AVX2 conv): stays whole
+    (128, 3, 16, 16),      # 72 KiB: chunks of 16 channels (9 KiB)
+    (2048, 1, 16, 256),    # 128 KiB 1x1: chunks of 256 channels (16 KiB)
+    (2048, 1, 32, 128),
+    (200, 3, 16, 25),      # the largest divisor of 200 that fits (28 would)
+])
+def test_reduce_chunk(group_in, kh, width, chunk):
+    assert packed_conv2d.reduce_chunk(group_in, kh, kh, width) == chunk
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_searchable_schedule_of_a_k_blocked_kernel_is_correct(seed):
+    """The sampled register blocks of a K-blocked kernel (128 input channels) give correct results."""
+    from tvm import s_tir, te
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
+    from adntn_deploy.compiler.target import tvm_target
+
+    target = tvm_target(resolve_target("host"))
+    width = panel_width(target, 32)
+    assert packed_conv2d.reduce_chunk(128, 3, 3, width) is not None
+    xp = int64_placeholder((1, 128, 6, 6), "xp")
+    wp = int64_placeholder((32 // width, 128, 3, 3, width), "wp")
+    out = packed_conv2d.packed_conv2d_te(xp, wp, 32, 1, (4, 4), (1, 1), (1, 1))
+    sch = s_tir.Schedule(te.create_prim_func([xp, wp, out]), seed=seed)
+    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME))
+    ex = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 128, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((32 // width, 128, 3, 3, width)).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros((1, 32, 4, 4), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), got)
+    windows = np.lib.stride_tricks.sliding_window_view(x[0], (3, 3), axis=(1, 2))
+    want = np.einsum("chwrs,pcrsj->pjhw", windows, w).reshape(1, 32, 4, 4)
+    assert relative_error(got.numpy(), want) < float32_rtol(128 * 9)

@@ -21,6 +21,8 @@ the write-back region is a rectangle. The block shape is a MetaSchedule decision
 ``adntn_packed_conv2d``; untuned kernels get :func:`default_conv_blocks`.
 The accumulators are kept channel-last (a layout transform of the cache), so that their vector lanes
 are contiguous: with NCHW accumulators every vector access was strided, 40x slower measured.
+A reduction whose weight panel is too big for the cache is K-blocked (:func:`reduce_chunk`): the
+accumulators of an output row live in a row buffer between chunks of input channels.
 
 Covered: static float32 NCHW/OIHW convolutions with any stride, padding and dilation and ``groups == 1``
 or output channels per group that fill at least 4 lanes. Depthwise convolutions and everything else keep
@@ -32,13 +34,17 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
-    activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width, static_shape,
+    activation_by_weight, add_kernel, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder, panel_width,
+    static_shape,
 )
 
 RULE_NAME = "adntn_packed_conv2d"
 BLOCK_NAME = "packed_conv2d"
 OP_NAME = "relax.nn.conv2d"
 MIN_GROUP_WIDTH = 4  # output channels per group below this (depthwise) would leave most vector lanes idle
+#: a weight panel (bytes) above which the reduction is K-blocked, and the most a chunk's slice of it holds
+REDUCE_SPLIT_BYTES = 64 * 1024
+REDUCE_CHUNK_BYTES = 16 * 1024
 
 
 def packed_conv2d_te(xp, wp, out_channels: int, groups: int, out_hw: tuple[int, int],
@@ -93,29 +99,56 @@ def default_conv_blocks(target, batch: int, out_hw: tuple[int, int], panels: int
     return default_blocks(target, out_hw[1], panels, width, threads, other_tasks=batch * out_hw[0])
 
 
+def reduce_chunk(group_in: int, kh: int, kw: int, width: int) -> int | None:
+    """Input channels per chunk of a K-blocked reduction, or None when the reduction is not split.
+
+    Each register tile reduces over (C, KH, KW) and reads one weight panel of ``C * KH * KW * width``
+    floats. Up to :data:`REDUCE_SPLIT_BYTES` the panel stays in cache across the tiles of an output row;
+    beyond it (ResNet's 3x3 convolutions over 128-512 channels, its 1x1 over 1024-2048) every tile streamed
+    the whole panel and a cache line per input channel from L2. The reduction is then split into chunks of
+    input channels whose panel slice fits :data:`REDUCE_CHUNK_BYTES`, and every tile of the row runs one
+    chunk before the next: the slice and the chunk's input lines are reused from L1 by all of them.
+    """
+    per_channel = kh * kw * width * 4
+    if group_in * per_channel <= REDUCE_SPLIT_BYTES:
+        return None
+    chunk = divisor_at_most(group_in, max(1, REDUCE_CHUNK_BYTES // per_channel))
+    return chunk if chunk < group_in else None
+
+
 def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None):
     """Register-block the ``packed_conv2d`` ``block`` (see the module doc); None samples each factor.
 
+    A long reduction is K-blocked (:func:`reduce_chunk`): the accumulators of a whole output row live in
+    a row buffer (a few KiB, in L1) across the chunks, and each tile keeps its part in registers within one.
     Returns ``sch``.
     """
     width = _conv_panel_width(sch, block)
     n, o, h, w, rc, rh, rw = sch.get_loops(block)[-7:]
+    group_in, kh, kw = (int(sch.get(loop).extent) for loop in (rc, rh, rw))
+    chunk = reduce_chunk(group_in, kh, kw, width)
     w_factors = (sch.sample_perfect_tile(w, n=2, max_innermost_factor=16) if row_block is None else [None, row_block])
     w_outer, w_inner = sch.split(w, w_factors)
     panel, lane = sch.split(o, [None, width])
     p_factors = (sch.sample_perfect_tile(panel, n=2, max_innermost_factor=8) if panel_block is None else [None, panel_block])
     p_outer, p_inner = sch.split(panel, p_factors)
-    sch.reorder(n, p_outer, h, w_outer, rc, rh, rw, p_inner, w_inner, lane)
+    if chunk is None:
+        sch.reorder(n, p_outer, h, w_outer, rc, rh, rw, p_inner, w_inner, lane)
+        accumulate_at, reduce_from, parallel = w_outer, rc, (n, p_outer, h, w_outer)
+    else:
+        rc_outer, rc_inner = sch.split(rc, [None, chunk])
+        sch.reorder(n, p_outer, h, rc_outer, w_outer, rc_inner, rh, rw, p_inner, w_inner, lane)
+        accumulate_at, reduce_from, parallel = h, rc_outer, (n, p_outer, h)
     writeback = sch.cache_write(block, 0, "local")
     # accumulators channel-last, so that the vector lanes (output channels) are contiguous in them
     sch.transform_layout(block, ("write", 0), lambda b, c, y, x: (b, y, x, c))
-    sch.reverse_compute_at(writeback, w_outer, preserve_unit_loops=True)
-    fuse_epilogue(sch, writeback, w_outer)
-    sch.parallel(sch.fuse(n, p_outer, h, w_outer))
+    sch.reverse_compute_at(writeback, accumulate_at, preserve_unit_loops=True)
+    fuse_epilogue(sch, writeback, accumulate_at)
+    sch.parallel(sch.fuse(*parallel))
     sch.unroll(p_inner)
     sch.unroll(w_inner)
     sch.vectorize(lane)
-    init = sch.decompose_reduction(block, rc)
+    init = sch.decompose_reduction(block, reduce_from)
     sch.vectorize(sch.get_loops(init)[-1])
     return sch
 
