@@ -158,16 +158,17 @@ def test_long_reductions_are_k_blocked_and_equal_ort(tmp_path, module, shape):
     assert relative_error(got, want) < float32_rtol(shape[1] * 9)
 
 
-@pytest.mark.parametrize("group_in, kh, width, chunk", [
-    (16, 3, 32, None),     # 18 KiB panel: stays whole
-    (64, 3, 16, None),     # 36 KiB (the zoo's widest AVX2 conv): stays whole
-    (128, 3, 16, 16),      # 72 KiB: chunks of 16 channels (9 KiB)
-    (2048, 1, 16, 256),    # 128 KiB 1x1: chunks of 256 channels (16 KiB)
-    (2048, 1, 32, 128),
-    (200, 3, 16, 25),      # the largest divisor of 200 that fits (28 would)
+@pytest.mark.parametrize("group_in, kh, width, panels, chunk", [
+    (16, 3, 32, 1, None),     # 18 KiB panel: stays whole
+    (64, 3, 16, 4, None),     # 36 KiB (the zoo's widest AVX2 conv): stays whole, however many panels a tile has
+    (128, 3, 16, 1, 16),      # 72 KiB: chunks of 16 channels (9 KiB)
+    (2048, 1, 16, 1, 256),    # 128 KiB 1x1: chunks of 256 channels (16 KiB)
+    (2048, 1, 32, 1, 128),
+    (2048, 1, 16, 4, 64),     # a tile of 4 panels: a quarter of the channels per chunk
+    (200, 3, 16, 1, 25),      # the largest divisor of 200 that fits (28 would)
 ])
-def test_reduce_chunk(group_in, kh, width, chunk):
-    assert packed_conv2d.reduce_chunk(group_in, kh, kh, width) == chunk
+def test_reduce_chunk(group_in, kh, width, panels, chunk):
+    assert packed_conv2d.reduce_chunk(group_in, kh, kh, width, panels) == chunk
 
 
 @pytest.mark.parametrize("seed", [1, 2])

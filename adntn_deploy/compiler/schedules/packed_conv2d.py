@@ -99,20 +99,21 @@ def default_conv_blocks(target, batch: int, out_hw: tuple[int, int], panels: int
     return default_blocks(target, out_hw[1], panels, width, threads, other_tasks=batch * out_hw[0])
 
 
-def reduce_chunk(group_in: int, kh: int, kw: int, width: int) -> int | None:
+def reduce_chunk(group_in: int, kh: int, kw: int, width: int, panels: int = 1) -> int | None:
     """Input channels per chunk of a K-blocked reduction, or None when the reduction is not split.
 
     Each register tile reduces over (C, KH, KW) and reads one weight panel of ``C * KH * KW * width``
     floats. Up to :data:`REDUCE_SPLIT_BYTES` the panel stays in cache across the tiles of an output row;
     beyond it (ResNet's 3x3 convolutions over 128-512 channels, its 1x1 over 1024-2048) every tile streamed
     the whole panel and a cache line per input channel from L2. The reduction is then split into chunks of
-    input channels whose panel slice fits :data:`REDUCE_CHUNK_BYTES`, and every tile of the row runs one
-    chunk before the next: the slice and the chunk's input lines are reused from L1 by all of them.
+    input channels whose slice of the tile's ``panels`` panels fits :data:`REDUCE_CHUNK_BYTES`, and every
+    tile of the row runs one chunk before the next: the slice and the chunk's input lines are reused from
+    L1 by all of them.
     """
     per_channel = kh * kw * width * 4
     if group_in * per_channel <= REDUCE_SPLIT_BYTES:
         return None
-    chunk = divisor_at_most(group_in, max(1, REDUCE_CHUNK_BYTES // per_channel))
+    chunk = divisor_at_most(group_in, max(1, REDUCE_CHUNK_BYTES // (per_channel * panels)))
     return chunk if chunk < group_in else None
 
 
@@ -126,12 +127,13 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     width = _conv_panel_width(sch, block)
     n, o, h, w, rc, rh, rw = sch.get_loops(block)[-7:]
     group_in, kh, kw = (int(sch.get(loop).extent) for loop in (rc, rh, rw))
-    chunk = reduce_chunk(group_in, kh, kw, width)
     w_factors = (sch.sample_perfect_tile(w, n=2, max_innermost_factor=16) if row_block is None else [None, row_block])
     w_outer, w_inner = sch.split(w, w_factors)
     panel, lane = sch.split(o, [None, width])
     p_factors = (sch.sample_perfect_tile(panel, n=2, max_innermost_factor=8) if panel_block is None else [None, panel_block])
     p_outer, p_inner = sch.split(panel, p_factors)
+    # the chunk is sized for the panels of this tile (a sampled decision is read back as its value)
+    chunk = reduce_chunk(group_in, kh, kw, width, int(sch.get(p_factors[1])) if panel_block is None else panel_block)
     if chunk is None:
         sch.reorder(n, p_outer, h, w_outer, rc, rh, rw, p_inner, w_inner, lane)
         accumulate_at, reduce_from, parallel = w_outer, rc, (n, p_outer, h, w_outer)
