@@ -13,6 +13,12 @@ import click
 from adntn_deploy.cli.onnx_commands import max_weight_bytes_option
 
 
+def max_queue_delay_option(help_text: str):
+    """``--max-queue-delay-us``: how long a dynamic batch waits for more requests (serve's batcher, Triton's)."""
+    return click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
+                        help=help_text)
+
+
 @click.command("serve")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default=None,
@@ -36,8 +42,7 @@ from adntn_deploy.cli.onnx_commands import max_weight_bytes_option
               help="Also serve the KServe v2 gRPC protocol on this port (Triton uses 8001), from the same models.")
 @click.option("--max-batch-size", default=1, show_default=True, type=click.IntRange(1, 65536),
               help="Merge concurrent requests into runs of up to this many rows (1: no dynamic batching).")
-@click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
-              help="Microseconds a batch waits for more requests after its oldest one arrived.")
+@max_queue_delay_option("Microseconds a batch waits for more requests after its oldest one arrived.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @max_weight_bytes_option
 def serve_command(model, backend, host, port, workers, max_request_bytes, max_concurrency, max_queue,
@@ -97,8 +102,7 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 @click.option("--name", default=None, help="Model name in the repository (default: the file's stem).")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1),
               help="Triton's max_batch_size for a model with a dynamic first axis (its dynamic batcher merges up to this).")
-@click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
-              help="Microseconds Triton's dynamic batcher waits for more requests (as serve --max-queue-delay-us).")
+@max_queue_delay_option("Microseconds Triton's dynamic batcher waits for more requests (as serve --max-queue-delay-us).")
 @click.option("--version", "model_version", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--runtime", type=click.Choice(["adntn", "triton"]), default="adntn", show_default=True,
               help="kserve: the predictor: our image running adntn-deploy serve, or KServe's Triton runtime.")
