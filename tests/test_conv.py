@@ -44,14 +44,19 @@ def test_conv_forms_equal_ort(tmp_path, case):
     path, shape = _export(tmp_path, case)
     _, _, packed, note = CASES[case]
     notes: list[str] = []
-    artifact = compile_model(path, "host", tmp_path / "art", notes=notes.append)
+    artifact, error = _compile_against_ort(tmp_path, path, shape, notes.append)
     assert artifact.manifest["tuning"]["packed_conv2d"] == packed
     if note:  # a conv the kernel does not cover runs on the generic schedule, named in a note (compile -v)
         assert any("conv2d" in line and note in line for line in notes), notes
+    assert error < float32_rtol(16 * 9, 16 * 9)
+
+
+def _compile_against_ort(tmp_path, path, shape, notes=None):
+    """(artifact, relative error against ONNX Runtime) of ``path`` compiled for the host, on random input."""
+    artifact = compile_model(path, "host", tmp_path / "art", notes=notes)
     x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
     (name, want), = load(path).run(x).items()
-    got = load(artifact.path).run(x)[name]
-    assert relative_error(got, want) < float32_rtol(16 * 9, 16 * 9)
+    return artifact, relative_error(load(artifact.path).run(x)[name], want)
 
 
 @pytest.mark.parametrize("weights", ["load", "fold"])
@@ -75,29 +80,30 @@ def test_packing_is_load_time_work_and_the_epilogue_runs_in_the_parallel_loop(tm
         assert sch.get(sch.get_loops(block)[0]).kind == tirx.ForKind.PARALLEL, sch.get(block).name_hint
 
 
-def _conv_kernel(target, out_channels=32):
+def _conv_kernel(target, out_channels=32, in_channels=16, out_hw=7):
+    """A standalone packed 3x3 conv kernel (stride 1, input already padded) and its panel width."""
     from tvm import te
 
     from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
 
     width = panel_width(target, out_channels)
-    xp = int64_placeholder((1, 16, 9, 9), "xp")
-    wp = int64_placeholder((out_channels // width, 16, 3, 3, width), "wp")
-    out = packed_conv2d.packed_conv2d_te(xp, wp, out_channels, 1, (7, 7), (1, 1), (1, 1))
+    xp = int64_placeholder((1, in_channels, out_hw + 2, out_hw + 2), "xp")
+    wp = int64_placeholder((out_channels // width, in_channels, 3, 3, width), "wp")
+    out = packed_conv2d.packed_conv2d_te(xp, wp, out_channels, 1, (out_hw, out_hw), (1, 1), (1, 1))
     return te.create_prim_func([xp, wp, out]), width
 
 
-def _run_kernel(mod, target, seed=0, width=32):
+def _run_kernel(mod, target, seed=0, width=32, in_channels=16, out_hw=7):
     """(got, want) of a standalone packed conv kernel (32 output channels in panels of ``width``) on random
     data, checked against numpy."""
     ex = tvm.compile(mod, target=target)
     rng = np.random.default_rng(seed)
-    xp = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
-    wp = rng.standard_normal((32 // width, 16, 3, 3, width)).astype(np.float32)
-    out = tvm.runtime.tensor(np.zeros((1, 32, 7, 7), np.float32))
+    xp = rng.standard_normal((1, in_channels, out_hw + 2, out_hw + 2)).astype(np.float32)
+    wp = rng.standard_normal((32 // width, in_channels, 3, 3, width)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 32, out_hw, out_hw), np.float32))
     ex.mod["main"](tvm.runtime.tensor(xp), tvm.runtime.tensor(wp), out)
-    windows = np.lib.stride_tricks.sliding_window_view(xp[0], (3, 3), axis=(1, 2))  # (16, 7, 7, 3, 3)
-    want = np.einsum("chwrs,pcrsj->pjhw", windows, wp).reshape(1, 32, 7, 7)  # channel = panel * width + lane
+    windows = np.lib.stride_tricks.sliding_window_view(xp[0], (3, 3), axis=(1, 2))  # (C, H, W, 3, 3)
+    want = np.einsum("chwrs,pcrsj->pjhw", windows, wp).reshape(1, 32, out_hw, out_hw)  # channel = panel * width + lane
     return out.numpy(), want
 
 
@@ -150,12 +156,9 @@ def test_long_reductions_are_k_blocked_and_equal_ort(tmp_path, module, shape):
     """A weight panel over REDUCE_SPLIT_BYTES is reduced in chunks of input channels (the row's accumulators
     stay in a row buffer between chunks); the result still equals ORT's."""
     path = export_seeded(module, shape, tmp_path / "long.onnx")
-    artifact = compile_model(path, "host", tmp_path / "art")
+    artifact, error = _compile_against_ort(tmp_path, path, shape)
     assert artifact.manifest["tuning"]["packed_conv2d"] == 1
-    x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
-    (name, want), = load(path).run(x).items()
-    got = load(artifact.path).run(x)[name]
-    assert relative_error(got, want) < float32_rtol(shape[1] * 9)
+    assert error < float32_rtol(shape[1] * 9)
 
 
 @pytest.mark.parametrize("group_in, kh, width, panels, chunk", [
@@ -174,26 +177,15 @@ def test_reduce_chunk(group_in, kh, width, panels, chunk):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_searchable_schedule_of_a_k_blocked_kernel_is_correct(seed):
     """The sampled register blocks of a K-blocked kernel (128 input channels) give correct results."""
-    from tvm import s_tir, te
+    from tvm import s_tir
 
     from adntn_deploy.compiler.profiles import resolve_target
-    from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
     from adntn_deploy.compiler.target import tvm_target
 
     target = tvm_target(resolve_target("host"))
-    width = panel_width(target, 32)
+    func, width = _conv_kernel(target, in_channels=128, out_hw=4)
     assert packed_conv2d.reduce_chunk(128, 3, 3, width) is not None
-    xp = int64_placeholder((1, 128, 6, 6), "xp")
-    wp = int64_placeholder((32 // width, 128, 3, 3, width), "wp")
-    out = packed_conv2d.packed_conv2d_te(xp, wp, 32, 1, (4, 4), (1, 1), (1, 1))
-    sch = s_tir.Schedule(te.create_prim_func([xp, wp, out]), seed=seed)
+    sch = s_tir.Schedule(func, seed=seed)
     packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME))
-    ex = tvm.compile(sch.mod, target=target)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((1, 128, 6, 6)).astype(np.float32)
-    w = rng.standard_normal((32 // width, 128, 3, 3, width)).astype(np.float32)
-    got = tvm.runtime.tensor(np.zeros((1, 32, 4, 4), np.float32))
-    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), got)
-    windows = np.lib.stride_tricks.sliding_window_view(x[0], (3, 3), axis=(1, 2))
-    want = np.einsum("chwrs,pcrsj->pjhw", windows, w).reshape(1, 32, 4, 4)
-    assert relative_error(got.numpy(), want) < float32_rtol(128 * 9)
+    got, want = _run_kernel(sch.mod, target, seed, width, in_channels=128, out_hw=4)
+    assert relative_error(got, want) < float32_rtol(128 * 9)
