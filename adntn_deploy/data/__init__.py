@@ -12,11 +12,13 @@ from typing import Any
 #: the datasets :func:`load_dataset` knows (tests check that its table has exactly these)
 DATASET_NAMES = ("digits", "fashion-mnist")
 
-__all__ = ["DATASETS", "DATASET_NAMES", "DataError", "Dataset", "load_dataset"]
+#: names served from :mod:`.datasets`, imported on first use
+_FROM_DATASETS = ("DATASETS", "DataError", "Dataset", "load_dataset")
+__all__ = [*_FROM_DATASETS, "DATASET_NAMES"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("DATASETS", "DataError", "Dataset", "load_dataset"):
+    if name in _FROM_DATASETS:
         from adntn_deploy.data import datasets
 
         return getattr(datasets, name)
