@@ -35,7 +35,8 @@ CASES = {
     "depthwise-stride2": (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), (2, 16, 28, 28)),
     "odd-grouped-1x1": (lambda: nn.Conv2d(102, 102, 1, groups=3), (1, 102, 7, 7)),
     "maxpool-pad-shuffle": (lambda: nn.Sequential(nn.MaxPool2d(3, 2, padding=1), ChannelShuffle(3)), (1, 12, 58, 58)),
-    "long-unsplit-rows": (lambda: nn.Sequential(nn.AvgPool2d(3, 1, padding=1), nn.Tanh()), (1, 4, 9, 114)),
+    # rows of 229 (prime: left to LLVM) padded to 231 (vectorised by its divisor 77)
+    "long-unsplit-rows": (lambda: nn.Sequential(nn.AvgPool2d(3, 1, padding=1), nn.Tanh()), (1, 4, 9, 229)),
     "global-pool-softmax": (lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Softmax(-1)), (2, 40, 7, 7)),
 }
 
@@ -86,7 +87,8 @@ def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
 
 
 @pytest.mark.parametrize("inner, lanes, length", [
-    (64, 8, 8), (56, 16, 56), (56, 8, 8), (96, 16, 16), (100, 16, 0), (14, 8, 14), (28, 16, 28), (7, 4, 7), (114, 8, 0), (3, 8, 0), (None, 8, 0),
+    (64, 8, 8), (56, 16, 56), (56, 8, 8), (96, 16, 16), (100, 16, 100), (14, 8, 14), (28, 16, 28), (7, 4, 7), (114, 8, 114),
+    (36, 8, 36), (228, 8, 114), (231, 8, 77), (229, 8, 0), (3, 8, 0), (None, 8, 0),
 ])
 def test_vector_length(inner, lanes, length):
     assert generic_cpu._vector_length(inner, lanes) == length
