@@ -213,3 +213,31 @@ def test_a_newer_program_version_asks_for_an_upgrade():
     data["version"] = 3
     with pytest.raises(GeneratorError, match="version 3 is not supported.*upgrade adntn-deploy"):
         GeneratorIR.from_dict(data)
+
+
+@pytest.mark.parametrize("in_hw, out_size, limit, matmul, dynamic_batch", [
+    ((7, 7), 4, None, True, True),            # the zoo alexnet's pool: sizes that do not divide
+    ((13, 11), (6, 5), None, True, False),
+    ((9, 9), (4, None), None, True, False),   # None keeps the input's width
+    ((8, 8), 4, None, False, False),          # sizes that divide: torch's AveragePool
+    ((7, 7), 4, 512, False, False),           # a pooling matrix over the size limit: torch's decomposition
+])
+def test_adaptive_average_pools_export_as_one_matmul(tmp_path, monkeypatch, in_hw, out_size, limit, matmul, dynamic_batch):
+    """An adaptive pool whose sizes do not divide is one MatMul by a constant pooling matrix (no GatherND),
+    gives torch's result in ONNX Runtime, and the caller's model keeps its own pool module."""
+    from adntn_deploy.onnx_export import pooling
+
+    if limit is not None:
+        monkeypatch.setattr(pooling, "MAX_POOL_MATRIX_BYTES", limit)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.AdaptiveAvgPool2d(out_size), nn.Flatten()).eval()
+    x = torch.randn(2, 2, *in_hw)
+    path = tmp_path / "pool.onnx"
+    export_onnx(model, [x], path, input_names=["input"], dynamic_batch=dynamic_batch)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("MatMul" in ops and "GatherND" not in ops) == matmul, ops
+    assert type(model[1]) is nn.AdaptiveAvgPool2d
+    for batch in (2, 3) if dynamic_batch else (2,):
+        x = torch.randn(batch, 2, *in_hw)
+        with torch.no_grad():
+            assert_rel_close(_ort_outputs(path, x), model(x).numpy(), float32_rtol(in_hw[0] * in_hw[1]))

@@ -26,6 +26,7 @@ import numpy as np
 from adntn_deploy.errors import ExportError
 from adntn_deploy.ir.program import GeneratorIR
 from adntn_deploy.onnx_export.lowering import body_signature, lower_program
+from adntn_deploy.onnx_export.pooling import swap_adaptive_pools
 from adntn_deploy.onnx_export.schema import DOMAIN, DOMAIN_VERSION, FAMILY_OPS, METADATA_KEY, register_schemas
 
 DEFAULT_OPSET = 18
@@ -239,6 +240,7 @@ def export_onnx(
     if len(names) != len(example_inputs):
         raise ExportError(f"{len(names)} input names for {len(example_inputs)} example inputs")
     dense_model, swapped = _swap_generated_layers(model)
+    swap_adaptive_pools(dense_model)  # the copy: adaptive pools as one MatMul (onnx_export/pooling.py)
     cores = {
         layer: {name: t.detach().numpy() for name, t in gw.core_tensors().items()}
         for layer, gw in _generated(model)
