@@ -17,6 +17,7 @@ from adntn_deploy.compiler.schedules import fuse_kernels, is_scheduled, packed_c
 from adntn_deploy.runtime import load  # noqa: E402
 
 AVX512 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+AVX2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
 
 CASES = {
@@ -131,6 +132,19 @@ def test_searchable_schedule_gives_correct_kernels(seed):
 ])
 def test_default_conv_blocks(target, batch, out_hw, panels, width, blocks):
     assert packed_conv2d.default_conv_blocks(tvm.target.Target(target), batch, out_hw, panels, width) == blocks
+
+
+@pytest.mark.parametrize("target, batch, out_hw, per_group, width", [
+    (AVX2, 32, (7, 7), 64, 8),       # 7 columns x one vector beats 1 column x 4 panels of two vectors
+    (AVX2, 1, (7, 7), 512, 8),
+    (AVX2, 32, (14, 14), 32, 16),    # 2 columns x 2 panels of two vectors fit: the wider panel
+    (AVX2, 1, (56, 56), 64, 16),
+    (AVX2, 1, (7, 7), 12, 4),        # no vector-wide panel divides 12
+    (AVX512, 32, (7, 7), 64, 32),    # 7 x 2 vectors fit in 32 registers
+    (AARCH64, 1, (28, 28), 16, 8),
+])
+def test_default_conv_width(target, batch, out_hw, per_group, width):
+    assert packed_conv2d.default_conv_width(tvm.target.Target(target), batch, out_hw, per_group) == width
 
 
 def test_neon_conv_loop_is_vectorised():

@@ -40,12 +40,15 @@ def default_blocks(target, rows: int, panels: int, width: int, threads: int = 2,
     multiplies the count: the conv kernel's batch x output rows), take the one with the most FMAs per
     load: each reduction step loads one broadcast per row and one vector per panel vector, and does
     rows x panels x vectors FMAs. Measured on a 32 x 2048 x 2048 product (AVX-512, 2 cores): 4 rows x 2
-    panels ran 197 GFLOP/s, 8 x 1 151, 2 x 4 158 (rows first, the old rule, took 8 x 1).
+    panels ran 197 GFLOP/s, 8 x 1 151, 2 x 4 158 (rows first, the old rule, took 8 x 1). A block of one
+    row comes last whenever one of several rows fits, whatever its ratio: each of its FMAs waits for a
+    weight vector of its own (7-wide conv rows on AVX2: 1 x 4 panels of 2 vectors ran 65 GFLOP/s, 7 x 1
+    one-vector panel 91, 7 x 1 two-vector panel, spilling, 80).
     """
     lanes, registers = vector_shape(target)
     vectors = max(1, width // lanes)
     budget = max(1, registers // 2 // vectors)
-    best, best_key = (1, 1), (-1.0, 0)
+    best, best_key = (1, 1), (False, -1.0, 0)
     for row_block in range(1, min(rows, 16) + 1):
         if rows % row_block:
             continue
@@ -56,7 +59,7 @@ def default_blocks(target, rows: int, panels: int, width: int, threads: int = 2,
             if tasks < 4 * threads and (row_block, panel_block) != (1, 1):
                 continue
             fmas = row_block * panel_block * vectors
-            key = (fmas / (row_block + panel_block * vectors), row_block)
+            key = (row_block > 1, fmas / (row_block + panel_block * vectors), row_block)
             if key > best_key:
                 best, best_key = (row_block, panel_block), key
     return best
