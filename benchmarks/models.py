@@ -108,6 +108,16 @@ def verdicts(rows: list[dict]) -> list[str]:
 AVX2_NOTE = ("Rows of x86-64-avx2 run AVX2 code (8 float32 lanes) on this AVX-512 machine, where ONNX Runtime's "
              "MLAS dispatches to its AVX-512 kernels (16 lanes): they show the AVX2 kernels' correctness and "
              "relative cost, not a like-for-like ratio; on an AVX2-only CPU both sides run AVX2.")
+AVX2_HOST_NOTE = ("This CPU has AVX2 and no AVX-512: `host` and `x86-64-avx2` both run AVX2 code with the same "
+                  "records (only -mcpu differs), so the two targets' rows differ by this machine's noise.")
+
+
+def _host_lanes() -> int:
+    """float32 lanes of this machine's vector registers (16 with AVX-512)."""
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.target import tvm_target, vector_shape
+
+    return vector_shape(tvm_target(resolve_target("host")))[0]
 
 
 def write(rows: list[dict], meta: dict, stem: str) -> str:
@@ -115,7 +125,7 @@ def write(rows: list[dict], meta: dict, stem: str) -> str:
     text = table(rows)
     notes = "\n".join(verdicts(rows))
     if any(r["target"] == "x86-64-avx2" for r in rows):
-        notes += "\n\n" + AVX2_NOTE
+        notes += "\n\n" + (AVX2_NOTE if _host_lanes() == 16 else AVX2_HOST_NOTE)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     markdown = ("# Whole models: TVM untuned and with shipped records vs ONNX Runtime\n\n"
