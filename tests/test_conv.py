@@ -177,7 +177,10 @@ def test_long_reductions_are_k_blocked_and_equal_ort(tmp_path, module, shape):
 
 @pytest.mark.parametrize("group_in, kh, width, panels, chunk", [
     (16, 3, 32, 1, None),     # 18 KiB panel: stays whole
-    (64, 3, 16, 4, None),     # 36 KiB (the zoo's widest AVX2 conv): stays whole, however many panels a tile has
+    (64, 3, 16, 1, None),     # 36 KiB (the zoo's widest AVX2 conv) in a single-panel tile: stays whole
+    (64, 3, 16, 4, 4),        # ... in a tile of 4 panels (144 KiB): chunks of 4 channels (9 KiB x 4)
+    (16, 5, 16, 2, 4),        # 5x5 over 16 channels, 2 panels of 25 KiB: over the 32 KiB L1, split
+    (8, 3, 16, 2, None),      # 2 panels of 4.5 KiB: whole
     (128, 3, 16, 1, 16),      # 72 KiB: chunks of 16 channels (9 KiB)
     (2048, 1, 16, 1, 256),    # 128 KiB 1x1: chunks of 256 channels (16 KiB)
     (2048, 1, 32, 1, 128),
