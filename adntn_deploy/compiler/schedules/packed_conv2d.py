@@ -144,7 +144,7 @@ def reduce_chunk(group_in: int, kh: int, kw: int, width: int, panels: int = 1) -
 
     Measured on AVX2 (2 cores, batch 32, single kernels): tiles of 2 or 4 panels over 32 KiB ran 0.66-0.91x
     the time split (5x5 16 -> 32 at 14x14: 2 x 2 panels of 25 KiB, 0.86x); single-panel tiles of 51 KiB
-    ran 1.34x the time split, so they stay whole up to the 64 KiB panel bound.
+    ran 1.25-1.34x the time split, so they stay whole up to the 64 KiB panel bound.
     """
     per_channel = kh * kw * width * 4
     panel = group_in * per_channel
