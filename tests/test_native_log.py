@@ -24,6 +24,20 @@ def test_capture_takes_native_writes_and_summarises(tmp_path, capfd):
     assert "Fast mode segfaults" in summary and str(tmp_path / "build.log") in summary
 
 
+def test_routine_database_notice_is_not_counted(tmp_path, capfd):
+    """TVM's "Creating JSONDatabase" line (printed as a warning whenever records are applied) is bookkeeping:
+    alone it makes no summary; beside a real warning only the real one is counted."""
+    routine = (b"[23:40:54] /project/src/relax/transform/meta_schedule.cc:95: Warning: Creating JSONDatabase. "
+               b"Workload at: /tmp/adntn-records-x/database_workload.json\n")
+    log = NativeLog()
+    with log.capture():
+        os.write(2, routine)
+    assert capfd.readouterr().err == "" and log.count == 0
+    with log.capture():
+        os.write(2, TVM_WARNING)
+    assert log.count == 1 and log.summary(None).startswith("note: TVM printed 1 warning (1 distinct")
+
+
 def test_summary_without_a_log_file_says_how_to_see_them():
     log = NativeLog()
     with log.capture():

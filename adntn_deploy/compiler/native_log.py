@@ -20,6 +20,9 @@ from typing import Iterator
 
 # "[04:06:30] /project/include/tvm/topi/transform.h:1261: Warning: Fast mode segfaults ..."
 _TVM_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: (?:(\w+): )?(.*)$")
+#: messages TVM prints as warnings that report our own bookkeeping: every compile that applies records
+#: opens them as a JSONDatabase in a temporary folder, and TVM says so
+_ROUTINE = re.compile(r"^Creating JSONDatabase\b")
 
 
 class NativeLog:
@@ -50,8 +53,8 @@ class NativeLog:
 
     @property
     def lines(self) -> list[str]:
-        """The captured lines that say something."""
-        return [line for line in self.text.splitlines() if line.strip()]
+        """The captured lines that say something to the user (not the routine ones: :data:`_ROUTINE`)."""
+        return [line for line in self.text.splitlines() if line.strip() and not _routine(line)]
 
     @property
     def count(self) -> int:
@@ -72,3 +75,8 @@ class NativeLog:
         top, times = kinds.most_common(1)[0]
         where = f"all in {Path(log_path)} " if log_path is not None else ""
         return f"note: TVM printed {what} ({len(kinds)} distinct; most often {times}x: {top!r}); {where}({show})"
+
+
+def _routine(line: str) -> bool:
+    match = _TVM_LINE.match(line)
+    return bool(match and _ROUTINE.match(match.group(2)))
