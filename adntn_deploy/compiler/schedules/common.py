@@ -58,11 +58,16 @@ def default_blocks(target, rows: int, panels: int, width: int, threads: int = 2,
             tasks = rows // row_block * (panels // panel_block) * other_tasks
             if tasks < 4 * threads and (row_block, panel_block) != (1, 1):
                 continue
-            fmas = row_block * panel_block * vectors
-            key = (row_block > 1, fmas / (row_block + panel_block * vectors), row_block)
+            key = (*block_rank(row_block, panel_block, vectors), row_block)
             if key > best_key:
                 best, best_key = (row_block, panel_block), key
     return best
+
+
+def block_rank(row_block: int, panel_block: int, vectors: int) -> tuple[bool, float]:
+    """How :func:`default_blocks` ranks a register block (higher is better): several rows first, then FMAs
+    per load (one broadcast per row and one load per panel vector per reduction step)."""
+    return row_block > 1, row_block * panel_block * vectors / (row_block + panel_block * vectors)
 
 
 def divisor_at_most(n: int, cap: int) -> int:

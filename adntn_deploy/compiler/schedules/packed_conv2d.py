@@ -36,8 +36,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
-    activation_by_weight, add_kernel, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder, panel_width,
-    static_shape,
+    activation_by_weight, add_kernel, block_rank, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder,
+    panel_width, static_shape,
 )
 from adntn_deploy.compiler.target import vector_shape
 
@@ -120,8 +120,7 @@ def default_conv_width(target, batch: int, out_hw: tuple[int, int], per_group: i
 
     def rank(width: int) -> tuple[bool, float]:
         rows, panels = default_conv_blocks(target, batch, out_hw, -(-per_group // width), width, threads)
-        vectors = max(1, width // lanes)
-        return rows > 1, rows * panels * vectors / (rows + panels * vectors)
+        return block_rank(rows, panels, max(1, width // lanes))
 
     narrow = [lanes] if widest > lanes and per_group % lanes == 0 else []
     return max([widest, *narrow], key=rank)  # the first of equals: the widest
