@@ -206,3 +206,35 @@ def test_searchable_schedule_of_a_k_blocked_kernel_is_correct(seed):
     packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME))
     got, want = _run_kernel(sch.mod, target, seed, width, in_channels=128, out_hw=4)
     assert relative_error(got, want) < float32_rtol(128 * 9)
+
+
+@pytest.mark.parametrize("kh, kw, tile_floats, unrolled", [
+    (3, 3, 56, 2),    # 7 columns x one AVX2 vector: all 9 taps (504 floats)
+    (3, 3, 64, 2),
+    (5, 5, 112, 1),   # 7 columns x two vectors: the 5 KW taps (560), not all 25 (2,800)
+    (5, 5, 64, 1),    # 25 taps would be 1,600
+    (5, 5, 16, 2),    # a small tile: all 25 taps (400)
+    (3, 3, 224, 1),   # AVX-512, 7 columns x 32 lanes: KW only (672; all 9 would be 2,016)
+    (7, 7, 256, 0),   # even the KW loop would be 1,792
+    (1, 1, 128, 2),   # a 1x1 convolution: its one-tap loops (a no-op)
+    (1, 3, 64, 2),    # a 1x3 filter: its KW loop and the one-tap KH loop
+    (3, 1, 64, 2),    # a 3x1 filter: its KH loop after the one-tap KW loop
+    (1, 1, 2048, 0),  # too big a tile even for one tap: stays as written
+])
+def test_unrolled_taps(kh, kw, tile_floats, unrolled):
+    assert packed_conv2d.unrolled_taps(kh, kw, tile_floats) == unrolled
+
+
+@pytest.mark.parametrize("out_hw, unrolled_loops", [(7, {"rh", "rw"}), (14, {"rh", "rw"})])
+def test_default_kernel_unrolls_its_filter_taps(out_hw, unrolled_loops):
+    """The untuned 3x3 kernel runs its taps unrolled (a tile of 8 vector accumulators x 9 taps)."""
+    from tvm import s_tir
+    from tvm.tirx import ForKind
+
+    target = tvm.target.Target(AVX2)
+    func, _ = _conv_kernel(target, out_hw=out_hw)
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock(packed_conv2d.BLOCK_NAME)
+    packed_conv2d.schedule_default(sch, block, target)
+    loops = {sch.get(loop).loop_var.name: sch.get(loop).kind for loop in sch.get_loops(block)}
+    assert {name for name, kind in loops.items() if kind == ForKind.UNROLLED} >= unrolled_loops

@@ -37,7 +37,8 @@ COMPILER_LAYERS = [
      "adntn_deploy.compiler.schedules.streamed_dense"],
     ["adntn_deploy.compiler.schedules"],
     ["adntn_deploy.compiler.frontend", "adntn_deploy.compiler.database"],
-    ["adntn_deploy.compiler.tuning", "adntn_deploy.compiler.build", "adntn_deploy.compiler.runner"],
+    ["adntn_deploy.compiler.tuning", "adntn_deploy.compiler.build", "adntn_deploy.compiler.runner",
+     "adntn_deploy.compiler.refresh"],
     ["adntn_deploy.compiler.bundle"],
 ]
 

@@ -131,11 +131,11 @@ def _register() -> None:
     from adntn_deploy.cli.serving_commands import package_command, serve_command
     from adntn_deploy.cli.training_commands import compress_command, finetune_command, train_command
     from adntn_deploy.cli.tvm_commands import (
-        bundle_command, compile_command, rpc_group, schedules_command, targets_command, tune_command,
+        bundle_command, compile_command, refresh_records_command, rpc_group, schedules_command, targets_command, tune_command,
     )
 
     for command in (train_command, compress_command, finetune_command, export_command, run_command, targets_command, compile_command, bundle_command, tune_command,
-                    schedules_command, rpc_group, serve_command, package_command):
+                    schedules_command, refresh_records_command, rpc_group, serve_command, package_command):
         cli.add_command(command)
 
 

@@ -125,10 +125,10 @@ def clean_database(folder: Path) -> None:
         except (json.JSONDecodeError, RecursionError):
             fixed = body[:cut]
         if fixed != data:
-            _write_atomically(path, fixed)
+            write_atomically(path, fixed)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` through a temporary file beside it and a rename (mode 0644)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -147,7 +147,7 @@ _WORKLOAD_HASH = re.compile(rb'^\["(\d+)",')
 _RECORD_INDEX = re.compile(rb"^\[(\d+),")
 
 
-def _checked_lines(path: Path, workloads: int | None, keep: Callable[[bytes], bool] | None = None) -> list[bytes]:
+def checked_lines(path: Path, workloads: int | None, keep: Callable[[bytes], bool] | None = None) -> list[bytes]:
     """The lines of one database file, each checked before TVM's JSON reader may see it.
 
     TVM parses records (and the IR inside each workload, base64 after an 8-byte length) with a recursive
@@ -211,7 +211,7 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
     """Copy the database in ``source`` into the folder ``destination``, checked line by line; returns the
     number of workloads copied.
 
-    ``source`` is only read. Incomplete trailing lines are left out of the copy (see :func:`_checked_lines`).
+    ``source`` is only read. Incomplete trailing lines are left out of the copy (see :func:`checked_lines`).
     ``workloads_of``: copy only the workloads with these structural hashes (:func:`workload_hashes`) and
     their records, renumbered; the other lines are neither parsed nor checked. The shipped AVX-512
     database holds a hundred workloads, and a compile needs a handful.
@@ -223,8 +223,8 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
     if not has_database(source):
         raise TuningError(f"{source} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
     if workloads_of is None:
-        workloads = _checked_lines(source / DB_FILES[0], None)
-        records = _checked_lines(source / DB_FILES[1], len(workloads))
+        workloads = checked_lines(source / DB_FILES[0], None)
+        records = checked_lines(source / DB_FILES[1], len(workloads))
     else:
         # records name workloads by their index among the non-empty workload lines
         all_workloads = [line for line in (source / DB_FILES[0]).read_bytes().split(b"\n") if line.strip()]
@@ -234,14 +234,14 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
             if match is None or match.group(1).decode() in workloads_of:  # unreadable lines get checked (and refused)
                 renumber[index] = len(renumber)
         wanted = {all_workloads[i] for i in renumber}
-        workloads = _checked_lines(source / DB_FILES[0], None, keep=lambda line: line in wanted)
+        workloads = checked_lines(source / DB_FILES[0], None, keep=lambda line: line in wanted)
 
         def record_wanted(line: bytes) -> bool:
             match = _RECORD_INDEX.match(line)
             return match is None or int(match.group(1)) in renumber
 
         records = []
-        for line in _checked_lines(source / DB_FILES[1], len(all_workloads), keep=record_wanted):
+        for line in checked_lines(source / DB_FILES[1], len(all_workloads), keep=record_wanted):
             match = _RECORD_INDEX.match(line)
             records.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
     destination.mkdir(parents=True, exist_ok=True)
@@ -339,4 +339,4 @@ def publish(staging: Path, records: Path) -> None:
         data = source.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-        _write_atomically(records / name, data)
+        write_atomically(records / name, data)

@@ -1,0 +1,129 @@
+"""Refresh tuning records after one of our schedule rules changed: replay each record's decisions through
+today's rule.
+
+A MetaSchedule record stores its kernel's whole schedule as a trace of primitives, not only the choices
+the search made. When a rule learns something that does not depend on those choices (the packed conv's
+unrolled filter taps, :func:`~adntn_deploy.compiler.schedules.packed_conv2d.unrolled_taps`), every
+record tuned before still replays the old schedule, and a kernel compiled with records can be slower than
+the same kernel compiled without any. :func:`refresh_records` rewrites such records in place: today's rule
+is run again on the record's workload with the record's own decisions (its register block), so the tuned
+choice is kept and what the rule now derives from it is added. The measured run time is kept as it was
+(measured with the old schedule); records of other rules, and lines that do not parse as ours, are left
+byte for byte as they were.
+
+Refreshable rules: ``adntn_packed_conv2d``. Only this module and the rest of the compiler package import
+tvm (lazily).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from adntn_deploy.compiler.database import DB_FILES, checked_lines, write_atomically, has_database
+from adntn_deploy.compiler.errors import TuningError
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What :func:`refresh_records` did: records rewritten, already current, and left alone (other rules)."""
+
+    refreshed: int
+    unchanged: int
+    other: int
+
+
+def _packed_conv2d_trace(workload_mod, trace):
+    """The trace today's packed-conv2d rule gives ``workload_mod`` with the register block ``trace`` chose,
+    or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.schedules import packed_conv2d
+
+    sampled = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+    if len(sampled) != 2:
+        return None
+    row_block, panel_block = (int(decision[-1]) for decision in sampled)
+    sch = s_tir.Schedule(workload_mod, error_render_level="none")
+    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), row_block, panel_block, decided=True)
+    return sch.trace
+
+
+#: first SBlock a rule's trace gets -> the function that re-derives that rule's trace
+_REFRESHERS = {"packed_conv2d": _packed_conv2d_trace}
+
+
+def _plain_json(value):
+    """A TVM container (Array, Map, IntImm, FloatImm, String) as plain Python JSON values."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "items"):
+        return {str(key): _plain_json(item) for key, item in value.items()}
+    if hasattr(value, "value"):  # IntImm / FloatImm
+        return value.value
+    return [_plain_json(item) for item in value]
+
+
+def _first_block(trace) -> str | None:
+    insts = list(trace.insts)
+    if insts and insts[0].kind.name == "GetSBlock":
+        return str(insts[0].attrs[0])
+    return None
+
+
+def refresh_records(folder: str | Path) -> RefreshReport:
+    """Rewrite the records in the database ``folder`` whose kernels today's rules schedule differently.
+
+    Each record of a refreshable rule (see the module doc) gets the trace the rule gives its workload with
+    the record's own decisions; the file is replaced atomically (temporary file and rename), and only the
+    lines whose trace changed differ. Idempotent: a second run reports every record unchanged.
+
+    Raises:
+        TuningError: ``folder`` is not a tuning database, a line is malformed, or a record's decisions no
+            longer schedule its workload (the rule changed what it can sample: tune that kernel again).
+    """
+    import tvm.s_tir.meta_schedule as ms
+
+    folder = Path(folder)
+    if not has_database(folder):
+        raise TuningError(f"{folder} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    workload_lines = checked_lines(folder / DB_FILES[0], None)
+    record_lines = checked_lines(folder / DB_FILES[1], len(workload_lines))
+    workloads: dict[int, object] = {}
+    refreshed = unchanged = other = 0
+    out = []
+    for number, line in enumerate(record_lines, 1):
+        index, record_json = json.loads(line)
+        refresher = None
+        # parse only the records whose trace starts at a refreshable rule's block: a database holds thousands
+        if any(b'["GetSBlock",[],["%s",' % name.encode() in line[:200] for name in _REFRESHERS):
+            if index not in workloads:
+                workloads[index] = ms.database.Workload.from_json(json.loads(workload_lines[index]))
+            record = ms.database.TuningRecord.from_json(record_json, workloads[index])
+            refresher = _REFRESHERS.get(_first_block(record.trace) or "")
+        if refresher is None:
+            other += 1
+            out.append(line)
+            continue
+        try:
+            trace = refresher(workloads[index].mod, record.trace)
+        except Exception as exc:  # noqa: BLE001 - TVM raises many types; the line number is what the user needs
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TuningError(f"{folder / DB_FILES[1]} record {number} no longer schedules its kernel ({first}); "
+                              "tune that model again") from None
+        if trace is None:
+            other += 1
+            out.append(line)
+            continue
+        new_trace = _plain_json(trace.as_json())
+        if json.dumps(new_trace, sort_keys=True) == json.dumps(record_json[0], sort_keys=True):
+            unchanged += 1
+            out.append(line)
+            continue
+        record_json[0] = new_trace
+        out.append(json.dumps([index, record_json], separators=(",", ":")).encode())
+        refreshed += 1
+    if refreshed:
+        write_atomically(folder / DB_FILES[1], b"".join(line + b"\n" for line in out))
+    return RefreshReport(refreshed, unchanged, other)

@@ -1,0 +1,157 @@
+"""Refreshing tuning records: old packed-conv records get today's schedule with their own register block."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+from adntn_deploy.compiler.database import DB_FILES  # noqa: E402
+from adntn_deploy.compiler.errors import TuningError  # noqa: E402
+from adntn_deploy.compiler.refresh import refresh_records  # noqa: E402
+from adntn_deploy.compiler.schedules import packed_conv2d  # noqa: E402
+
+AVX2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _conv_func(width=8):
+    """A standalone packed 3x3 conv kernel, 16 -> 32 channels at 7x7 (input already padded)."""
+    from tvm import te
+
+    from adntn_deploy.compiler.schedules.common import int64_placeholder
+
+    xp = int64_placeholder((1, 16, 9, 9), "xp")
+    wp = int64_placeholder((32 // width, 16, 3, 3, width), "wp")
+    out = packed_conv2d.packed_conv2d_te(xp, wp, 32, 1, (7, 7), (1, 1), (1, 1))
+    return te.create_prim_func([xp, wp, out]).with_attr("global_symbol", "main")
+
+
+def _unrolls(trace) -> int:
+    return sum(inst.kind.name == "Unroll" for inst in trace.insts)
+
+
+def _old_rule_trace(func, row_block, panel_block):
+    """The trace the rule gave before it unrolled filter taps: today's, less the tap loops' Unroll steps."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), row_block, panel_block, decided=True)
+    trace = sch.trace
+    unrolls = [inst for inst in trace.insts if inst.kind.name == "Unroll"]
+    tap_unrolls = unrolls[2:]  # after the tile's own row and panel loops
+    assert tap_unrolls, "today's rule unrolls this kernel's taps"
+    kept = [inst for inst in trace.insts if not any(inst.same_as(tap) for tap in tap_unrolls)]
+    return s_tir.schedule.Trace(kept, {inst: trace.decisions[inst] for inst in kept if inst in trace.decisions})
+
+
+def _database(folder: Path, records):
+    """A JSON database in ``folder`` holding ``records``: (func, trace, run seconds) each."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(folder))
+    target = tvm.target.Target(AVX2)
+    for func, trace, seconds in records:
+        workload = db.commit_workload(tvm.IRModule({"main": func}))
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [seconds], target,
+                                                         ms.arg_info.ArgInfo.from_prim_func(func)))
+
+
+def _other_func():
+    from tvm import te
+
+    a = te.placeholder((4, 4), name="a")
+    b = te.compute((4, 4), lambda i, j: a[i, j] * 2.0, name="double")
+    return te.create_prim_func([a, b]).with_attr("global_symbol", "main")
+
+
+def _records(folder: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(work_dir=str(folder)).get_all_tuning_records()
+
+
+@pytest.mark.parametrize("row_block, panel_block", [(7, 1), (1, 4), (7, 2)])
+def test_old_conv_records_get_the_tap_unroll_and_keep_their_block(tmp_path, row_block, panel_block):
+    from tvm import s_tir
+
+    func = _conv_func()
+    other = s_tir.Schedule(tvm.IRModule({"main": _other_func()}))
+    _database(tmp_path, [(func, _old_rule_trace(func, row_block, panel_block), 2.5e-5), (_other_func(), other.trace, 1e-6)])
+    before = (tmp_path / DB_FILES[1]).read_bytes().splitlines()
+    workloads = (tmp_path / DB_FILES[0]).read_bytes()
+
+    report = refresh_records(tmp_path)
+
+    assert (report.refreshed, report.unchanged, report.other) == (1, 0, 1)
+    after = (tmp_path / DB_FILES[1]).read_bytes().splitlines()
+    assert after[1] == before[1]  # another rule's record: byte for byte
+    conv = next(r for r in _records(tmp_path) if "packed_conv2d" in str(r.trace))
+    sampled = [conv.trace.decisions[i] for i in conv.trace.insts if i.kind.name == "SamplePerfectTile"]
+    assert [int(d[-1]) for d in sampled] == [row_block, panel_block]
+    assert float(conv.run_secs[0]) == pytest.approx(2.5e-5)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), row_block, panel_block)
+    assert _unrolls(conv.trace) == _unrolls(sch.trace)  # the same unrolled loops as today's rule gives
+    assert (tmp_path / DB_FILES[0]).read_bytes() == workloads
+
+    again = refresh_records(tmp_path)
+    assert (again.refreshed, again.unchanged, again.other) == (0, 1, 1)
+    assert (tmp_path / DB_FILES[1]).read_bytes().splitlines() == after
+
+
+def test_a_refreshed_record_builds_a_correct_kernel(tmp_path):
+    from tvm import s_tir
+
+    func = _conv_func()
+    _database(tmp_path, [(func, _old_rule_trace(func, 7, 1), 1e-5)])
+    refresh_records(tmp_path)
+    (record,) = _records(tmp_path)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    ex = tvm.compile(sch.mod, target=tvm.target.Target(AVX2))
+    rng = np.random.default_rng(0)
+    xp = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    wp = rng.standard_normal((4, 16, 3, 3, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 32, 7, 7), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(xp), tvm.runtime.tensor(wp), out)
+    windows = np.lib.stride_tricks.sliding_window_view(xp[0], (3, 3), axis=(1, 2))
+    want = np.einsum("chwrs,pcrsj->pjhw", windows, wp).reshape(1, 32, 7, 7)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("profile", ["x86-64-avx2", "x86-64-avx512"])
+def test_shipped_records_are_current(tmp_path, profile):
+    """Every shipped packed-conv record replays today's rule (else: adntn-deploy refresh-records schedules/PROFILE)."""
+    import shutil
+
+    folder = tmp_path / profile
+    shutil.copytree(REPO / "schedules" / profile, folder)
+    report = refresh_records(folder)
+    assert report.refreshed == 0 and report.unchanged > 0, report
+
+
+def test_a_folder_without_a_database_is_refused(tmp_path):
+    with pytest.raises(TuningError, match="not a tuning database"):
+        refresh_records(tmp_path)
+
+
+def test_refresh_records_command(tmp_path):
+    """The CLI: counts (text and --json) for a database, one line and exit 1 for a folder that is not one."""
+    import json
+    import subprocess
+    import sys
+
+    func = _conv_func()
+    _database(tmp_path / "db", [(func, _old_rule_trace(func, 7, 1), 1e-5)])
+    cli = [sys.executable, "-m", "adntn_deploy.cli.main", "refresh-records"]
+    done = subprocess.run([*cli, str(tmp_path / "db"), "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"records": str(tmp_path / "db"), "refreshed": 1, "unchanged": 0, "other_rules": 0}
+    done = subprocess.run([*cli, str(tmp_path / "db")], capture_output=True, text=True, timeout=300)
+    assert "0 record(s) refreshed, 1 already current" in done.stdout
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([*cli, str(tmp_path / "empty")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "not a tuning database" in done.stderr and len(done.stderr.strip().splitlines()) == 1
