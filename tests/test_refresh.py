@@ -155,3 +155,56 @@ def test_refresh_records_command(tmp_path):
     (tmp_path / "empty").mkdir()
     done = subprocess.run([*cli, str(tmp_path / "empty")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "not a tuning database" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_compile_applies_old_records_with_todays_schedule_and_leaves_them_alone(tmp_path):
+    """A user's database tuned before the tap unroll: compile replays the record's block through today's
+    rule in its private copy, says so, matches ORT, and leaves the user's folder byte for byte."""
+    from torch import nn
+    from tvm import s_tir
+
+    from exporting import export_seeded
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.frontend import import_model
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules import fuse_kernels
+    from adntn_deploy.compiler.target import tvm_target
+    from adntn_deploy.runtime import load
+
+    model = export_seeded(lambda: nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()), (1, 16, 7, 7),
+                          tmp_path / "conv.onnx")
+    target = tvm_target(resolve_target("host"))
+    fused = fuse_kernels(import_model(model, "load", prepack_target=target).mod, target)
+
+    def has_conv(func):
+        try:
+            s_tir.Schedule(func).get_sblock(packed_conv2d.BLOCK_NAME)
+            return True
+        except Exception:  # noqa: BLE001 - no such block
+            return False
+
+    (conv,) = [f.with_attr("global_symbol", "main") for _, f in fused.functions_items()
+               if type(f).__name__ == "PrimFunc" and has_conv(f)]
+    _database(tmp_path / "rec", [(conv, _old_rule_trace(conv, 7, 1), 1e-5)])
+    before = {name: (tmp_path / "rec" / name).read_bytes() for name in DB_FILES}
+
+    notes = []
+    artifact = compile_model(model, "host", tmp_path / "art", tuning_records=tmp_path / "rec", notes=notes.append)
+
+    assert any("1 tuning record(s)" in note and "older adntn-deploy" in note for note in notes), notes
+    assert artifact.manifest["tuning"]["scheduled_kernels"] >= 1
+    assert {name: (tmp_path / "rec" / name).read_bytes() for name in DB_FILES} == before
+    x = {"input": np.random.default_rng(0).standard_normal((1, 16, 7, 7)).astype(np.float32)}
+    (want,) = load(model).run(x).values()
+    (got,) = load(tmp_path / "art").run(x).values()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_best_only_refreshes_the_record_a_compile_applies(tmp_path):
+    func = _conv_func()
+    _database(tmp_path, [(func, _old_rule_trace(func, 1, 4), 3e-5), (func, _old_rule_trace(func, 7, 1), 1e-5)])
+    before = (tmp_path / DB_FILES[1]).read_bytes().splitlines()
+    report = refresh_records(tmp_path, best_only=True)
+    assert (report.refreshed, report.not_best) == (1, 1)
+    after = (tmp_path / DB_FILES[1]).read_bytes().splitlines()
+    assert after[0] == before[0] and after[1] != before[1]  # the slower (1 x 4) record is left as it was

@@ -122,7 +122,8 @@ def compile_model(
         if records is not None:
             say("apply tuning records")
             with native.capture():
-                mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(mod, tvm_tgt, records)
+                mod, tuned["scheduled_kernels"], tuned["kernels"] = apply_records(
+                    mod, tvm_tgt, records, prepare=lambda private: _refresh_private_records(private, records, tell))
         with native.capture():
             mod, tuned["default_schedules"] = schedule_untuned(mod, tvm_tgt)
         say(f"build for {profile.name}")
@@ -193,3 +194,24 @@ def _export(executable, path: Path, compiler: str | None) -> None:
             executable.export_library(str(path))
     except Exception as exc:
         raise CompileError(f"exporting the library failed: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _refresh_private_records(private: Path, records: Path, tell: Callable[[str], None]) -> None:
+    """Replay the applied records (``private``: the compile's own copy) through today's schedule rules.
+
+    Records tuned with an older adntn-deploy keep that version's schedule; the kernel they schedule can
+    then be slower than today's untuned default (:mod:`adntn_deploy.compiler.refresh`). The user's
+    ``records`` folder is not touched; a record that cannot be refreshed is applied as it was, with a note.
+    """
+    from adntn_deploy.compiler.errors import TuningError
+    from adntn_deploy.compiler.refresh import refresh_records
+
+    try:
+        report = refresh_records(private, best_only=True)
+    except TuningError:
+        tell(f"tuning records in {records} applied as tuned: a record's choices no longer fit today's schedule "
+             "rules (tune that model again for today's kernels)")
+        return
+    if report.refreshed:
+        tell(f"{report.refreshed} tuning record(s) in {records} were made by an older adntn-deploy: applied with "
+             f"today's schedule and their tuned choices (adntn-deploy refresh-records {records} updates the folder)")

@@ -263,10 +263,11 @@ def workload_hashes(mod) -> set[str]:
     return hashes
 
 
-def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
+def apply_records(fused, target, records: Path, prepare: Callable[[Path], None] | None = None) -> tuple[Any, int, int]:
     """Apply the database in ``records`` to ``fused`` (from :func:`~adntn_deploy.compiler.schedules.fuse_kernels`).
 
-    ``records`` is only read: TVM gets a checked private copy (:func:`copy_database`).
+    ``records`` is only read: TVM gets a checked private copy (:func:`copy_database`), which ``prepare``
+    (when given) may rewrite first (the compile refreshes old records there: :mod:`~adntn_deploy.compiler.refresh`).
     Returns (module, kernels scheduled, kernels in all).
 
     Raises:
@@ -280,6 +281,8 @@ def apply_records(fused, target, records: Path) -> tuple[Any, int, int]:
     private = Path(tempfile.mkdtemp(prefix="adntn-records-"))
     try:
         copy_database(records, private, workloads_of=workload_hashes(fused))
+        if prepare is not None:
+            prepare(private)
         with target:
             try:
                 applied = relax.transform.MetaScheduleApplyDatabase(str(private))(fused)

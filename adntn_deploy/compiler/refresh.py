@@ -27,11 +27,13 @@ from adntn_deploy.compiler.errors import TuningError
 
 @dataclass(frozen=True)
 class RefreshReport:
-    """What :func:`refresh_records` did: records rewritten, already current, and left alone (other rules)."""
+    """What :func:`refresh_records` did: records rewritten, already current, left alone (other rules),
+    and left alone because a faster record of the same kernel exists (``best_only``)."""
 
     refreshed: int
     unchanged: int
     other: int
+    not_best: int = 0
 
 
 def _packed_conv2d_trace(workload_mod, trace):
@@ -72,12 +74,22 @@ def _first_block(trace) -> str | None:
     return None
 
 
-def refresh_records(folder: str | Path) -> RefreshReport:
+def _mean_seconds(record_json) -> float:
+    try:
+        times = [float(t) for t in record_json[1]]
+        return sum(times) / len(times)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        return float("inf")
+
+
+def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshReport:
     """Rewrite the records in the database ``folder`` whose kernels today's rules schedule differently.
 
     Each record of a refreshable rule (see the module doc) gets the trace the rule gives its workload with
     the record's own decisions; the file is replaced atomically (temporary file and rename), and only the
     lines whose trace changed differ. Idempotent: a second run reports every record unchanged.
+    ``best_only``: refresh only each kernel's fastest record, the one a compile applies (a compile's
+    private copy: a database tuned with 64 trials per kernel holds 64 records of it).
 
     Raises:
         TuningError: ``folder`` is not a tuning database, a line is malformed, or a record's decisions no
@@ -91,11 +103,19 @@ def refresh_records(folder: str | Path) -> RefreshReport:
     workload_lines = checked_lines(folder / DB_FILES[0], None)
     record_lines = checked_lines(folder / DB_FILES[1], len(workload_lines))
     workloads: dict[int, object] = {}
-    refreshed = unchanged = other = 0
+    refreshed = unchanged = other = not_best = 0
     out = []
-    for number, line in enumerate(record_lines, 1):
-        index, record_json = json.loads(line)
+    parsed = [json.loads(line) for line in record_lines]
+    fastest: dict[int, int] = {}  # workload index -> line number of its fastest record
+    for number, (index, record_json) in enumerate(parsed, 1):
+        if index not in fastest or _mean_seconds(record_json) < _mean_seconds(parsed[fastest[index] - 1][1]):
+            fastest[index] = number
+    for number, (line, (index, record_json)) in enumerate(zip(record_lines, parsed), 1):
         refresher = None
+        if best_only and fastest[index] != number:
+            not_best += 1
+            out.append(line)
+            continue
         # parse only the records whose trace starts at a refreshable rule's block: a database holds thousands
         if any(b'["GetSBlock",[],["%s",' % name.encode() in line[:200] for name in _REFRESHERS):
             if index not in workloads:
@@ -126,4 +146,4 @@ def refresh_records(folder: str | Path) -> RefreshReport:
         refreshed += 1
     if refreshed:
         write_atomically(folder / DB_FILES[1], b"".join(line + b"\n" for line in out))
-    return RefreshReport(refreshed, unchanged, other)
+    return RefreshReport(refreshed, unchanged, other, not_best)
