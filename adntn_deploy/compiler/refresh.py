@@ -23,6 +23,7 @@ from pathlib import Path
 
 from adntn_deploy.compiler.database import DB_FILES, checked_lines, write_atomically, has_database
 from adntn_deploy.compiler.errors import TuningError
+from adntn_deploy.compiler.schedules import packed_conv2d
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,10 @@ class RefreshReport:
     not_best: int = 0
 
 
-def _packed_conv2d_trace(workload_mod, trace):
-    """The trace today's packed-conv2d rule gives ``workload_mod`` with the register block ``trace`` chose,
-    or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
+def _packed_conv2d_schedule(workload_mod, trace):
+    """The schedule today's packed-conv2d rule gives ``workload_mod`` with the register block ``trace``
+    chose, or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
     from tvm import s_tir
-
-    from adntn_deploy.compiler.schedules import packed_conv2d
 
     sampled = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
     if len(sampled) != 2:
@@ -49,11 +48,27 @@ def _packed_conv2d_trace(workload_mod, trace):
     row_block, panel_block = (int(decision[-1]) for decision in sampled)
     sch = s_tir.Schedule(workload_mod, error_render_level="none")
     packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), row_block, panel_block, decided=True)
-    return sch.trace
+    return sch
 
 
-#: first SBlock a rule's trace gets -> the function that re-derives that rule's trace
-_REFRESHERS = {"packed_conv2d": _packed_conv2d_trace}
+#: first SBlock a rule's trace gets -> (the function that re-derives that rule's schedule, the rule's version
+#: stamp: an annotation every trace of today's rule carries)
+_REFRESHERS = {"packed_conv2d": (_packed_conv2d_schedule, (packed_conv2d.RULE_VERSION_KEY, packed_conv2d.RULE_VERSION))}
+
+
+def _stamped(trace, version) -> bool:
+    """Whether ``trace`` carries the rule-version annotation ``version`` ((key, value)): made by today's rule.
+
+    Such a record is left as it is even where it differs from what a refresh would derive: MetaSchedule
+    mutates a tuned trace's sampled decisions without re-running the rule, so quantities the rule derived
+    from the first sample (a K-blocking chunk, the unrolled taps) stay as they were measured.
+    """
+    key, value = version
+    for inst in trace.insts:
+        if inst.kind.name == "Annotate" and str(inst.attrs[0]) == key:
+            stamp = inst.inputs[1]
+            return int(getattr(stamp, "value", stamp)) == value
+    return False
 
 
 def _plain_json(value):
@@ -121,27 +136,26 @@ def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshRepor
             if index not in workloads:
                 workloads[index] = ms.database.Workload.from_json(json.loads(workload_lines[index]))
             record = ms.database.TuningRecord.from_json(record_json, workloads[index])
-            refresher = _REFRESHERS.get(_first_block(record.trace) or "")
+            refresher, version = _REFRESHERS.get(_first_block(record.trace) or "", (None, None))
         if refresher is None:
             other += 1
             out.append(line)
             continue
+        if _stamped(record.trace, version):
+            unchanged += 1  # made by today's rule: left exactly as tuned and measured
+            out.append(line)
+            continue
         try:
-            trace = refresher(workloads[index].mod, record.trace)
+            today = refresher(workloads[index].mod, record.trace)
         except Exception as exc:  # noqa: BLE001 - TVM raises many types; the line number is what the user needs
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TuningError(f"{folder / DB_FILES[1]} record {number} no longer schedules its kernel ({first}); "
                               "tune that model again") from None
-        if trace is None:
+        if today is None:
             other += 1
             out.append(line)
             continue
-        new_trace = _plain_json(trace.as_json())
-        if json.dumps(new_trace, sort_keys=True) == json.dumps(record_json[0], sort_keys=True):
-            unchanged += 1
-            out.append(line)
-            continue
-        record_json[0] = new_trace
+        record_json[0] = _plain_json(today.trace.as_json())
         out.append(json.dumps([index, record_json], separators=(",", ":")).encode())
         refreshed += 1
     if refreshed:

@@ -52,6 +52,10 @@ REDUCE_CHUNK_BYTES = 16 * 1024
 REDUCE_TILE_SPLIT_BYTES = 32 * 1024
 #: the most accumulator floats x unrolled taps a tile's unrolled filter-tap loops may hold (:func:`unrolled_taps`)
 UNROLL_TAP_FLOATS = 1024
+#: block annotation stamping which version of :func:`schedule` made a trace (2: unrolled filter taps). A
+#: tuning record without today's stamp replays an older schedule (:mod:`adntn_deploy.compiler.refresh`).
+RULE_VERSION_KEY = "adntn_rule_version"
+RULE_VERSION = 2
 
 
 def packed_conv2d_te(xp, wp, out_channels: int, groups: int, out_hw: tuple[int, int],
@@ -188,6 +192,7 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     :mod:`adntn_deploy.compiler.refresh`) instead of as fixed splits. Returns ``sch``.
     """
     width = _conv_panel_width(sch, block)
+    sch.annotate(block, RULE_VERSION_KEY, RULE_VERSION)
     n, o, h, w, rc, rh, rw = sch.get_loops(block)[-7:]
     group_in, kh, kw = (int(sch.get(loop).extent) for loop in (rc, rh, rw))
     def factors(loop, block_size, most):
