@@ -120,14 +120,17 @@ def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshRepor
     workloads: dict[int, object] = {}
     refreshed = unchanged = other = not_best = 0
     out = []
-    parsed = [json.loads(line) for line in record_lines]
-    fastest: dict[int, int] = {}  # workload index -> line number of its fastest record
-    for number, (index, record_json) in enumerate(parsed, 1):
-        if index not in fastest or _mean_seconds(record_json) < _mean_seconds(parsed[fastest[index] - 1][1]):
-            fastest[index] = number
-    for number, (line, (index, record_json)) in enumerate(zip(record_lines, parsed), 1):
+    fastest: dict[int, tuple[float, int]] = {}  # workload index -> (seconds, line number) of its fastest record
+    if best_only:
+        for number, line in enumerate(record_lines, 1):
+            index, record_json = json.loads(line)
+            seconds = _mean_seconds(record_json)
+            if index not in fastest or seconds < fastest[index][0]:
+                fastest[index] = (seconds, number)
+    for number, line in enumerate(record_lines, 1):
+        index, record_json = json.loads(line)
         refresher = None
-        if best_only and fastest[index] != number:
+        if best_only and fastest[index][1] != number:
             not_best += 1
             out.append(line)
             continue
