@@ -31,7 +31,7 @@ LAYERS = [
 #: the compiler stage's own layers, lowest first: data flows target -> frontend -> schedules -> end points
 COMPILER_LAYERS = [
     ["adntn_deploy.compiler.errors", "adntn_deploy.compiler.profiles", "adntn_deploy.compiler.native_log"],
-    ["adntn_deploy.compiler.target", "adntn_deploy.compiler.artifact"],
+    ["adntn_deploy.compiler.target", "adntn_deploy.compiler.artifact", "adntn_deploy.compiler.graph_rewrites"],
     ["adntn_deploy.compiler.schedules.common"],
     ["adntn_deploy.compiler.schedules.packed_dense", "adntn_deploy.compiler.schedules.packed_conv2d",
      "adntn_deploy.compiler.schedules.streamed_dense"],

@@ -112,7 +112,8 @@ def compile_model(
     tuned = {"records": str(records) if records else None, "records_profile": records_profile,
              "records_note": records_note, "scheduled_kernels": 0, "kernels": 0,
              "packed_dense": imported.prepacked.get("adntn_packed_dense", 0),
-             "packed_conv2d": imported.prepacked.get("adntn_packed_conv2d", 0), "generic_notes": imported.notes}
+             "packed_conv2d": imported.prepacked.get("adntn_packed_conv2d", 0), "generic_notes": imported.notes,
+             "graph_rewrites": imported.rewritten}
     # progress is reported between capture windows: inside one, the progress bar's own writes to stderr
     # would land in build.log
     with tvm.transform.PassContext(opt_level=opt_level):

@@ -2,7 +2,8 @@
 
 Steps of :func:`import_model`: validate the ONNX file -> (``weights="stream"``, or ``"auto"`` for the
 layers the cost model picks) rewrite generated layers to run from their factors -> inline the ai.adntn function bodies (the TVM importer dispatches on op type only)
--> Relax import with parameters kept as inputs, with our ``StreamedDense`` converter added to the importer
+-> graph rewrites (:mod:`adntn_deploy.compiler.graph_rewrites`: BatchNormalization folded into its Conv,
+Sum as Add) -> Relax import with parameters kept as inputs, with our ``StreamedDense`` converter added to the importer
 -> on CPU targets, rewrite matmuls and convolutions into our packed kernels
 (:func:`adntn_deploy.compiler.schedules.prepack`) -> ``--weights load`` / ``stream``: LiftTransformParams
 moves everything that depends only on parameters (the generators, the weight packing) into
@@ -133,7 +134,8 @@ def _fix_input_shapes(model, shapes: Mapping[str, list[int]]) -> list[dict[str, 
 class ImportedModel:
     """An ONNX model imported into Relax: lifted (weights "load" / "stream") or folded, with its I/O,
     parameters, and what :func:`~adntn_deploy.compiler.schedules.prepack` rewrote (``prepacked``: {rule
-    name: operators}; ``notes``: one line per operator left to the generic schedule, and why)."""
+    name: operators}; ``notes``: one line per operator left to the generic schedule, and why; ``rewritten``:
+    the ONNX graph rewrites applied before import)."""
 
     mod: Any
     params: list[np.ndarray]
@@ -144,6 +146,8 @@ class ImportedModel:
     streamed: list[dict[str, Any]]
     prepacked: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: {graph rewrite name: times applied} (:mod:`adntn_deploy.compiler.graph_rewrites`), applied ones only
+    rewritten: dict[str, int] = field(default_factory=dict)
 
 
 def import_model(
@@ -175,6 +179,7 @@ def import_model(
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from adntn_deploy.compiler.graph_rewrites import rewrite_graph
     from adntn_deploy.limits import check_generators
     from adntn_deploy.onnx_export.reader import find_generators, generator_summary, load_onnx
 
@@ -192,6 +197,7 @@ def import_model(
         streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
     _drop_initializer_inputs(inlined)
+    rewritten = rewrite_graph(inlined)
     _constants_as_tensors(inlined)
     _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
@@ -229,7 +235,8 @@ def import_model(
             mod = relax.transform.FoldConstant()(mod)
     if dump:
         (dump / ("02_lifted.py" if lifted else "02_folded.py")).write_text(mod.script())
-    return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed, prepacked, notes)
+    return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed, prepacked, notes,
+                         {name: count for name, count in rewritten.items() if count})
 
 
 def _converter_class():

@@ -1,0 +1,190 @@
+"""ONNX graph rewrites before TVM import: each keeps the model's function (ORT before vs after) and fires
+only where it may. Built with onnx.helper so every form (stored, computed and ConstantOfShape weights,
+training-mode BN, shared outputs) is explicit."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tolerance import float32_rtol, relative_error
+from adntn_deploy.compiler.graph_rewrites import REWRITES, rewrite_graph
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def _bn_stats(prefix, channels):
+    return [_init(f"{prefix}_scale", RNG.uniform(0.5, 2, channels)), _init(f"{prefix}_shift", RNG.standard_normal(channels)),
+            _init(f"{prefix}_mean", RNG.standard_normal(channels)), _init(f"{prefix}_var", RNG.uniform(0.1, 3, channels))]
+
+
+def _bn(prefix, source, output, **attrs):
+    names = [f"{prefix}_{s}" for s in ("scale", "shift", "mean", "var")]
+    return helper.make_node("BatchNormalization", [source, *names], [output], name=prefix, epsilon=1e-3, **attrs)
+
+
+def _model(nodes, inits, in_shape, out_shape):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def conv_bn(bias=True, groups=1, weight="stored"):
+    """x (1, 8, 6, 6) -> Conv 3x3 (16 out) -> BN -> y. ``weight``: stored, computed (an Identity of a stored
+    tensor, as generated weights are) or fill (a ConstantOfShape, as onnx's light test models write)."""
+    w = RNG.standard_normal((16, 8 // groups, 3, 3))
+    nodes, inits = [], _bn_stats("bn", 16) + [_init("w_src", w)]
+    if weight == "stored":
+        inits[-1] = _init("w", w)
+    elif weight == "computed":
+        nodes.append(helper.make_node("Identity", ["w_src"], ["w"]))
+    else:
+        inits[-1] = numpy_helper.from_array(np.array([16, 8 // groups, 3, 3], np.int64), "w_shape")
+        nodes.append(helper.make_node("ConstantOfShape", ["w_shape"], ["w"], value=numpy_helper.from_array(np.array([0.05], np.float32))))
+    conv_inputs = ["x", "w"]
+    if bias:
+        inits.append(_init("b", RNG.standard_normal(16)))
+        conv_inputs.append("b")
+    nodes += [helper.make_node("Conv", conv_inputs, ["c"], group=groups, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              _bn("bn", "c", "y")]
+    return _model(nodes, inits, [1, 8, 6, 6], [1, 16, 6, 6])
+
+
+def conv1d_bn():
+    inits = _bn_stats("bn", 4) + [_init("w", RNG.standard_normal((4, 3, 5)))]
+    return _model([helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[5]), _bn("bn", "c", "y")], inits, [2, 3, 9], [2, 4, 5])
+
+
+def sum_of(count, broadcast=False):
+    inputs = [_init(f"s{k}", RNG.standard_normal((1, 4, 1, 1) if broadcast and k else (1, 4, 3, 3))) for k in range(1, count)]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Sum", ["r"] + [i.name for i in inputs], ["y"], name="join")]
+    return _model(nodes, inputs, [1, 4, 3, 3], [1, 4, 3, 3])
+
+
+def _run(model, shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x}), x
+
+
+def _ops(model):
+    return [node.op_type for node in model.graph.node]
+
+
+CASES = {
+    # name: (model, input shape, {rewrite: times}, op types expected afterwards (in order))
+    "conv-bn-stored-weight": (lambda: conv_bn(), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1}, ["Conv"]),
+    "conv-bn-no-bias": (lambda: conv_bn(bias=False), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1}, ["Conv"]),
+    "grouped-conv-bn": (lambda: conv_bn(groups=4), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1}, ["Conv"]),
+    "conv-bn-computed-weight": (lambda: conv_bn(weight="computed"), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1},
+                                ["Identity", "Mul", "Conv"]),
+    "conv-bn-filled-weight": (lambda: conv_bn(weight="fill"), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1},
+                              ["ConstantOfShape", "Mul", "Conv"]),
+    "conv1d-bn": (conv1d_bn, [2, 3, 9], {"fold-batchnorm-into-conv": 1}, ["Conv"]),
+    "sum-of-two": (lambda: sum_of(2), [1, 4, 3, 3], {"sum-to-add": 1}, ["Relu", "Add"]),
+    "sum-of-four-broadcast": (lambda: sum_of(4, broadcast=True), [1, 4, 3, 3], {"sum-to-add": 1}, ["Relu", "Add", "Add", "Add"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rewrite_keeps_the_function(case):
+    make, shape, counts, ops = CASES[case]
+    model = make()
+    before, x = _run(model, shape)
+    rewritten = copy.deepcopy(model)
+    applied = rewrite_graph(rewritten)
+    onnx.checker.check_model(rewritten)
+    assert {name: n for name, n in applied.items() if n} == counts
+    assert _ops(rewritten) == ops
+    session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    after = session.run(None, {"x": x})
+    assert relative_error(after[0], before[0]) < float32_rtol(8 * 9)
+
+
+def test_folding_drops_the_tensors_it_replaced():
+    """The old weight, bias and statistics would otherwise stay initializers (parameters of the artifact)."""
+    model = conv_bn()
+    rewrite_graph(model)
+    assert sorted(init.name for init in model.graph.initializer) == ["b_bn_bias", "w_bn"]
+
+
+def _shared_conv_output():
+    model = conv_bn()
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["z"]))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16, 6, 6]))
+    return model
+
+
+def _training_mode_bn():
+    model = conv_bn()
+    bn = model.graph.node[-1]
+    bn.output.extend(["running_mean", "running_var"])
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    model.opset_import[0].version = 15
+    return model
+
+
+def _computed_statistics():
+    model = conv_bn()
+    model.graph.node.insert(0, helper.make_node("Identity", ["bn_mean"], ["bn_mean_used"]))
+    model.graph.node[-1].input[3] = "bn_mean_used"
+    return model
+
+
+def _weight_of_unknown_rank():
+    model = conv_bn(weight="computed")
+    conv = model.graph.node[-2]
+    del conv.attribute[:]  # no kernel_shape: the rank of a computed weight is unknown here
+    conv.attribute.append(helper.make_attribute("pads", [1, 1, 1, 1]))
+    return model
+
+
+@pytest.mark.parametrize("make, why", [
+    (_shared_conv_output, "the conv's output is read by another node too"),
+    (_training_mode_bn, "BN in training mode"),
+    (_computed_statistics, "statistics computed at run time"),
+    (_weight_of_unknown_rank, "a computed weight without kernel_shape"),
+])
+def test_batchnorm_left_alone(make, why):
+    model = make()
+    before = copy.deepcopy(model)
+    assert rewrite_graph(model)["fold-batchnorm-into-conv"] == 0, why
+    assert model == before
+
+
+def test_every_rewrite_has_a_name_and_a_case():
+    names = {rewrite.name for rewrite in REWRITES}
+    assert names == {name for case in CASES.values() for name in case[2]}
+
+
+def test_compile_folds_batchnorm_and_matches_ort(tmp_path):
+    """End to end: the artifact's manifest says what was rewritten, the output equals ORT's on the file,
+    and the file itself is not changed."""
+    pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.runtime import load
+
+    model = conv_bn()
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["r"]))
+    model.graph.node.append(helper.make_node("Sum", ["r", "y"], ["out"]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 6, 6]))
+    path = tmp_path / "conv_bn.onnx"
+    onnx.save(model, path)
+    saved = path.read_bytes()
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["tuning"]["graph_rewrites"] == {"fold-batchnorm-into-conv": 1, "sum-to-add": 1}
+    assert artifact.manifest["tuning"]["packed_conv2d"] == 1
+    x = {"x": RNG.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    want = load(path).run(x)["out"]
+    assert relative_error(load(artifact.path).run(x)["out"], want) < float32_rtol(8 * 9)
+    assert path.read_bytes() == saved
