@@ -228,3 +228,54 @@ def test_a_record_of_todays_rule_stays_as_tuned(tmp_path):
     report = refresh_records(tmp_path)
     assert (report.refreshed, report.unchanged) == (0, 1)
     assert (tmp_path / DB_FILES[1]).read_bytes() == before
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from adntn_deploy.compiler.database import lock_database
+with lock_database(Path(sys.argv[1]), "tune"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_writers_of_one_database_exclude_each_other(tmp_path, tiny_onnx):
+    """While one process writes a database (its lock, held by a real second process here), tune and
+    refresh-records on that folder stop at once with one line and exit 1, and the files stay as they were;
+    once the holder has gone the folder can be written again."""
+    import subprocess
+    import sys
+
+    func = _conv_func()
+    db = tmp_path / "db"
+    _database(db, [(func, _old_rule_trace(func, 7, 1), 1e-5)])
+    before = {name: (db / name).read_bytes() for name in DB_FILES}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cli = [sys.executable, "-m", "adntn_deploy.cli.main"]
+        commands = [["refresh-records", str(db)],
+                    ["tune", str(tiny_onnx("ttn", "linear")), "--target", "host", "--tuning-records", str(db), "--trials", "1"]]
+        for command in commands:
+            done = subprocess.run([*cli, *command], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 1, done.stderr
+            assert "is being written by another adntn-deploy process" in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert {name: (db / name).read_bytes() for name in DB_FILES} == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert refresh_records(db).refreshed == 1
+
+
+def test_a_lock_on_a_new_folder_leaves_nothing_behind(tmp_path):
+    from adntn_deploy.compiler.database import lock_database
+
+    with lock_database(tmp_path / "new" / "db", "tune"):
+        assert (tmp_path / "new" / "db").is_dir()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TuningError, match="cannot use .* as a tuning database folder"):
+        with lock_database(tmp_path / "file", "tune"):
+            pass

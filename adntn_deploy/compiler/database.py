@@ -2,7 +2,9 @@
 
 A database is a MetaSchedule JSON work dir: ``database_workload.json`` + ``database_tuning_record.json``
 (one JSON record per line). Every line is checked before TVM's reader sees it (:func:`copy_database`), and
-files change only by write-to-temp-and-rename (:func:`publish`, :func:`clean_database`).
+files change only by write-to-temp-and-rename (:func:`publish`, :func:`clean_database`). A writer (``tune``,
+``refresh-records``) holds the folder's lock (:func:`lock_database`): each publishes its whole database,
+so two at once would drop each other's records. Readers (``compile``) need no lock.
 
 Records travel between CPUs of one ISA.
 
@@ -21,6 +23,7 @@ Resolution for a compile target:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,7 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.profiles import DeviceProfile, host_arch, list_profiles, triple_arch
@@ -126,6 +129,43 @@ def clean_database(folder: Path) -> None:
             fixed = body[:cut]
         if fixed != data:
             write_atomically(path, fixed)
+
+
+@contextlib.contextmanager
+def lock_database(folder: Path, action: str) -> Iterator[None]:
+    """Hold ``folder``'s writer lock while the block runs (``action``: the command, for the message).
+
+    The lock is an advisory ``flock`` on the folder itself (no lock file is left in it), released when the
+    block ends or the process dies. A folder that does not exist yet is created (with its parents), and
+    removed again if the block leaves it empty. Where ``fcntl`` is missing (not POSIX) nothing is locked.
+
+    Raises:
+        TuningError: another process holds the lock (one line naming the folder and what to do), or
+            ``folder`` cannot be created or opened (it is a file, or not writable).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # the folder, then its new parents
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        raise TuningError(f"cannot use {folder} as a tuning database folder: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TuningError(f"{folder} is being written by another adntn-deploy process (tune or refresh-records); "
+                              f"wait for it to finish, or {action} into another folder") from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+        with contextlib.suppress(OSError):  # rmdir only succeeds on a folder the block left empty
+            for new in created:
+                new.rmdir()
 
 
 def write_atomically(path: Path, data: bytes) -> None:

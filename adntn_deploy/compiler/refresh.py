@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adntn_deploy.compiler.database import DB_FILES, checked_lines, write_atomically, has_database
+from adntn_deploy.compiler.database import DB_FILES, checked_lines, has_database, lock_database, write_atomically
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.schedules import packed_conv2d
 
@@ -107,14 +107,20 @@ def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshRepor
     private copy: a database tuned with 64 trials per kernel holds 64 records of it).
 
     Raises:
-        TuningError: ``folder`` is not a tuning database, a line is malformed, or a record's decisions no
-            longer schedule its workload (the rule changed what it can sample: tune that kernel again).
+        TuningError: ``folder`` is not a tuning database, a line is malformed, a record's decisions no
+            longer schedule its workload (the rule changed what it can sample: tune that kernel again), or
+            a ``tune`` is writing to ``folder`` (:func:`~adntn_deploy.compiler.database.lock_database`).
     """
-    import tvm.s_tir.meta_schedule as ms
-
     folder = Path(folder)
     if not has_database(folder):
         raise TuningError(f"{folder} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    with lock_database(folder, "refresh a copy of it"):  # a tune publishing meanwhile would be overwritten
+        return _refresh_locked(folder, best_only)
+
+
+def _refresh_locked(folder: Path, best_only: bool) -> RefreshReport:
+    import tvm.s_tir.meta_schedule as ms
+
     workload_lines = checked_lines(folder / DB_FILES[0], None)
     record_lines = checked_lines(folder / DB_FILES[1], len(workload_lines))
     workloads: dict[int, object] = {}

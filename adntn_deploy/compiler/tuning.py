@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from adntn_deploy.compiler.database import copy_database, has_database, publish
+from adntn_deploy.compiler.database import copy_database, has_database, lock_database, publish
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import require_cross_compiler, resolve_target
@@ -312,87 +312,89 @@ def tune_model(
     tvm_tgt = tvm_target(profile)
     if weights not in LIFTED_MODES:
         raise TuningError(f"weights= must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
-    register_schedule_rules()
-    register_tensor_intrinsics(tvm_tgt)
-    verbose = bool(os.environ.get("ADNTN_TUNE_VERBOSE"))
-    native = NativeLog(verbose)
-    with native.capture():  # TVM's C++ warnings (see native_log): one summary note in the report
-        imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
-        fused = fuse_kernels(imported.mod, tvm_tgt)
     records = Path(records)
-    staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
-    if has_database(records):  # resume: start from what was published, checked
-        copy_database(records, staging)
-    builder = persistent_builder(timeout, build_candidate, partial(_export_with, compiler) if compiler else None)
-    if rpc_tracker:
-        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
-                                     session_timeout_sec=int(timeout))
-        # one server serves one session at a time: one runner worker per board the key has (a farm)
-        runner = ms.runner.RPCRunner(config, max_workers=boards)
-    else:
-        # candidates are measured in worker processes started from here: give them the thread pool that
-        # inference will use (TVM's x86 default is half the CPUs), or the search tunes for the wrong machine
-        configure_threads()
-        runner = ms.runner.LocalRunner(timeout_sec=timeout)
-    state = {"done": 0, "best": {}}
+    # held from before the resume read to the last write: every publish replaces the whole database
+    with lock_database(records, "tune"):
+        register_schedule_rules()
+        register_tensor_intrinsics(tvm_tgt)
+        verbose = bool(os.environ.get("ADNTN_TUNE_VERBOSE"))
+        native = NativeLog(verbose)
+        with native.capture():  # TVM's C++ warnings (see native_log): one summary note in the report
+            imported = import_model(onnx_path, weights, input_shapes, prepack_target=tvm_tgt if prepack else None)
+            fused = fuse_kernels(imported.mod, tvm_tgt)
+        staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
+        if has_database(records):  # resume: start from what was published, checked
+            copy_database(records, staging)
+        builder = persistent_builder(timeout, build_candidate, partial(_export_with, compiler) if compiler else None)
+        if rpc_tracker:
+            config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+                                         session_timeout_sec=int(timeout))
+            # one server serves one session at a time: one runner worker per board the key has (a farm)
+            runner = ms.runner.RPCRunner(config, max_workers=boards)
+        else:
+            # candidates are measured in worker processes started from here: give them the thread pool that
+            # inference will use (TVM's x86 default is half the CPUs), or the search tunes for the wrong machine
+            configure_threads()
+            runner = ms.runner.LocalRunner(timeout_sec=timeout)
+        state = {"done": 0, "best": {}}
 
-    @tvm.ir.utils.derived_object
-    class Progress(ms.measure_callback.PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            name = str(task_scheduler.tasks_[task_id].ctx.task_name) if hasattr(task_scheduler, "tasks_") else str(task_id)
-            times = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results if r.run_secs and r.error_msg is None]
-            if times:
-                state["best"][name] = min(times + ([state["best"][name]] if name in state["best"] else []))
-            state["done"] += len(runner_results)
-            publish(staging, records)
+        @tvm.ir.utils.derived_object
+        class Progress(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                name = str(task_scheduler.tasks_[task_id].ctx.task_name) if hasattr(task_scheduler, "tasks_") else str(task_id)
+                times = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results if r.run_secs and r.error_msg is None]
+                if times:
+                    state["best"][name] = min(times + ([state["best"][name]] if name in state["best"] else []))
+                state["done"] += len(runner_results)
+                publish(staging, records)
+                if on_batch:
+                    on_batch(state["done"], trials, name, state["best"].get(name))
+
+        # MetaSchedule prints every batch and a task table to stdout at INFO; its per-task logs still go to
+        # files. Our progress callback is the user-facing report.
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+            logging.DEBUG if verbose else logging.WARNING)
+        start = time.perf_counter()
+        try:
+            with native.capture():
+                tasks = ms.relax_integration.extract_tasks(fused if include_load_kernels else inference_only(fused), tvm_tgt)
+            if only:
+                tasks = [t for t in tasks if any(name in t.task_name for name in only)]
+                if not tasks:
+                    raise TuningError(f"no kernel's task name contains {' or '.join(only)}; drop --only to tune all kernels")
+            # without a per-task cap the gradient scheduler can spend the whole budget on cheap kernels and
+            # leave a big matmul with its first (naive) candidate; default: an equal share per task
+            per_task = trials_per_task or max(1, -(-trials // max(len(tasks), 1)))
+            # tune the tasks extracted above (tune_relax would extract them all again, and its op_names filter
+            # selects a task once per matching name)
+            contexts, weights_per_task = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(staging))
             if on_batch:
-                on_batch(state["done"], trials, name, state["best"].get(name))
-
-    # MetaSchedule prints every batch and a task table to stdout at INFO; its per-task logs still go to
-    # files. Our progress callback is the user-facing report.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
-        logging.DEBUG if verbose else logging.WARNING)
-    start = time.perf_counter()
-    try:
-        with native.capture():
-            tasks = ms.relax_integration.extract_tasks(fused if include_load_kernels else inference_only(fused), tvm_tgt)
-        if only:
-            tasks = [t for t in tasks if any(name in t.task_name for name in only)]
-            if not tasks:
-                raise TuningError(f"no kernel's task name contains {' or '.join(only)}; drop --only to tune all kernels")
-        # without a per-task cap the gradient scheduler can spend the whole budget on cheap kernels and
-        # leave a big matmul with its first (naive) candidate; default: an equal share per task
-        per_task = trials_per_task or max(1, -(-trials // max(len(tasks), 1)))
-        # tune the tasks extracted above (tune_relax would extract them all again, and its op_names filter
-        # selects a task once per matching name)
-        contexts, weights_per_task = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(staging))
-        if on_batch:
-            on_batch(0, trials, "", None)
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights_per_task, work_dir=str(staging), max_trials_global=trials,
-            max_trials_per_task=per_task, num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
-            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
-        )
-        with native.capture():
-            defaults, default_notes = record_default_schedules(contexts, tvm_tgt, builder, runner, staging)
-        publish(staging, records)
-    except AdntnError:
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TuningError(f"tuning failed: {first}") from None
-    finally:
-        builder.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    meta = records / "adntn_schedule.json"
-    info = json.loads(meta.read_text()) if meta.exists() else {"models": [], "trials": 0}
-    info.update(target=str(tvm_tgt), profile=profile.name, trials=int(info.get("trials", 0)) + state["done"])
-    info["models"] = sorted(set(info["models"]) | {Path(onnx_path).name})
-    meta.write_text(json.dumps(info, indent=2) + "\n")
-    notes = [native.summary(None, "ADNTN_TUNE_VERBOSE=1 shows them")] if native.count else []
-    if defaults:
-        notes.append(f"{defaults} untuned default schedule(s) measured into the records too: a kernel's record "
-                     "is the faster of the search and the default")
-    notes += default_notes
-    return TuneReport(records, len(tasks), state["done"], time.perf_counter() - start, dict(state["best"]), notes,
-                      defaults=defaults)
+                on_batch(0, trials, "", None)
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights_per_task, work_dir=str(staging), max_trials_global=trials,
+                max_trials_per_task=per_task, num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
+                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [Progress()],
+            )
+            with native.capture():
+                defaults, default_notes = record_default_schedules(contexts, tvm_tgt, builder, runner, staging)
+            publish(staging, records)
+        except AdntnError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TuningError(f"tuning failed: {first}") from None
+        finally:
+            builder.close()
+            shutil.rmtree(staging, ignore_errors=True)
+        meta = records / "adntn_schedule.json"
+        info = json.loads(meta.read_text()) if meta.exists() else {"models": [], "trials": 0}
+        info.update(target=str(tvm_tgt), profile=profile.name, trials=int(info.get("trials", 0)) + state["done"])
+        info["models"] = sorted(set(info["models"]) | {Path(onnx_path).name})
+        meta.write_text(json.dumps(info, indent=2) + "\n")
+        notes = [native.summary(None, "ADNTN_TUNE_VERBOSE=1 shows them")] if native.count else []
+        if defaults:
+            notes.append(f"{defaults} untuned default schedule(s) measured into the records too: a kernel's record "
+                         "is the faster of the search and the default")
+        notes += default_notes
+        return TuneReport(records, len(tasks), state["done"], time.perf_counter() - start, dict(state["best"]), notes,
+                          defaults=defaults)
