@@ -137,7 +137,8 @@ def lock_database(folder: Path, action: str) -> Iterator[None]:
 
     The lock is an advisory ``flock`` on the folder itself (no lock file is left in it), released when the
     block ends or the process dies. A folder that does not exist yet is created (with its parents), and
-    removed again if the block leaves it empty. Where ``fcntl`` is missing (not POSIX) nothing is locked.
+    removed again if the block leaves it empty. Where ``fcntl`` is missing (not POSIX), or the file system
+    cannot lock a folder (some network mounts), nothing is locked.
 
     Raises:
         TuningError: another process holds the lock (one line naming the folder and what to do), or
@@ -160,6 +161,8 @@ def lock_database(folder: Path, action: str) -> Iterator[None]:
         except BlockingIOError:
             raise TuningError(f"{folder} is being written by another adntn-deploy process (tune or refresh-records); "
                               f"wait for it to finish, or {action} into another folder") from None
+        except OSError:  # a file system without flock on folders (some network mounts): unlocked, as before
+            pass
         yield
     finally:
         os.close(handle)  # releases the lock
