@@ -181,6 +181,7 @@ def test_long_reductions_are_k_blocked_and_equal_ort(tmp_path, module, shape):
     (64, 3, 16, 4, 4),        # ... in a tile of 4 panels (144 KiB): chunks of 4 channels (9 KiB x 4)
     (16, 5, 16, 2, 4),        # 5x5 over 16 channels, 2 panels of 25 KiB: over the 32 KiB L1, split
     (8, 3, 16, 2, None),      # 2 panels of 4.5 KiB: whole
+    (256, 1, 16, 2, 128),     # 2 panels of 16 KiB and 16 KiB of input lines: over the L1, split
     (128, 3, 16, 1, 16),      # 72 KiB: chunks of 16 channels (9 KiB)
     (2048, 1, 16, 1, 256),    # 128 KiB 1x1: chunks of 256 channels (16 KiB)
     (2048, 1, 32, 1, 128),
