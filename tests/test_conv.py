@@ -30,6 +30,9 @@ CASES = {
     "narrow-padded-panel": (lambda: nn.Conv2d(3, 6, 1), (1, 3, 5, 5), 1, None),
     "conv-bn-relu-pool": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16).eval(), nn.ReLU(),
                                                 nn.MaxPool2d(2), nn.Conv2d(16, 32, 3)), (1, 3, 12, 12), 2, None),
+    # groups whose width is not whole vectors are padded to them in the kernel and cropped after it
+    "groups-of-20-padded": (lambda: nn.Sequential(nn.Conv2d(40, 40, 3, groups=2, padding=1), nn.ReLU()), (1, 40, 6, 6), 1, None),
+    "groups-of-34-padded": (lambda: nn.Conv2d(68, 68, 1, groups=2), (2, 68, 5, 5), 1, None),
     "depthwise": (lambda: nn.Conv2d(16, 16, 3, groups=16, padding=1), (1, 16, 6, 6), 0, "depthwise"),
     "no-panel-fits": (lambda: nn.Conv2d(3, 70, 3), (1, 3, 6, 6), 0, "fit no vector panel"),
 }
@@ -145,6 +148,23 @@ def test_default_conv_blocks(target, batch, out_hw, panels, width, blocks):
 ])
 def test_default_conv_width(target, batch, out_hw, per_group, width):
     assert packed_conv2d.default_conv_width(tvm.target.Target(target), batch, out_hw, per_group) == width
+
+
+@pytest.mark.parametrize("out_hw", [16, 4])
+def test_rows_wider_than_a_block_write_back_from_a_row_buffer(out_hw):
+    """A row of several register blocks keeps the whole row's accumulators (the parallel loop runs over
+    rows, not tiles) and writes each channel's row at once; a row that one block covers keeps its tiles."""
+    from tvm import s_tir
+
+    target = tvm.target.Target(AVX2)
+    func, width = _conv_kernel(target, out_hw=out_hw)
+    sch = s_tir.Schedule(func)
+    packed_conv2d.schedule_default(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), target)
+    columns, panels = packed_conv2d.default_conv_blocks(target, 1, (out_hw, out_hw), 32 // width, width)
+    parallel = [int(extent) for extent in re.findall(r"T\.parallel\(T\.int64\((\d+)\)", sch.mod["main"].script())]
+    assert columns <= out_hw // 4 or columns == out_hw
+    # one parallel task per output row and tile of panels: a tile-by-tile write-back had one per block
+    assert parallel == [32 // width // panels * out_hw]
 
 
 def test_neon_conv_loop_is_vectorised():

@@ -33,8 +33,9 @@ along whole NCHW rows. Measured on AVX2 (single kernels, batch 32): a 3x3 conv 1
 measured 0.9-1.1x.
 
 Covered: static float32 NCHW/OIHW convolutions with any stride, padding and dilation and ``groups == 1``
-or output channels per group that fill at least 4 lanes. Depthwise convolutions and everything else keep
-TVM's generic schedule (``compile -v`` names each one).
+or output channels per group that fill at least 4 lanes; a group wider than a vector but not whole
+vectors wide is padded to whole vectors and cropped (:func:`padded_group_width`). Depthwise convolutions
+and everything else keep TVM's generic schedule (``compile -v`` names each one).
 """
 
 from __future__ import annotations
@@ -95,6 +96,22 @@ def packed_conv2d_te(xp, wp, out_channels: int, groups: int, out_hw: tuple[int, 
                       name=BLOCK_NAME, attrs={"schedule_rule": RULE_NAME})
 
 
+def padded_group_width(target, groups: int, per_group: int) -> int:
+    """Output channels per group the kernel computes: ``per_group``, or that rounded up to whole vectors.
+
+    A panel's lanes must stay within one group (each group reads its own input channels), so a group
+    whose width is not whole vectors ran in narrow panels (ShuffleNet's 68 per group: 4 lanes, half an
+    AVX2 vector) or, with no power-of-two divisor (34 per group), on the generic schedule. Such a group
+    wider than one vector is padded with zero weights to whole vectors, and the padding is cropped from
+    the output (:func:`rewrite`). Groups narrower than a vector keep their narrow panel: a half-empty
+    vector FMA costs what a full one does.
+    """
+    lanes, _ = vector_shape(target)
+    if groups == 1 or per_group <= lanes or per_group % lanes == 0:
+        return per_group
+    return -(-per_group // lanes) * lanes
+
+
 def conv_support(x_shape, w_shape, attrs, target) -> tuple[int | None, str]:
     """(panel width, "") for a convolution the packed kernel runs, or (None, why not) for one it does not."""
     if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
@@ -105,7 +122,7 @@ def conv_support(x_shape, w_shape, attrs, target) -> tuple[int | None, str]:
     per_group = w_shape[0] // groups
     if groups > 1 and per_group < MIN_GROUP_WIDTH:
         return None, f"{per_group} output channel(s) per group (depthwise); the generic schedule runs it"
-    width = panel_width(target, per_group)
+    width = panel_width(target, padded_group_width(target, groups, per_group))
     if width is None:
         return None, f"{per_group} output channels per group fit no vector panel"
     return width, ""
@@ -284,9 +301,10 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     groups = int(attrs.groups)
     out_channels, group_in, kh, kw = w_shape
     per_group = out_channels // groups
+    padded = padded_group_width(target, groups, per_group)  # per_group, or whole vectors (then cropped)
     out_shape = [int(v) for v in call.ty.shape.values]
-    width = default_conv_width(target, out_shape[0], (out_shape[2], out_shape[3]), per_group, _threads(target))
-    panels = -(-per_group // width)
+    width = default_conv_width(target, out_shape[0], (out_shape[2], out_shape[3]), padded, _threads(target))
+    panels = -(-padded // width)
     strides = tuple(int(v) for v in attrs.strides)
     dilation = tuple(int(v) for v in attrs.dilation)
     top, left, bottom, right = (int(v) for v in attrs.padding)
@@ -300,9 +318,16 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
         x_shape = [x_shape[0], x_shape[1], x_shape[2] + top + bottom, x_shape[3] + left + right]
     xp = int64_placeholder(x_shape, "xp")
     wp = int64_placeholder((groups * panels, group_in, kh, kw, width), "wp")
-    out = packed_conv2d_te(xp, wp, out_channels, groups, (out_shape[2], out_shape[3]), strides, dilation)
+    out = packed_conv2d_te(xp, wp, groups * padded, groups, (out_shape[2], out_shape[3]), strides, dilation)
     gvar = add_kernel(builder, te.create_prim_func([xp, wp, out]), "adntn_packed_conv2d")
-    return relax.call_tir(gvar, [x, packed], relax.TensorType(out_shape, "float32")), ""
+    batch, _, out_h, out_w = out_shape
+    result = relax.call_tir(gvar, [x, packed], relax.TensorType([batch, groups * padded, out_h, out_w], "float32"))
+    if padded == per_group:
+        return result, ""
+    # each group's zero-weight channels are dropped (a copy that fuses with the bias and activation after it)
+    full = builder.emit(relax.op.reshape(builder.emit(result), [batch, groups, padded, out_h, out_w]))
+    kept = builder.emit(relax.op.strided_slice(full, axes=[2], begin=[0], end=[per_group]))
+    return relax.op.reshape(kept, out_shape), ""
 
 
 def _grouped_pack(builder, w, groups: int, per_group: int, width: int):
