@@ -33,6 +33,9 @@ class GraphIndex:
     outputs: set[str] = field(default_factory=set)
     #: initializers a rewrite stopped reading (removed at the end when nothing else reads them)
     orphaned: set[str] = field(default_factory=set)
+    #: (op type, first output) of a node -> the nodes that take its place (none: it is dropped); applied
+    #: in one pass over the graph by :meth:`commit`, so a rewrite of many nodes stays linear in the graph
+    replacements: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, graph) -> "GraphIndex":
@@ -78,6 +81,26 @@ class GraphIndex:
         """Whether ``name`` is an initializer (stored in the file, as opposed to computed)."""
         return name in self.initializers
 
+    def replace(self, node, nodes: list[Any]) -> None:
+        """Put ``nodes`` where ``node`` is (``node`` may be among them), at :meth:`commit`."""
+        self.replacements[(node.op_type, node.output[0] if node.output else "")] = nodes
+
+    def commit(self) -> None:
+        """Apply the recorded replacements to the graph's node list (its order is otherwise kept)."""
+        from onnx import NodeProto
+
+        if not self.replacements:
+            return
+        rebuilt = []
+        for node in self.graph.node:
+            for kept in self.replacements.get((node.op_type, node.output[0] if node.output else ""), [node]):
+                copy = NodeProto()
+                copy.CopyFrom(kept)
+                rebuilt.append(copy)
+        del self.graph.node[:]
+        self.graph.node.extend(rebuilt)
+        self.replacements.clear()
+
     def only_consumer(self, name: str) -> Any | None:
         """The one node reading ``name``, or None when it has several readers or is a graph output."""
         readers = self.consumers.get(name, [])
@@ -99,9 +122,11 @@ def _is_standard(node) -> bool:
 
 def _fresh_name(index: GraphIndex, base: str) -> str:
     """A tensor name not used in the graph yet, derived from ``base``."""
-    taken = set(index.producer) | set(index.initializers) | set(index.consumers)
+    def taken(candidate: str) -> bool:
+        return candidate in index.producer or candidate in index.initializers or candidate in index.consumers
+
     name, k = base, 0
-    while name in taken:
+    while taken(name):
         k += 1
         name = f"{base}_{k}"
     return name
@@ -161,7 +186,7 @@ class FoldBatchNormIntoConv:
         eps = float(_attribute(bn, "epsilon", 1e-5))
         factor = scale / np.sqrt(var + eps)
         graph = index.graph
-        new_inits = []
+        new_inits, before_conv = [], []
 
         weight_name = conv.input[1]
         weight = index.constant(weight_name) if index.is_initializer(weight_name) else None
@@ -179,7 +204,7 @@ class FoldBatchNormIntoConv:
                 factor.astype(np.float32).reshape((-1,) + (1,) * (rank - 1)), factor_name))
             new_weight = _fresh_name(index, f"{weight_name}_bn")
             mul = helper.make_node("Mul", [weight_name, factor_name], [new_weight], name=f"{new_weight}_mul")
-            graph.node.insert(list(graph.node).index(conv), mul)
+            before_conv.append(mul)
             index.producer[new_weight] = mul
 
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
@@ -192,9 +217,7 @@ class FoldBatchNormIntoConv:
             scaled, new_bias = _fresh_name(index, f"{bias_name}_bn_scaled"), _fresh_name(index, f"{bias_name}_bn")
             nodes = [helper.make_node("Mul", [bias_name, factor_name], [scaled], name=f"{scaled}_mul"),
                      helper.make_node("Add", [scaled, offset_name], [new_bias], name=f"{new_bias}_add")]
-            at = list(graph.node).index(conv)
-            for k, extra in enumerate(nodes):
-                graph.node.insert(at + k, extra)
+            before_conv += nodes
             index.producer.update({scaled: nodes[0], new_bias: nodes[1]})
         else:
             new_bias = _fresh_name(index, f"{bias_name or conv.output[0]}_bn_bias")
@@ -208,9 +231,10 @@ class FoldBatchNormIntoConv:
         data = conv.input[0]
         del conv.input[:]
         conv.input.extend([data, new_weight, new_bias])
+        index.replace(bn, [])  # keyed before the conv takes over its output name: (op type, name) stays unique
         conv.output[0] = bn.output[0]
         index.producer[bn.output[0]] = conv
-        graph.node.remove(bn)
+        index.replace(conv, [*before_conv, conv])
         index.orphaned.update(name for name in bn.input[1:]
                               if index.is_initializer(name) and len(index.consumers.get(name, [])) == 1)
 
@@ -229,9 +253,7 @@ class SumToAdd:
         """Replace ``node`` by a chain of Add nodes writing its output name."""
         from onnx import helper
 
-        graph = index.graph
         inputs = [name for name in node.input if name]
-        at = list(graph.node).index(node)
         chain, left = [], inputs[0]
         for k, right in enumerate(inputs[1:], start=1):
             last = k == len(inputs) - 1
@@ -239,9 +261,7 @@ class SumToAdd:
             chain.append(helper.make_node("Add", [left, right], [out], name=f"{node.name or node.output[0]}_add{k}"))
             index.producer[out] = chain[-1]
             left = out
-        graph.node.remove(node)
-        for k, extra in enumerate(chain):
-            graph.node.insert(at + k, extra)
+        index.replace(node, chain)
 
 
 #: the rewrites, in the order they run
@@ -260,6 +280,7 @@ def rewrite_graph(model) -> dict[str, int]:
         matches = rewrite.find(index)
         for match in matches:
             rewrite.apply(index, *match)
+        index.commit()
         counts[rewrite.name] = len(matches)
         orphaned |= index.orphaned
     if orphaned:  # an unread initializer would still become a parameter of the artifact
