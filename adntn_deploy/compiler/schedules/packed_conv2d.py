@@ -55,8 +55,10 @@ MIN_GROUP_WIDTH = 4  # output channels per group below this (depthwise) would le
 #: a weight panel (bytes) above which the reduction is K-blocked, and the most a chunk's slice of it holds
 REDUCE_SPLIT_BYTES = 64 * 1024
 REDUCE_CHUNK_BYTES = 16 * 1024
-#: the bytes of a tile's panels (two or more) above which the reduction is K-blocked too: an L1 data cache
+#: the bytes a tile of two or more panels reads (its panels and input lines) above which the reduction is
+#: K-blocked too: an L1 data cache
 REDUCE_TILE_SPLIT_BYTES = 32 * 1024
+#: the bytes of one input line a tile reads per input channel and filter row
 CACHE_LINE_BYTES = 64
 #: the most accumulator floats x unrolled taps a tile's unrolled filter-tap loops may hold (:func:`unrolled_taps`)
 UNROLL_TAP_FLOATS = 1024
