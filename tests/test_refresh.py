@@ -234,7 +234,7 @@ HOLD_LOCK = """
 import sys
 from pathlib import Path
 from adntn_deploy.compiler.database import lock_database
-with lock_database(Path(sys.argv[1]), "tune"):
+with lock_database(Path(sys.argv[1]), "tune into another folder"):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes our stdin
 """
@@ -272,10 +272,10 @@ def test_writers_of_one_database_exclude_each_other(tmp_path, tiny_onnx):
 def test_a_lock_on_a_new_folder_leaves_nothing_behind(tmp_path):
     from adntn_deploy.compiler.database import lock_database
 
-    with lock_database(tmp_path / "new" / "db", "tune"):
+    with lock_database(tmp_path / "new" / "db", "tune into another folder"):
         assert (tmp_path / "new" / "db").is_dir()
     assert not (tmp_path / "new").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(TuningError, match="cannot use .* as a tuning database folder"):
-        with lock_database(tmp_path / "file", "tune"):
+        with lock_database(tmp_path / "file", "tune into another folder"):
             pass

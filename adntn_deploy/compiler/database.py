@@ -132,8 +132,9 @@ def clean_database(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def lock_database(folder: Path, action: str) -> Iterator[None]:
-    """Hold ``folder``'s writer lock while the block runs (``action``: the command, for the message).
+def lock_database(folder: Path, instead: str) -> Iterator[None]:
+    """Hold ``folder``'s writer lock while the block runs (``instead``: what else the user can do, for the
+    message, e.g. "tune into another folder").
 
     The lock is an advisory ``flock`` on the folder itself (no lock file is left in it), released when the
     block ends or the process dies. A folder that does not exist yet is created (with its parents), and
@@ -160,7 +161,7 @@ def lock_database(folder: Path, action: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TuningError(f"{folder} is being written by another adntn-deploy process (tune or refresh-records); "
-                              f"wait for it to finish, or {action} into another folder") from None
+                              f"wait for it to finish, or {instead}") from None
         except OSError:  # a file system without flock on folders (some network mounts): unlocked, as before
             pass
         yield

@@ -197,8 +197,8 @@ def import_model(
         streamed = [layer.as_dict() for layer in layers]
     inlined = onnx.inliner.inline_local_functions(model)
     _drop_initializer_inputs(inlined)
+    _constants_as_tensors(inlined)  # before the rewrites: they read Constant nodes in their tensor form
     rewritten = rewrite_graph(inlined)
-    _constants_as_tensors(inlined)
     _sanitize_initializer_names(inlined)
     outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES

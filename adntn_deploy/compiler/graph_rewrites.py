@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from adntn_deploy.onnx_export.reader import node_attribute
+
 
 @dataclass
 class GraphIndex:
@@ -72,7 +74,7 @@ class GraphIndex:
             shape = self.constant(node.input[0])
             if shape is None:
                 return None
-            fill = _attribute(node, "value", None)
+            fill = node_attribute(node, "value", None)
             value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
             return np.full(tuple(int(d) for d in shape), value.reshape(-1)[0], dtype=value.dtype)
         return None
@@ -107,15 +109,6 @@ class GraphIndex:
         return readers[0] if len(readers) == 1 and name not in self.outputs else None
 
 
-def _attribute(node, name: str, default):
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
 def _is_standard(node) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -145,8 +138,8 @@ class FoldBatchNormIntoConv:
 
     name = "fold-batchnorm-into-conv"
 
-    def find(self, index: GraphIndex) -> list[tuple[Any, Any]]:
-        """Every (Conv, BatchNormalization) pair this rewrite folds."""
+    def find(self, index: GraphIndex) -> list[tuple[Any, Any, list[np.ndarray]]]:
+        """Every (Conv, BatchNormalization, its scale, B, mean and var) this rewrite folds."""
         pairs = []
         for node in index.graph.node:
             if node.op_type != "BatchNormalization" or not _is_standard(node) or len(node.input) != 5:
@@ -154,8 +147,11 @@ class FoldBatchNormIntoConv:
             conv = index.producer.get(node.input[0])
             if conv is None or conv.op_type != "Conv" or not _is_standard(conv):
                 continue
-            if index.only_consumer(conv.output[0]) is node and self._foldable(index, conv, node):
-                pairs.append((conv, node))
+            if index.only_consumer(conv.output[0]) is not node:
+                continue
+            stats = self._statistics(index, conv, node)
+            if stats is not None:
+                pairs.append((conv, node, stats))
         return pairs
 
     @staticmethod
@@ -163,27 +159,28 @@ class FoldBatchNormIntoConv:
         weight = index.initializers.get(conv.input[1])
         if weight is not None:
             return len(weight.dims)
-        kernel = _attribute(conv, "kernel_shape", None)
+        kernel = node_attribute(conv, "kernel_shape", None)
         return len(kernel) + 2 if kernel else None
 
-    def _foldable(self, index: GraphIndex, conv, bn) -> bool:
-        """Inference-form BN with float32 per-channel statistics, after a Conv whose weight rank is known."""
-        if any(name for name in bn.output[1:]) or _attribute(bn, "training_mode", 0):
-            return False
+    def _statistics(self, index: GraphIndex, conv, bn) -> list[np.ndarray] | None:
+        """The BN's float32 per-channel statistics when it can be folded (inference form, after a Conv
+        whose weight rank is known), else None."""
+        if any(name for name in bn.output[1:]) or node_attribute(bn, "training_mode", 0):
+            return None
         stats = [index.constant(name) for name in bn.input[1:]]
         if any(s is None or s.dtype != np.float32 or s.ndim != 1 for s in stats) or len({s.shape for s in stats}) != 1:
-            return False
+            return None
         weight = index.initializers.get(conv.input[1])
         if weight is not None and (weight.data_type != 1 or weight.dims[0] != stats[0].shape[0]):  # 1: FLOAT
-            return False
-        return self._weight_rank(index, conv) is not None
+            return None
+        return stats if self._weight_rank(index, conv) is not None else None
 
-    def apply(self, index: GraphIndex, conv, bn) -> None:
+    def apply(self, index: GraphIndex, conv, bn, stats: list[np.ndarray]) -> None:
         """Fold ``bn`` into ``conv`` (in place): the Conv takes over the BatchNormalization's output name."""
         from onnx import helper, numpy_helper
 
-        scale, shift, mean, var = (index.constant(name).astype(np.float64) for name in bn.input[1:])
-        eps = float(_attribute(bn, "epsilon", 1e-5))
+        scale, shift, mean, var = (s.astype(np.float64) for s in stats)
+        eps = float(node_attribute(bn, "epsilon", 1e-5))
         factor = scale / np.sqrt(var + eps)
         graph = index.graph
         new_inits, before_conv = [], []

@@ -114,7 +114,7 @@ def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshRepor
     folder = Path(folder)
     if not has_database(folder):
         raise TuningError(f"{folder} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
-    with lock_database(folder, "refresh a copy of it"):  # a tune publishing meanwhile would be overwritten
+    with lock_database(folder, "refresh a copy of the folder"):  # a tune publishing meanwhile would be overwritten
         return _refresh_locked(folder, best_only)
 
 

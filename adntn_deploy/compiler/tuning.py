@@ -314,7 +314,7 @@ def tune_model(
         raise TuningError(f"weights= must be load or stream for tuning, not {weights!r} (fold has the load kernels' inference part)")
     records = Path(records)
     # held from before the resume read to the last write: every publish replaces the whole database
-    with lock_database(records, "tune"):
+    with lock_database(records, "tune into another folder"):
         register_schedule_rules()
         register_tensor_intrinsics(tvm_tgt)
         verbose = bool(os.environ.get("ADNTN_TUNE_VERBOSE"))

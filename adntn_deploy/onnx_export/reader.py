@@ -33,6 +33,16 @@ class OnnxGenerator:
     layer: str
 
 
+def node_attribute(node, name: str, default):
+    """The value of attribute ``name`` of ONNX ``node`` (ints, floats, a tensor...), or ``default``."""
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
 def load_onnx(path: str | os.PathLike, check: bool = True):
     """Load an ONNX model, validate its ai.adntn nodes, then run the ONNX checker.
 

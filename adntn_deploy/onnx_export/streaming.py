@@ -30,6 +30,7 @@ from adntn_deploy.ir.kron import KroneckerSplit, kronecker_split
 from adntn_deploy.ir.split import Factor, SplitGenerator, split_generator
 from adntn_deploy.onnx_export import stream_forms
 from adntn_deploy.onnx_export.lowering import NodeEmitter, lower_program
+from adntn_deploy.onnx_export.reader import node_attribute
 from adntn_deploy.onnx_export.schema import DOMAIN, STREAM_FORMAT, STREAM_METADATA_KEY
 
 STREAMED_OP = "StreamedDense"
@@ -70,15 +71,6 @@ class StreamedLayer:
         return asdict(self)
 
 
-def _attr(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _emit_factor(em: NodeEmitter, factor: Factor, core_inputs: dict[str, str], hint: str) -> str:
     """Nodes computing ``factor`` (rows, rank) as float32 from the core initializers."""
     if factor.ir is not None:
@@ -100,18 +92,18 @@ def _consumer_of(weight: str, users: dict[str, list], shapes: dict[str, tuple], 
     if len(consumers) != 1:
         raise StreamError(f"layer {label}: its weight feeds {len(consumers)} nodes, streaming needs exactly one{hint}")
     consumer, dropped = consumers[0], []
-    if consumer.op_type == "Transpose" and list(_attr(consumer, "perm", [1, 0])) == [1, 0]:
+    if consumer.op_type == "Transpose" and list(node_attribute(consumer, "perm", [1, 0])) == [1, 0]:
         after = users.get(consumer.output[0], [])
         if len(after) != 1 or after[0].op_type not in ("MatMul", "Gemm") or list(after[0].input).index(consumer.output[0]) != 1:
             raise StreamError(f"layer {label}: its transposed weight does not feed one MatMul / Gemm{hint}")
         dropped, consumer = [consumer], after[0]
-        if consumer.op_type == "Gemm" and (_attr(consumer, "transB", 0) or _attr(consumer, "transA", 0)):
+        if consumer.op_type == "Gemm" and (node_attribute(consumer, "transB", 0) or node_attribute(consumer, "transA", 0)):
             raise StreamError(f"layer {label}: unsupported Gemm transposes{hint}")
     elif consumer.op_type == "Gemm":
-        if not _attr(consumer, "transB", 0) or _attr(consumer, "transA", 0) or list(consumer.input).index(weight) != 1:
+        if not node_attribute(consumer, "transB", 0) or node_attribute(consumer, "transA", 0) or list(consumer.input).index(weight) != 1:
             raise StreamError(f"layer {label}: its weight is not the transposed B input of a Gemm{hint}")
     elif consumer.op_type == "Conv":
-        if _attr(consumer, "group", 1) != 1:
+        if node_attribute(consumer, "group", 1) != 1:
             raise StreamError(f"layer {label}: grouped convolutions do not factor into two convolutions{hint}")
         if list(consumer.input).index(weight) != 1:
             raise StreamError(f"layer {label}: its weight is not the filter input of its Conv{hint}")
@@ -121,14 +113,14 @@ def _consumer_of(weight: str, users: dict[str, list], shapes: dict[str, tuple], 
     bias = consumer.input[2] if consumer.op_type in ("Gemm", "Conv") and len(consumer.input) > 2 and consumer.input[2] else None
     conv_attrs = {}
     if consumer.op_type == "Conv":
-        conv_attrs = {a: _attr(consumer, a, None) for a in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
+        conv_attrs = {a: node_attribute(consumer, a, None) for a in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
         conv_attrs = {k: v for k, v in conv_attrs.items() if v is not None}
     out_shape = shapes.get(output)
     spatial = None
     if consumer.op_type == "Conv" and out_shape and all(isinstance(d, int) and d > 0 for d in out_shape[2:]):
         spatial = tuple(out_shape[2:])
     x_rank = len(shapes[x]) if x in shapes else None
-    alpha = float(_attr(consumer, "alpha", 1.0)) if consumer.op_type == "Gemm" else 1.0
+    alpha = float(node_attribute(consumer, "alpha", 1.0)) if consumer.op_type == "Gemm" else 1.0
     info = stream_forms.Consumer(consumer.op_type, x, output, bias, alpha, conv_attrs, x_rank, spatial)
     return consumer, dropped, info
 
@@ -262,7 +254,7 @@ def _stream_one(gen, weight: str, label: str, hint: str, users, shapes, runtime:
     left = _emit_factor(em, split.left, core_inputs, "left")
     right = _emit_factor(em, split.right, core_inputs, "right")
     bias = info.bias
-    beta = float(_attr(consumer, "beta", 1.0)) if consumer.op_type == "Gemm" else 1.0
+    beta = float(node_attribute(consumer, "beta", 1.0)) if consumer.op_type == "Gemm" else 1.0
     if bias and beta != 1.0:
         bias = em.node("Mul", [bias, em.const(np.array(beta, np.float32), "beta")], "bias")
     rows = _rows_per_call(info, shapes, batch)
