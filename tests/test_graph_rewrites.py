@@ -161,6 +161,28 @@ def test_batchnorm_left_alone(make, why):
     assert model == before
 
 
+def test_batchnorm_of_the_wrong_length_is_a_clear_error(tmp_path):
+    """A BN with 5 values per statistic after a conv of 16 channels: one line naming the node, from the
+    library and from compile's CLI (exit 1), instead of TVM's importer dump."""
+    import subprocess
+    import sys
+
+    from adntn_deploy.onnx_export.reader import OnnxModelError
+
+    model = conv_bn()
+    for init in model.graph.initializer:
+        if init.name.startswith("bn_"):
+            init.CopyFrom(_init(init.name, np.ones(5)))
+    with pytest.raises(OnnxModelError, match="'bn' has 5 values per statistic, but the Conv before it makes 16"):
+        rewrite_graph(copy.deepcopy(model))
+    pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+    onnx.save(model, tmp_path / "bad.onnx")
+    done = subprocess.run([sys.executable, "-m", "adntn_deploy.cli.main", "compile", str(tmp_path / "bad.onnx"),
+                           "--target", "host", "-o", str(tmp_path / "art")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "values per statistic" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "art").exists()
+
+
 def test_every_rewrite_has_a_name_and_a_case():
     names = {rewrite.name for rewrite in REWRITES}
     assert names == {name for case in CASES.values() for name in case[2]}

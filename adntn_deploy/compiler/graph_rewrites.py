@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from adntn_deploy.onnx_export.reader import node_attribute
+from adntn_deploy.onnx_export.reader import OnnxModelError, node_attribute
 
 
 @dataclass
@@ -171,7 +171,11 @@ class FoldBatchNormIntoConv:
         if any(s is None or s.dtype != np.float32 or s.ndim != 1 for s in stats) or len({s.shape for s in stats}) != 1:
             return None
         weight = index.initializers.get(conv.input[1])
-        if weight is not None and (weight.data_type != 1 or weight.dims[0] != stats[0].shape[0]):  # 1: FLOAT
+        if weight is not None and weight.dims and weight.dims[0] != stats[0].shape[0]:
+            raise OnnxModelError(f"BatchNormalization {bn.name or bn.output[0]!r} has {stats[0].shape[0]} values per "
+                                 f"statistic, but the Conv before it makes {weight.dims[0]} channels: the model is "
+                                 "malformed; re-export it")
+        if weight is not None and weight.data_type != 1:  # 1: FLOAT
             return None
         return stats if self._weight_rank(index, conv) is not None else None
 
@@ -270,6 +274,9 @@ def rewrite_graph(model) -> dict[str, int]:
 
     Only the main graph is rewritten (subgraphs of If / Loop are left as they are). The model computes
     the same function afterwards, up to float rounding (folded weights are computed in float64).
+
+    Raises:
+        OnnxModelError: a BatchNormalization whose statistics do not match its Conv's channels.
     """
     counts, orphaned = {}, set()
     for rewrite in REWRITES:
