@@ -28,6 +28,11 @@ class ChannelShuffle(nn.Module):
         return x.reshape(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+class StridedSlice(nn.Module):
+    def forward(self, x):
+        return x[:, :, ::2, 1::2]
+
+
 CASES = {
     # name: (module, input shape)
     "depthwise-3x3-bn-relu": (lambda: nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24).eval(),
@@ -37,6 +42,9 @@ CASES = {
     "maxpool-pad-shuffle": (lambda: nn.Sequential(nn.MaxPool2d(3, 2, padding=1), ChannelShuffle(3)), (1, 12, 58, 58)),
     # rows of 229 (prime: left to LLVM) padded to 231 (vectorised by its divisor 77)
     "long-unsplit-rows": (lambda: nn.Sequential(nn.AvgPool2d(3, 1, padding=1), nn.Tanh()), (1, 4, 9, 229)),
+    "strided-slice": (lambda: nn.Sequential(StridedSlice(), nn.ReLU()), (1, 8, 80, 120)),
+    # a 9x9 window (81 taps): too big to unroll, its loops stay
+    "big-window-avgpool-stride2": (lambda: nn.AvgPool2d(9, 2), (1, 4, 25, 25)),
     "global-pool-softmax": (lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Softmax(-1)), (2, 40, 7, 7)),
 }
 
@@ -84,6 +92,31 @@ def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
     assert sorted({int(loop.extent) for loop in vectors}) == [8, 14]
     update = [loop for loop in vectors if int(loop.extent) == 14 and "update" in str(loop.body)]
     assert update, "the taps' update is not vectorised over the output row"
+
+
+@pytest.mark.parametrize("case, kernel, block, unrolled", [
+    ("maxpool-pad-shuffle", "max_pool2d", "pool_max", 2),  # 3x3 window, stride 2: both tap loops unrolled
+    ("depthwise-stride2", "conv2d", "group_conv2d", 2),
+    ("big-window-avgpool-stride2", "avg_pool2d", "pool_sum", 0),
+    ("strided-slice", "strided_slice", "compute", 0),  # no reduction; the slice is inlined into the ReLU
+])
+def test_strided_reads_are_left_to_llvm(tmp_path, case, kernel, block, unrolled):
+    """A kernel reading along its innermost loop at a stride is not vectorised by TVM (which would build each
+    vector lane by lane): its outer loops run in parallel, a short window's taps are unrolled."""
+    from tvm import s_tir, tirx
+
+    path, _ = _export(tmp_path, case)
+    target = tvm.target.Target(AVX2)
+    imported = import_model(path, "load", prepack_target=target)
+    mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
+    (func,) = [f for gv, f in mod.functions_items() if kernel in gv.name_hint and type(f).__name__ == "PrimFunc"]
+    assert is_scheduled(func)
+    sch = s_tir.Schedule(func)
+    (strided,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if block in sch.get(b).name_hint]
+    kinds = [sch.get(loop).kind for loop in sch.get_loops(strided)]
+    assert kinds[0] == tirx.ForKind.PARALLEL
+    assert tirx.ForKind.VECTORIZED not in kinds
+    assert kinds.count(tirx.ForKind.UNROLLED) == unrolled
 
 
 @pytest.mark.parametrize("inner, lanes, length", [

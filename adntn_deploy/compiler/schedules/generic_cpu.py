@@ -13,6 +13,15 @@ models (ShuffleNet ran 6.4x behind ONNX Runtime, most of it there). The schedule
 
 A depthwise convolution thus runs as ``parallel(n, c, h, w / lanes) x kh x kw x vector(lanes)``: each
 tap is one vector multiply-add over ``lanes`` output columns. Blocks of any other form keep TVM's loops.
+
+A block that reads along its innermost spatial loop with a stride (a pool or depthwise convolution of
+stride 2, a strided slice) is scheduled otherwise (:func:`_schedule_strided_block`): TVM vectorises a
+strided read lane by lane (one ``vinsertps`` per float), while LLVM's own loop vectoriser loads whole
+vectors and de-interleaves them (``vpermps``). So the outer spatial loops run in parallel, short
+reduction loops (a pooling window, a filter's taps) are unrolled, and the innermost loop is left to
+LLVM. Measured on AVX-512 (2 cores, batch 1): max pool 3x3 / 2 over 64 x 111 x 111 0.67 -> 0.054 ms
+(ONNX Runtime 0.089), over 64 x 112 x 112 padded 0.80 -> 0.16 ms (the pad included); a depthwise 3x3 / 2
+conv over 32 x 112 x 112 0.38 -> 0.053 ms; a stride-2 slice 0.025 -> 0.012 ms.
 """
 
 from __future__ import annotations
@@ -58,6 +67,28 @@ def _vector_length(inner: int | None, lanes: int) -> int:
     return next((d for d in range(longest, 3, -1) if inner % d == 0), 0)
 
 
+#: reduction iterations (a pooling window's or filter's taps) up to which a strided block's reduction
+#: loops are unrolled; a bigger window keeps its loops
+MAX_UNROLLED_TAPS = 64
+
+
+def _reads_strided(sch, block, var) -> bool:
+    """Whether ``block`` reads some buffer's innermost axis at a stride of 2 or more in iterator ``var``.
+
+    Only linear indices count (``2 * w + kw``); an index TVM cannot write as ``a * var + b`` (a division,
+    a modulo) keeps the ordinary schedule.
+    """
+    from tvm import sym
+
+    for region in sch.get(block).reads:
+        if not region.region:
+            continue
+        coefficients = sym.detect_linear_equation(region.region[-1].min, [var])
+        if len(coefficients) == 2 and abs(_constant(coefficients[0]) or 0) > 1:
+            return True
+    return False
+
+
 def _pads(sch, block) -> bool:
     """Whether ``block`` writes a buffer larger than the one it reads (a pad with a non-zero border)."""
     stmt = sch.get(block)
@@ -92,9 +123,37 @@ def schedule_generic(sch, target) -> bool:
         spatial = len(kinds) - len(kinds.lstrip("S"))
         if spatial == 0 or set(kinds[spatial:]) - {"R"}:
             continue  # a full reduction to a scalar, or loops of another kind / order
-        _schedule_block(sch, info, spatial, lanes)
+        if _reads_strided(sch, info.block_rv, info.iters[spatial - 1].var):
+            _schedule_strided_block(sch, info, spatial)
+        else:
+            _schedule_block(sch, info, spatial, lanes)
         scheduled = True
     return scheduled
+
+
+def _parallel_work(info) -> int:
+    """The iterations of ``info``'s block (a symbolic extent counts as 1,024)."""
+    work = 1
+    for it in info.iters:
+        extent = _constant(it.dom)
+        work *= extent if extent is not None else 1 << 10
+    return work
+
+
+def _schedule_strided_block(sch, info, spatial: int) -> None:
+    """Schedule a block that reads along its innermost spatial loop with a stride (see the module doc):
+    parallel outer spatial loops, unrolled short reduction loops, the innermost loop left to LLVM."""
+    s_loops = [it.loop_rv for it in info.iters[:spatial]]
+    r_loops = [it.loop_rv for it in info.iters[spatial:]]
+    if spatial > 1 and _parallel_work(info) >= MIN_PARALLEL_WORK:
+        sch.parallel(sch.fuse(*s_loops[:-1]) if spatial > 2 else s_loops[0])
+    taps = 1
+    for it in info.iters[spatial:]:
+        extent = _constant(it.dom)
+        taps *= extent if extent is not None else MAX_UNROLLED_TAPS + 1
+    if r_loops and taps <= MAX_UNROLLED_TAPS:
+        for loop in r_loops:
+            sch.unroll(loop)
 
 
 def _schedule_block(sch, info, spatial: int, lanes: int) -> None:
@@ -109,10 +168,7 @@ def _schedule_block(sch, info, spatial: int, lanes: int) -> None:
         s_loops[-1], lanes_loop = sch.split(s_loops[-1], [None, length])
         if r_loops:  # the lanes innermost: each reduction step is one vector operation
             sch.reorder(*s_loops, *r_loops, lanes_loop)
-    work = 1
-    for extent in extents:
-        work *= extent if extent is not None else 1 << 10
-    if work >= MIN_PARALLEL_WORK:
+    if _parallel_work(info) >= MIN_PARALLEL_WORK:
         sch.parallel(sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0])
     if lanes_loop is not None:
         # vectorise while the block still holds its init (a reduction block); then split the init off
