@@ -34,8 +34,19 @@ CASES = {
     "groups-of-20-padded": (lambda: nn.Sequential(nn.Conv2d(40, 40, 3, groups=2, padding=1), nn.ReLU()), (1, 40, 6, 6), 1, None),
     "groups-of-34-padded": (lambda: nn.Conv2d(68, 68, 1, groups=2), (2, 68, 5, 5), 1, None),
     "depthwise": (lambda: nn.Conv2d(16, 16, 3, groups=16, padding=1), (1, 16, 6, 6), 0, "depthwise"),
-    "no-panel-fits": (lambda: nn.Conv2d(3, 70, 3), (1, 3, 6, 6), 0, "fit no vector panel"),
+    # and so are output channels that are not whole vectors (70 -> 72 on AVX2, 80 on AVX-512)
+    "channels-padded": (lambda: nn.Sequential(nn.Conv2d(3, 70, 3), nn.ReLU()), (1, 3, 6, 6), 1, None),
 }
+
+
+@pytest.mark.parametrize("target, groups, per_group, computed", [
+    (AVX2, 1, 1000, 1000), (AVX512, 1, 1000, 1008), (AVX2, 1, 70, 72), (AVX512, 1, 70, 80), (AARCH64, 1, 70, 72),
+    (AVX2, 2, 34, 40), (AVX2, 3, 68, 72), (AVX512, 4, 20, 32),
+    (AVX2, 1, 6, 6), (AVX512, 2, 12, 12),  # narrower than a vector: one narrow panel
+    (AVX2, 1, 64, 64), (AVX512, 1, 64, 64),
+])
+def test_output_channels_are_padded_to_whole_vectors(target, groups, per_group, computed):
+    assert packed_conv2d.padded_group_width(tvm.target.Target(target), groups, per_group) == computed
 
 
 def _export(tmp_path, name):
