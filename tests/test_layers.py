@@ -33,6 +33,7 @@ COMPILER_LAYERS = [
     ["adntn_deploy.compiler.errors", "adntn_deploy.compiler.profiles", "adntn_deploy.compiler.native_log"],
     ["adntn_deploy.compiler.target", "adntn_deploy.compiler.artifact", "adntn_deploy.compiler.graph_rewrites"],
     ["adntn_deploy.compiler.schedules.common"],
+    ["adntn_deploy.compiler.schedules.pointwise_conv2d"],  # a kernel packed_conv2d's rewrite hands 1x1 convs
     ["adntn_deploy.compiler.schedules.packed_dense", "adntn_deploy.compiler.schedules.packed_conv2d",
      "adntn_deploy.compiler.schedules.streamed_dense"],
     ["adntn_deploy.compiler.schedules"],

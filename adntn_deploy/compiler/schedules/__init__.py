@@ -8,7 +8,8 @@ A rule owns the blocks annotated ``schedule_rule = <its name>``. Each rule modul
 * optionally ``OP_NAME`` and ``rewrite(builder, call, target, weight_only)``: the Relax operator the rule
   takes over, rewritten into its kernel on the imported module when the operator's weight is known at load.
 
-Rules: :mod:`.packed_dense` (matmuls), :mod:`.packed_conv2d` (convolutions), :mod:`.streamed_dense` (the
+Rules: :mod:`.packed_dense` (matmuls), :mod:`.packed_conv2d` (convolutions), :mod:`.pointwise_conv2d` (the 1x1
+convolutions that :mod:`.packed_conv2d`'s rewrite hands it), :mod:`.streamed_dense` (the
 fused kernel of ``--weights stream``). Order in compile / tune:
 :func:`prepack` (imported module) -> :func:`fuse_kernels` (legalise, fuse) -> tuning records ->
 :func:`schedule_untuned` (every kernel of ours the records did not schedule).
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from adntn_deploy.compiler.schedules import packed_conv2d, packed_dense, streamed_dense
+from adntn_deploy.compiler.schedules import packed_conv2d, packed_dense, pointwise_conv2d, streamed_dense
 from adntn_deploy.compiler.schedules.common import root_blocks
 from adntn_deploy.compiler.schedules.generic_cpu import schedule_generic
 
@@ -44,8 +45,8 @@ class ScheduleRule:
 RULES: dict[str, ScheduleRule] = {
     module.RULE_NAME: ScheduleRule(module.RULE_NAME, module.schedule, module.schedule_default,
                                    getattr(module, "OP_NAME", None), getattr(module, "rewrite", None),
-                                   fusable=hasattr(module, "rewrite"))
-    for module in (packed_dense, packed_conv2d, streamed_dense)
+                                   fusable=getattr(module, "FUSABLE", hasattr(module, "rewrite")))
+    for module in (packed_dense, packed_conv2d, pointwise_conv2d, streamed_dense)
 }
 
 

@@ -47,6 +47,7 @@ from adntn_deploy.compiler.schedules.common import (
     activation_by_weight, add_kernel, block_rank, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder,
     panel_width, static_shape,
 )
+from adntn_deploy.compiler.schedules import pointwise_conv2d
 from adntn_deploy.compiler.target import vector_shape
 
 RULE_NAME = "adntn_packed_conv2d"
@@ -305,11 +306,13 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     width, why = conv_support(x_shape, w_shape, attrs, target)
     if width is None:
         return None, why
+    out_shape = [int(v) for v in call.ty.shape.values]
+    if pointwise_conv2d.eligible(target, x_shape, w_shape, attrs):
+        return pointwise_conv2d.emit(builder, x, w, x_shape, w_shape, out_shape, target), ""
     groups = int(attrs.groups)
     out_channels, group_in, kh, kw = w_shape
     per_group = out_channels // groups
     padded = padded_group_width(target, groups, per_group)  # per_group, or whole vectors (then cropped)
-    out_shape = [int(v) for v in call.ty.shape.values]
     width = default_conv_width(target, out_shape[0], (out_shape[2], out_shape[3]), padded, _threads(target))
     panels = -(-padded // width)
     strides = tuple(int(v) for v in attrs.strides)

@@ -1,0 +1,110 @@
+"""Pointwise (1x1) convolutions: the NCHW matrix-product kernel takes the ones it covers, gives ORT's results
+with the bias, residual add and activation fused into it, and its searchable schedule stays correct."""
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+
+from torch import nn  # noqa: E402
+
+from exporting import export_seeded  # noqa: E402
+from tolerance import float32_rtol, relative_error  # noqa: E402
+from adntn_deploy.compiler.build import compile_model  # noqa: E402
+from adntn_deploy.compiler.frontend import import_model  # noqa: E402
+from adntn_deploy.compiler.schedules import fuse_kernels, pointwise_conv2d  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
+
+AVX512 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+
+
+class Residual(nn.Module):
+    """relu(conv1x1(x) + x): a ResNet bottleneck's last convolution and its shortcut."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return (self.conv(x) + x).relu()
+
+
+CASES = {
+    # name: (module, input shape, kernels on the pointwise kernel)
+    "expand-bias-relu": (lambda: nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU()), (1, 16, 8, 8), 1),
+    "reduce-batch2": (lambda: nn.Conv2d(64, 16, 1, bias=False), (2, 64, 8, 8), 1),  # C > O: channel blocks inside
+    "residual": (lambda: Residual(32), (1, 32, 4, 16), 1),                        # rows of 16, a 64-pixel plane
+    "six-output-channels": (lambda: nn.Conv2d(16, 6, 1), (1, 16, 8, 8), 1),
+    # forms the packed conv kernel keeps
+    "plane-of-49": (lambda: nn.Conv2d(16, 32, 1), (1, 16, 7, 7), 0),
+    "stride-2": (lambda: nn.Conv2d(16, 32, 1, stride=2), (1, 16, 16, 16), 0),
+    "three-output-channels": (lambda: nn.Conv2d(16, 3, 1), (1, 16, 8, 8), 0),
+    "3x3": (lambda: nn.Conv2d(16, 32, 3, padding=1), (1, 16, 8, 8), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pointwise_forms_equal_ort(tmp_path, case):
+    make, shape, pointwise = CASES[case]
+    path = export_seeded(make, shape, tmp_path / f"{case}.onnx")
+    artifact = compile_model(path, "host", tmp_path / "art")
+    tuning = artifact.manifest["tuning"]
+    assert tuning["default_schedules"][pointwise_conv2d.RULE_NAME] == pointwise
+    assert tuning["packed_conv2d"] == 1  # the conv rule's rewrite counts both kernels
+    x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    (name, want), = load(path).run(x).items()
+    assert relative_error(load(artifact.path).run(x)[name], want) < float32_rtol(64, 64)
+
+
+def test_bias_residual_and_activation_fuse_into_the_kernel(tmp_path):
+    make, shape, _ = CASES["residual"]
+    path = export_seeded(make, shape, tmp_path / "residual.onnx")
+    target = tvm.target.Target(AVX512)
+    mod = fuse_kernels(import_model(path, "load", prepack_target=target).mod, target)
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if type(f).__name__ == "PrimFunc"]
+    (kernel,) = [name for name in kernels if "pointwise" in name]
+    assert "add" in kernel and "relu" in kernel, kernels
+
+
+def _kernel(lanes_target, channels=24, out_channels=16, hw=(4, 8), batch=1):
+    from tvm import te
+
+    from adntn_deploy.compiler.schedules.common import int64_placeholder
+
+    rows = 8
+    pixels = hw[0] * hw[1]
+    x = int64_placeholder((batch, channels, pixels), "x")
+    wp = int64_placeholder((out_channels // rows, channels, rows), "wp")
+    lanes = 16 if lanes_target == AVX512 else 8
+    out = pointwise_conv2d.pointwise_conv2d_te(x, wp, out_channels, hw, lanes)
+    return te.create_prim_func([x, wp, out]).with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_searchable_schedule_gives_correct_kernels(seed):
+    """The rule's sampled decisions (pixel vectors per block, channel blocks inside or outside the pixel
+    tile: what tuning searches) all give correct kernels."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.target import tvm_target, vector_shape
+
+    target = tvm_target(resolve_target("host"))
+    lanes_target = AVX512 if vector_shape(target)[0] == 16 else None
+    func = _kernel(lanes_target)
+    sch = s_tir.Schedule(func, seed=seed)
+    pointwise_conv2d.schedule(sch, sch.get_sblock(pointwise_conv2d.BLOCK_NAME))
+    ex = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 24, 32)).astype(np.float32)
+    wp = rng.standard_normal((2, 24, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 16, 4, 8), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
+    weight = wp.transpose(0, 2, 1).reshape(16, 24)  # channel = panel * 8 + row
+    want = (weight @ x[0]).reshape(1, 16, 4, 8)
+    assert relative_error(out.numpy(), want) < float32_rtol(24)
+
+
+@pytest.mark.parametrize("pixel_vectors, vectors", [(196, 2), (49, 1), (3, 3), (15, 3), (2, 2), (1, 1)])
+def test_default_vectors(pixel_vectors, vectors):
+    assert pointwise_conv2d.default_vectors(pixel_vectors) == vectors
