@@ -46,6 +46,9 @@ MAX_VECTORS = 4
 #: block annotations holding the target's float32 vector lanes (the schedule runs without the target) and
 #: the output channels per packed weight panel (FuseTIR renames the weight buffer)
 LANES_KEY, ROWS_KEY = "adntn_lanes", "adntn_rows"
+#: block annotation stamping which version of :func:`schedule` made a trace, as the packed conv rule's does
+#: (:mod:`adntn_deploy.compiler.refresh` replays records of an older version)
+RULE_VERSION_KEY, RULE_VERSION = "adntn_rule_version", 1
 
 
 def eligible(target, x_shape, w_shape, attrs) -> bool:
@@ -115,6 +118,7 @@ def schedule(sch, block, vectors: int | None = None, channels_inside: bool | Non
     lanes = int(sch.get(block).annotations[LANES_KEY])
     rows = int(sch.get(block).annotations[ROWS_KEY])
     width = _out_shape(sch, block)[3]
+    sch.annotate(block, RULE_VERSION_KEY, RULE_VERSION)
     # iterate the output plane as one pixel axis (contiguous in NCHW): whole vectors span output rows
     sch.transform_block_layout(block, lambda n, o, h, w, c: (n, o, h * width + w, c))
     n, o, p, c = sch.get_loops(block)[-4:]
