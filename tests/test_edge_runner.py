@@ -240,3 +240,37 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
         assert {layer["kernel"] for layer in board.manifest["streamed"]} == kernels
     else:  # the generated conv runs on the packed NEON conv kernel on the board
         assert board.manifest["tuning"]["packed_conv2d"] == 1 == host.manifest["tuning"]["packed_conv2d"]
+
+
+def test_pointwise_convs_compiled_for_rpi4_run_under_qemu_like_on_x86(tmp_path):
+    """The NEON build of the pointwise (1x1) conv kernel, expanding and reducing channels with a fused bias,
+    residual add and ReLU, gives what ONNX Runtime gives on x86."""
+    _require_aarch64_tools()
+    import torch
+    from torch import nn
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.compiler.bundle import make_bundle
+    from adntn_deploy.onnx_export import export_onnx
+    from adntn_deploy.runtime import load
+
+    class Bottleneck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand, self.reduce = nn.Conv2d(8, 32, 1), nn.Conv2d(32, 8, 1)
+
+        def forward(self, x):
+            return (self.reduce(self.expand(x).relu()) + x).relu()
+
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(Bottleneck().eval(), [torch.randn(1, 8, 8, 8)], onnx_path, input_names=["input"], output_names=["out"])
+    board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4")
+    assert board.manifest["tuning"]["default_schedules"]["adntn_pointwise_conv2d"] == 2
+    bundle = make_bundle(board.path, tmp_path / "bundle")
+    x = np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+    proc = run_with_qemu(bundle / "adntn-runner", [bundle / "artifact", tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
+    assert proc.returncode == 0, proc.stderr
+    on_board = load_file(str(tmp_path / "out.safetensors"))["out"]
+    assert relative_error(on_board, load(onnx_path).run({"input": x})["out"]) < float32_rtol(32, 8)
