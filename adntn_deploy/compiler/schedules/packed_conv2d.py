@@ -35,7 +35,8 @@ measured 0.9-1.1x.
 Covered: static float32 NCHW/OIHW convolutions with any stride, padding and dilation and ``groups == 1``
 or output channels per group that fill at least 4 lanes; output channels (of a group, or of the whole
 convolution) wider than a vector but not whole vectors wide are padded to whole vectors and cropped
-(:func:`padded_group_width`). Depthwise convolutions
+(:func:`padded_group_width`). A 1x1 convolution of stride 1 on a plane of whole vectors is handed to
+:mod:`.pointwise_conv2d` (pixels in the vector lanes: no transposing write-back). Depthwise convolutions
 and everything else keep TVM's generic schedule (``compile -v`` names each one).
 """
 
