@@ -118,6 +118,18 @@ def fuse_epilogue(sch, writeback, loop) -> None:
         try_vectorize(sch, sch.get_loops(follower)[-1])
 
 
+def vectorize_register_tile(sch, block, writeback, lane, reduce_from, unrolled=()) -> None:
+    """The end of a register-blocked schedule: unroll the tile's ``unrolled`` loops, vectorise its
+    ``lane`` loop, split the accumulators' initialisation off at ``reduce_from``, and vectorise the
+    initialisation and the ``writeback`` block's innermost loop."""
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, reduce_from)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(writeback)[-1])
+
+
 def static_shape(expr, ndim: int) -> list[int] | None:
     """The static shape of a float32 Relax tensor expression of rank ``ndim``, else None."""
     from tvm import relax

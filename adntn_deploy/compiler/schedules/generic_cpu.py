@@ -131,13 +131,13 @@ def schedule_generic(sch, target) -> bool:
     return scheduled
 
 
-def _parallel_work(info) -> int:
-    """The iterations of ``info``'s block (a symbolic extent counts as 1,024)."""
-    work = 1
-    for it in info.iters:
+def _iterations(iters, symbolic: int = 1 << 10) -> int:
+    """The product of the extents of ``iters`` (a block's iterators); a symbolic extent counts as ``symbolic``."""
+    count = 1
+    for it in iters:
         extent = _constant(it.dom)
-        work *= extent if extent is not None else 1 << 10
-    return work
+        count *= extent if extent is not None else symbolic
+    return count
 
 
 def _schedule_strided_block(sch, info, spatial: int) -> None:
@@ -145,13 +145,9 @@ def _schedule_strided_block(sch, info, spatial: int) -> None:
     parallel outer spatial loops, unrolled short reduction loops, the innermost loop left to LLVM."""
     s_loops = [it.loop_rv for it in info.iters[:spatial]]
     r_loops = [it.loop_rv for it in info.iters[spatial:]]
-    if spatial > 1 and _parallel_work(info) >= MIN_PARALLEL_WORK:
+    if spatial > 1 and _iterations(info.iters) >= MIN_PARALLEL_WORK:
         sch.parallel(sch.fuse(*s_loops[:-1]) if spatial > 2 else s_loops[0])
-    taps = 1
-    for it in info.iters[spatial:]:
-        extent = _constant(it.dom)
-        taps *= extent if extent is not None else MAX_UNROLLED_TAPS + 1
-    if r_loops and taps <= MAX_UNROLLED_TAPS:
+    if r_loops and _iterations(info.iters[spatial:], symbolic=MAX_UNROLLED_TAPS + 1) <= MAX_UNROLLED_TAPS:
         for loop in r_loops:
             sch.unroll(loop)
 
@@ -168,7 +164,7 @@ def _schedule_block(sch, info, spatial: int, lanes: int) -> None:
         s_loops[-1], lanes_loop = sch.split(s_loops[-1], [None, length])
         if r_loops:  # the lanes innermost: each reduction step is one vector operation
             sch.reorder(*s_loops, *r_loops, lanes_loop)
-    if _parallel_work(info) >= MIN_PARALLEL_WORK:
+    if _iterations(info.iters) >= MIN_PARALLEL_WORK:
         sch.parallel(sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0])
     if lanes_loop is not None:
         # vectorise while the block still holds its init (a reduction block); then split the init off

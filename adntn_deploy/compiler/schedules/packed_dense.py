@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
     activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width,
+    vectorize_register_tile,
 )
 
 RULE_NAME = "adntn_packed_dense"
@@ -107,12 +108,7 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     sch.reverse_compute_at(writeback, row_outer, preserve_unit_loops=True)
     fuse_epilogue(sch, writeback, row_outer)
     sch.parallel(sch.fuse(panel_outer, row_outer))
-    sch.unroll(panel_inner)
-    sch.unroll(row_inner)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(block, red_loop)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(writeback)[-1])
+    vectorize_register_tile(sch, block, writeback, lane, red_loop, unrolled=(panel_inner, row_inner))
     return sch
 
 

@@ -32,7 +32,9 @@ was no faster there.
 
 from __future__ import annotations
 
-from adntn_deploy.compiler.schedules.common import add_kernel, divisor_at_most, fuse_epilogue, int64_placeholder
+from adntn_deploy.compiler.schedules.common import (
+    add_kernel, divisor_at_most, fuse_epilogue, int64_placeholder, vectorize_register_tile,
+)
 from adntn_deploy.compiler.target import vector_shape
 
 RULE_NAME = "adntn_pointwise_conv2d"
@@ -145,12 +147,7 @@ def schedule(sch, block, vectors: int | None = None, channels_inside: bool | Non
     fuse_epilogue(sch, writeback, outer[-1])
     # one task per pixel tile when the channel blocks run inside it (they share its input pixels)
     sch.parallel(sch.fuse(n, p_outer) if inside else sch.fuse(n, o_outer, p_outer))
-    sch.unroll(o_inner)
-    sch.unroll(p_inner)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(block, c)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(writeback)[-1])
+    vectorize_register_tile(sch, block, writeback, lane, c, unrolled=(o_inner, p_inner))
     return sch
 
 
