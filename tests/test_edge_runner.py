@@ -177,6 +177,17 @@ def _require_aarch64_tools() -> None:
         pytest.skip(str(err))
 
 
+def _run_bundled_under_qemu(artifact: Path, x: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
+    """The outputs of an aarch64 ``artifact``, bundled with its runner and run under qemu on ``{"input": x}``."""
+    from adntn_deploy.compiler.bundle import make_bundle
+
+    bundle = make_bundle(artifact, tmp_path / "bundle")
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+    proc = run_with_qemu(bundle / "adntn-runner", [bundle / "artifact", tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
+    assert proc.returncode == 0, proc.stderr
+    return load_file(str(tmp_path / "out.safetensors"))
+
+
 def test_runner_aarch64_qemu(tmp_path):
     _require_aarch64_tools()
     rng = np.random.default_rng(0)
@@ -211,7 +222,6 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     from torch import nn
 
     from adntn_deploy.compiler.build import compile_model
-    from adntn_deploy.compiler.bundle import make_bundle
     from adntn_deploy.nn import ADNTNConv2d, ADNTNLinear
     from adntn_deploy.onnx_export import export_onnx
     from adntn_deploy.runtime import load
@@ -227,12 +237,8 @@ def test_adntn_model_compiled_for_rpi4_runs_under_qemu_like_on_x86(tmp_path, wei
     export_onnx(model, [torch.randn(1, 1, 6, 6)], onnx_path, input_names=["input"], output_names=["logits"])
     host = compile_model(onnx_path, "host", tmp_path / "host", weights=weights)
     board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4", weights=weights)
-    bundle = make_bundle(board.path, tmp_path / "bundle")
     x = np.random.default_rng(3).standard_normal((1, 1, 6, 6)).astype(np.float32)
-    save_file({"input": x}, str(tmp_path / "in.safetensors"))
-    proc = run_with_qemu(bundle / "adntn-runner", [bundle / "artifact", tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
-    assert proc.returncode == 0, proc.stderr
-    on_board = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    on_board = _run_bundled_under_qemu(board.path, x, tmp_path)["logits"]
     on_x86 = load(host.path).run({"input": x})["logits"]
     assert relative_error(on_board, on_x86) < float32_rtol(9, 144, 8)  # NEON vs x86 kernels
     if weights == "stream":
@@ -250,7 +256,6 @@ def test_pointwise_convs_compiled_for_rpi4_run_under_qemu_like_on_x86(tmp_path):
     from torch import nn
 
     from adntn_deploy.compiler.build import compile_model
-    from adntn_deploy.compiler.bundle import make_bundle
     from adntn_deploy.onnx_export import export_onnx
     from adntn_deploy.runtime import load
 
@@ -267,10 +272,6 @@ def test_pointwise_convs_compiled_for_rpi4_run_under_qemu_like_on_x86(tmp_path):
     export_onnx(Bottleneck().eval(), [torch.randn(1, 8, 8, 8)], onnx_path, input_names=["input"], output_names=["out"])
     board = compile_model(onnx_path, "rpi4", tmp_path / "rpi4")
     assert board.manifest["tuning"]["default_schedules"]["adntn_pointwise_conv2d"] == 2
-    bundle = make_bundle(board.path, tmp_path / "bundle")
     x = np.random.default_rng(3).standard_normal((1, 8, 8, 8)).astype(np.float32)
-    save_file({"input": x}, str(tmp_path / "in.safetensors"))
-    proc = run_with_qemu(bundle / "adntn-runner", [bundle / "artifact", tmp_path / "in.safetensors", tmp_path / "out.safetensors"])
-    assert proc.returncode == 0, proc.stderr
-    on_board = load_file(str(tmp_path / "out.safetensors"))["out"]
+    on_board = _run_bundled_under_qemu(board.path, x, tmp_path)["out"]
     assert relative_error(on_board, load(onnx_path).run({"input": x})["out"]) < float32_rtol(32, 8)

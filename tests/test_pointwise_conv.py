@@ -66,16 +66,15 @@ def test_bias_residual_and_activation_fuse_into_the_kernel(tmp_path):
     assert "add" in kernel and "relu" in kernel, kernels
 
 
-def _kernel(lanes_target, channels=24, out_channels=16, hw=(4, 8), batch=1):
+def _kernel(lanes: int, channels=24, out_channels=16, hw=(4, 8)):
+    """A standalone pointwise kernel (batch 1, 8 output channels per weight panel) for ``lanes``-wide vectors."""
     from tvm import te
 
     from adntn_deploy.compiler.schedules.common import int64_placeholder
 
     rows = 8
-    pixels = hw[0] * hw[1]
-    x = int64_placeholder((batch, channels, pixels), "x")
+    x = int64_placeholder((1, channels, hw[0] * hw[1]), "x")
     wp = int64_placeholder((out_channels // rows, channels, rows), "wp")
-    lanes = 16 if lanes_target == AVX512 else 8
     out = pointwise_conv2d.pointwise_conv2d_te(x, wp, out_channels, hw, lanes)
     return te.create_prim_func([x, wp, out]).with_attr("global_symbol", "main")
 
@@ -90,8 +89,7 @@ def test_searchable_schedule_gives_correct_kernels(seed):
     from adntn_deploy.compiler.target import tvm_target, vector_shape
 
     target = tvm_target(resolve_target("host"))
-    lanes_target = AVX512 if vector_shape(target)[0] == 16 else None
-    func = _kernel(lanes_target)
+    func = _kernel(vector_shape(target)[0])
     sch = s_tir.Schedule(func, seed=seed)
     pointwise_conv2d.schedule(sch, sch.get_sblock(pointwise_conv2d.BLOCK_NAME))
     ex = tvm.compile(sch.mod, target=target)
@@ -122,13 +120,7 @@ def test_neon_pointwise_loop_is_vectorised():
     from tvm import s_tir
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4})
-    from tvm import te
-
-    from adntn_deploy.compiler.schedules.common import int64_placeholder
-
-    x = int64_placeholder((1, 24, 64), "x")
-    wp = int64_placeholder((2, 24, 8), "wp")
-    func = te.create_prim_func([x, wp, pointwise_conv2d.pointwise_conv2d_te(x, wp, 16, (8, 8), 4)])
+    func = _kernel(4, hw=(8, 8))
     sch = s_tir.Schedule(func)
     pointwise_conv2d.schedule_default(sch, sch.get_sblock(pointwise_conv2d.BLOCK_NAME), target)
     assembly = tvm.compile(sch.mod, target=target).mod.inspect_source("s")
