@@ -51,19 +51,11 @@ def light_model(name: str) -> Path:
 
 
 def random_feeds(path: Path) -> dict[str, np.ndarray]:
-    """Standard-normal float32 inputs for every graph input of ``path`` that is not an initializer."""
-    import onnx
+    """Standard-normal inputs for the graph inputs of ``path`` (not its initializers), as ``adntn-deploy run``
+    makes them (:func:`adntn_deploy.runtime.load_feeds`)."""
+    from adntn_deploy.runtime import load, load_feeds
 
-    model = onnx.load(str(path), load_external_data=False)
-    stored = {t.name for t in model.graph.initializer}
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in stored:
-            continue
-        shape = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
-        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    return load_feeds(load(path))
 
 
 def measure_one(name: str, target: str, folder: Path, rounds: int) -> dict:
