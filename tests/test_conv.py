@@ -142,6 +142,10 @@ def test_searchable_schedule_gives_correct_kernels(seed):
     (AVX512, 1, (7, 7), 2, 32, (7, 1)),     # a whole output row of 7 x 2 vectors
     (AVX512, 32, (4, 4), 2, 32, (4, 2)),    # 4 columns x 2 panels x 2 vectors
     (AVX512, 1, (28, 28), 1, 16, (14, 1)),  # 16 channels: one vector per panel, 14 of 16 accumulators
+    # columns before panels: the columns' broadcasts share an input line, each panel vector is a weight line
+    (AVX512, 1, (14, 14), 8, 32, (7, 1)),   # 2 x 4 by a count of one load per broadcast
+    (AVX512, 1, (28, 28), 4, 32, (7, 1)),   # 4 x 2 by that count
+    (AVX512, 1, (56, 56), 2, 32, (8, 1)),
     (AARCH64, 1, (7, 7), 8, 8, (7, 1)),
 ])
 def test_default_conv_blocks(target, batch, out_hw, panels, width, blocks):

@@ -139,9 +139,11 @@ def conv_support(x_shape, w_shape, attrs, target) -> tuple[int | None, str]:
 
 def default_conv_blocks(target, batch: int, out_hw: tuple[int, int], panels: int, width: int,
                         threads: int = 2) -> tuple[int, int]:
-    """(output columns, panels) per register block of an untuned kernel: :func:`dense.default_blocks`
-    over the output columns of one row (a block never crosses an output row)."""
-    return default_blocks(target, out_hw[1], panels, width, threads, other_tasks=batch * out_hw[0])
+    """(output columns, panels) per register block of an untuned kernel: :func:`~.common.default_blocks`
+    over the output columns of one row (a block never crosses an output row), whose broadcasts share an
+    input line (``rows_share_lines``)."""
+    return default_blocks(target, out_hw[1], panels, width, threads, other_tasks=batch * out_hw[0],
+                          rows_share_lines=True)
 
 
 def default_conv_width(target, batch: int, out_hw: tuple[int, int], per_group: int, threads: int = 2) -> int | None:
