@@ -51,6 +51,67 @@ def test_default_blocks(target, rows, panels, width, blocks):
     assert common.default_blocks(tvm.target.Target(target), rows, panels, width, threads=2) == blocks
 
 
+@pytest.mark.parametrize("rows, depth, row_block, panel_block, panels, width, chunk", [
+    (32, 2048, 4, 2, 64, 32, 128),    # AVX-512's 4 x 2 block: a 32 KiB chunk of its two panels
+    (32, 1000, 4, 2, 64, 32, 125),    # the largest divisor of the depth within a chunk
+    (32, 2048, 4, 1, 128, 16, 512),   # AVX2's 4 x 1 block of 16-wide panels
+    (4, 2048, 4, 2, 64, 32, None),    # one row block: nothing re-reads the panels
+    (32, 2048, 4, 2, 8, 32, None),    # 4 panel blocks: too few to run in parallel without the rows
+    (32, 128, 4, 2, 64, 32, None),    # a single chunk
+    (512, 2048, 4, 2, 64, 32, None),  # a 128 KiB row buffer
+])
+def test_reduce_chunk(rows, depth, row_block, panel_block, panels, width, chunk):
+    from adntn_deploy.compiler.schedules import packed_dense
+
+    assert packed_dense.reduce_chunk(rows, depth, row_block, panel_block, panels, width) == chunk
+
+
+def _dense_kernel(target, rows, depth, out_dim):
+    from tvm import te
+
+    from adntn_deploy.compiler.schedules import packed_dense
+    from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
+
+    width = panel_width(target, out_dim)
+    x = int64_placeholder((rows, depth), "x")
+    wp = int64_placeholder((out_dim // width, depth, width), "wp")
+    return te.create_prim_func([x, wp, packed_dense.packed_dense_te(x, wp, out_dim)]), width
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])  # None: the untuned default; else sampled decisions
+def test_k_blocked_kernels_are_correct(seed):
+    """Kernels over several row blocks of a long reduction are K-blocked (the parallel loop runs over panel
+    blocks only) and equal numpy, with the default block and with what tuning samples."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules import packed_dense
+    from adntn_deploy.compiler.target import tvm_target
+
+    target = tvm_target(resolve_target("host"))  # runs here: AVX2 or AVX-512
+    rows, depth, out_dim = 16, 1024, 512
+    func, width = _dense_kernel(target, rows, depth, out_dim)
+    sch = s_tir.Schedule(func, seed=seed)
+    block = sch.get_sblock(packed_dense.BLOCK_NAME)
+    if seed is None:
+        packed_dense.schedule_default(sch, block, target)
+        row_block, panel_block = common.default_blocks(target, rows, out_dim // width, width)
+        chunk = packed_dense.reduce_chunk(rows, depth, row_block, panel_block, out_dim // width, width)
+        assert chunk is not None
+        parallel = [loop for loop in sch.get_loops(sch.get_sblock(packed_dense.BLOCK_NAME + "_update"))
+                    if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL]
+        assert [int(sch.get(loop).extent) for loop in parallel] == [out_dim // width // panel_block]
+    else:
+        packed_dense.schedule(sch, block)
+    rng = np.random.default_rng(seed or 0)
+    x = rng.standard_normal((rows, depth)).astype(np.float32)
+    wp = rng.standard_normal((out_dim // width, depth, width)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((rows, out_dim), np.float32))
+    tvm.compile(sch.mod, target=target).mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
+    want = x @ wp.transpose(1, 0, 2).reshape(depth, out_dim)
+    assert relative_error(out.numpy(), want) < float32_rtol(depth)
+
+
 def _onnx(tmp_path, nodes, inputs, inits, name, out_shape):
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],

@@ -37,6 +37,13 @@ from adntn_deploy.compiler.schedules.common import (
 RULE_NAME = "adntn_packed_dense"
 BLOCK_NAME = "packed_dense"
 OP_NAME = "relax.matmul"
+#: the most bytes of weight one reduction chunk of a register block's panels holds (an L1 data cache's
+#: worth, less room for the activations' rows), and of the row buffer that holds the accumulators
+#: of every row between chunks
+CHUNK_WEIGHT_BYTES = 32 * 1024
+ROW_BUFFER_BYTES = 32 * 1024
+#: the fewest panel blocks (parallel tasks) a K-blocked kernel must have: its rows no longer run in parallel
+MIN_PARALLEL_PANEL_BLOCKS = 8
 
 
 def packed_dense_te(x, wp, out_dim: int):
@@ -87,28 +94,61 @@ def _panel_width_of(sch, block) -> int:
     raise ValueError("not a packed-dense block: it reads no packed (3-D) weight")
 
 
+def reduce_chunk(rows: int, depth: int, row_block: int, panel_block: int, panels: int, width: int) -> int | None:
+    """Reduction steps per chunk of a K-blocked kernel, or None to keep one reduction over ``depth``.
+
+    With several row blocks, each re-reads its panels' whole K slice (the weight streams through L2 once
+    per row block). K-blocked, a chunk of the panels (at most :data:`CHUNK_WEIGHT_BYTES`) stays in L1
+    while every row block uses it, and the accumulators of all rows live in a row buffer between chunks.
+    Taken when there are several row blocks, at least two chunks, a row buffer within
+    :data:`ROW_BUFFER_BYTES` and at least :data:`MIN_PARALLEL_PANEL_BLOCKS` panel blocks to run in parallel
+    (the rows then run serially in each task). Measured on AVX-512 (2 cores, weights flushed, 4 rows x 2
+    panels): 32 x 2048 x 2048 1.14 -> 1.03 ms (chunks of 64 or 128; 256 gained nothing), 32 x 1024 x 2048
+    0.57 -> 0.52 ms, 8 x 2048 x 2048 0.48 -> 0.45 ms, 128 x 2048 x 2048 3.88 -> 3.82 ms.
+    """
+    panel_bytes = panel_block * width * 4
+    chunk = max(1, CHUNK_WEIGHT_BYTES // panel_bytes)
+    if (rows <= row_block or depth < 2 * chunk or rows * panel_bytes > ROW_BUFFER_BYTES
+            or panels // panel_block < MIN_PARALLEL_PANEL_BLOCKS):
+        return None
+    return max(d for d in range(1, chunk + 1) if depth % d == 0)
+
+
 def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None):
     """Register-block the ``packed_dense`` ``block`` and write its fused epilogue from the accumulators.
 
     A register block is ``row_block`` rows x ``panel_block`` panels: that many independent accumulator
     chains per k, which hides the FMA latency (one row and one panel would leave 2 chains). None samples
-    each (MetaSchedule decisions: divisors of the rows up to 16, of the panels up to 8). Returns ``sch``.
+    each (MetaSchedule decisions: divisors of the rows up to 16, of the panels up to 8). A long reduction
+    over several row blocks is K-blocked (:func:`reduce_chunk`). Returns ``sch``.
     """
     width = _panel_width_of(sch, block)
     rows_loop, cols_loop, red_loop = sch.get_loops(block)[-3:]
+    rows, depth = (int(sch.get(loop).extent) for loop in (rows_loop, red_loop))
     row_factors = (sch.sample_perfect_tile(rows_loop, n=2, max_innermost_factor=16) if row_block is None
                    else [None, row_block])
     row_outer, row_inner = sch.split(rows_loop, row_factors)
     panel, lane = sch.split(cols_loop, [None, width])
+    panels = int(sch.get(panel).extent)
     panel_factors = (sch.sample_perfect_tile(panel, n=2, max_innermost_factor=8) if panel_block is None
                      else [None, panel_block])
     panel_outer, panel_inner = sch.split(panel, panel_factors)
-    sch.reorder(panel_outer, row_outer, red_loop, panel_inner, row_inner, lane)
+    # the chunk is sized for this block (a sampled decision is read back as its value)
+    tile_rows = int(sch.get(row_factors[1])) if row_block is None else row_block
+    tile_panels = int(sch.get(panel_factors[1])) if panel_block is None else panel_block
+    chunk = reduce_chunk(rows, depth, tile_rows, tile_panels, panels, width)
+    if chunk is None:
+        sch.reorder(panel_outer, row_outer, red_loop, panel_inner, row_inner, lane)
+        accumulate_at, reduce_from, parallel = row_outer, red_loop, (panel_outer, row_outer)
+    else:
+        red_outer, red_inner = sch.split(red_loop, [None, chunk])
+        sch.reorder(panel_outer, red_outer, row_outer, red_inner, panel_inner, row_inner, lane)
+        accumulate_at, reduce_from, parallel = panel_outer, red_outer, (panel_outer,)
     writeback = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(writeback, row_outer, preserve_unit_loops=True)
-    fuse_epilogue(sch, writeback, row_outer)
-    sch.parallel(sch.fuse(panel_outer, row_outer))
-    vectorize_register_tile(sch, block, writeback, lane, red_loop, unrolled=(panel_inner, row_inner))
+    sch.reverse_compute_at(writeback, accumulate_at, preserve_unit_loops=True)
+    fuse_epilogue(sch, writeback, accumulate_at)
+    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+    vectorize_register_tile(sch, block, writeback, lane, reduce_from, unrolled=(panel_inner, row_inner))
     return sch
 
 
