@@ -1,4 +1,5 @@
-"""Refreshing tuning records: old packed-conv records get today's schedule with their own register block."""
+"""Refreshing tuning records: old packed-conv and packed-dense records get today's schedule with their own
+register block."""
 
 from pathlib import Path
 
@@ -228,6 +229,54 @@ def test_a_record_of_todays_rule_stays_as_tuned(tmp_path):
     report = refresh_records(tmp_path)
     assert (report.refreshed, report.unchanged) == (0, 1)
     assert (tmp_path / DB_FILES[1]).read_bytes() == before
+
+
+def _dense_func(rows=16, depth=1024, out_dim=512, width=32):
+    """A standalone packed dense kernel that today's rule K-blocks with a 4 x 2 block."""
+    from tvm import te
+
+    from adntn_deploy.compiler.schedules import packed_dense
+    from adntn_deploy.compiler.schedules.common import int64_placeholder
+
+    x = int64_placeholder((rows, depth), "x")
+    wp = int64_placeholder((out_dim // width, depth, width), "wp")
+    return te.create_prim_func([x, wp, packed_dense.packed_dense_te(x, wp, out_dim)]).with_attr("global_symbol", "main")
+
+
+def test_old_dense_records_get_k_blocking_and_keep_their_block(tmp_path, monkeypatch):
+    """A packed-dense record from before K-blocking (rule version 1: no stamp, one reduction) is replayed
+    through today's rule with its own block: its reduction is split, and its kernel equals numpy."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.schedules import packed_dense
+
+    func = _dense_func()
+    with monkeypatch.context() as patch:  # the rule as it was: no chunk, no stamp
+        patch.setattr(packed_dense, "reduce_chunk", lambda *args: None)
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        packed_dense.schedule(sch, sch.get_sblock(packed_dense.BLOCK_NAME), 4, 2, decided=True)
+    old = [inst for inst in sch.trace.insts if inst.kind.name != "Annotate"]
+    _database(tmp_path, [(func, s_tir.schedule.Trace(old, {i: sch.trace.decisions[i] for i in old if i in sch.trace.decisions}),
+                          1e-4)])
+
+    report = refresh_records(tmp_path)
+
+    assert (report.refreshed, report.unchanged) == (1, 0)
+    (record,) = _records(tmp_path)
+    splits = lambda trace: sum(inst.kind.name == "Split" for inst in trace.insts)  # noqa: E731
+    assert splits(record.trace) == splits(s_tir.schedule.Trace(old, {})) + 1  # the reduction, in chunks
+    sampled = [record.trace.decisions[i] for i in record.trace.insts if i.kind.name == "SamplePerfectTile"]
+    assert [int(d[-1]) for d in sampled] == [4, 2]
+    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
+    record.trace.apply_to_schedule(replay, remove_postproc=False)
+    ex = tvm.compile(replay.mod, target=tvm.target.Target(AVX2))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 1024)).astype(np.float32)
+    wp = rng.standard_normal((16, 1024, 32)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((16, 512), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
+    np.testing.assert_allclose(out.numpy(), x @ wp.transpose(1, 0, 2).reshape(1024, 512), rtol=1e-3, atol=1e-2)
+    assert refresh_records(tmp_path).unchanged == 1
 
 
 HOLD_LOCK = """

@@ -11,8 +11,8 @@ choice is kept and what the rule now derives from it is added. The measured run 
 (measured with the old schedule); records of other rules, and lines that do not parse as ours, are left
 byte for byte as they were.
 
-Refreshable rules: ``adntn_packed_conv2d``. Only this module and the rest of the compiler package import
-tvm (lazily).
+Refreshable rules: ``adntn_packed_conv2d`` and ``adntn_packed_dense`` (its K-blocking, rule version 2).
+Only this module and the rest of the compiler package import tvm (lazily).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from adntn_deploy.compiler.database import DB_FILES, checked_lines, has_database, lock_database, write_atomically
 from adntn_deploy.compiler.errors import TuningError
-from adntn_deploy.compiler.schedules import packed_conv2d
+from adntn_deploy.compiler.schedules import packed_conv2d, packed_dense
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,42 @@ def _packed_conv2d_schedule(workload_mod, trace):
     chose, or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
     from tvm import s_tir
 
+    block_sizes = _sampled_blocks(trace)
+    if block_sizes is None:
+        return None
+    sch = s_tir.Schedule(workload_mod, error_render_level="none")
+    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), *block_sizes, decided=True)
+    return sch
+
+
+def _packed_dense_schedule(workload_mod, trace):
+    """The schedule today's packed-dense rule gives ``workload_mod`` with the register block ``trace`` chose,
+    or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
+    from tvm import s_tir
+
+    block_sizes = _sampled_blocks(trace)
+    if block_sizes is None:
+        return None
+    sch = s_tir.Schedule(workload_mod, error_render_level="none")
+    packed_dense.schedule(sch, sch.get_sblock(packed_dense.BLOCK_NAME), *block_sizes, decided=True)
+    return sch
+
+
+def _sampled_blocks(trace) -> tuple[int, int] | None:
+    """The (row, panel) register block a trace of one of our register-blocked rules sampled, or None."""
     sampled = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
     if len(sampled) != 2:
         return None
     row_block, panel_block = (int(decision[-1]) for decision in sampled)
-    sch = s_tir.Schedule(workload_mod, error_render_level="none")
-    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), row_block, panel_block, decided=True)
-    return sch
+    return row_block, panel_block
 
 
 #: first SBlock a rule's trace gets -> (the function that re-derives that rule's schedule, the rule's version
 #: stamp: an annotation every trace of today's rule carries)
-_REFRESHERS = {"packed_conv2d": (_packed_conv2d_schedule, (packed_conv2d.RULE_VERSION_KEY, packed_conv2d.RULE_VERSION))}
+_REFRESHERS = {
+    "packed_conv2d": (_packed_conv2d_schedule, (packed_conv2d.RULE_VERSION_KEY, packed_conv2d.RULE_VERSION)),
+    "packed_dense": (_packed_dense_schedule, (packed_dense.RULE_VERSION_KEY, packed_dense.RULE_VERSION)),
+}
 
 
 def _stamped(trace, version) -> bool:

@@ -44,6 +44,11 @@ CHUNK_WEIGHT_BYTES = 32 * 1024
 ROW_BUFFER_BYTES = 32 * 1024
 #: the fewest panel blocks (parallel tasks) a K-blocked kernel must have: its rows no longer run in parallel
 MIN_PARALLEL_PANEL_BLOCKS = 8
+#: block annotation stamping which version of :func:`schedule` made a trace (2: K-blocking; traces of
+#: version 1 carry no stamp). A tuning record without today's stamp replays an older schedule
+#: (:mod:`adntn_deploy.compiler.refresh`).
+RULE_VERSION_KEY = "adntn_rule_version"
+RULE_VERSION = 2
 
 
 def packed_dense_te(x, wp, out_dim: int):
@@ -114,24 +119,32 @@ def reduce_chunk(rows: int, depth: int, row_block: int, panel_block: int, panels
     return max(d for d in range(1, chunk + 1) if depth % d == 0)
 
 
-def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None):
+def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None, decided: bool = False):
     """Register-block the ``packed_dense`` ``block`` and write its fused epilogue from the accumulators.
 
     A register block is ``row_block`` rows x ``panel_block`` panels: that many independent accumulator
     chains per k, which hides the FMA latency (one row and one panel would leave 2 chains). None samples
-    each (MetaSchedule decisions: divisors of the rows up to 16, of the panels up to 8). A long reduction
-    over several row blocks is K-blocked (:func:`reduce_chunk`). Returns ``sch``.
+    each (MetaSchedule decisions: divisors of the rows up to 16, of the panels up to 8). With ``decided``,
+    the given blocks are recorded as the decisions of the sampling instructions (what a tuning record
+    stores, see :mod:`adntn_deploy.compiler.refresh`) instead of as fixed splits. A long reduction over
+    several row blocks is K-blocked (:func:`reduce_chunk`). Returns ``sch``.
     """
     width = _panel_width_of(sch, block)
+    sch.annotate(block, RULE_VERSION_KEY, RULE_VERSION)
     rows_loop, cols_loop, red_loop = sch.get_loops(block)[-3:]
     rows, depth = (int(sch.get(loop).extent) for loop in (rows_loop, red_loop))
-    row_factors = (sch.sample_perfect_tile(rows_loop, n=2, max_innermost_factor=16) if row_block is None
-                   else [None, row_block])
+
+    def factors(loop, block_size, most):
+        if block_size is not None and not decided:
+            return [None, block_size]
+        decision = None if block_size is None else [int(sch.get(loop).extent) // block_size, block_size]
+        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=most, decision=decision)
+
+    row_factors = factors(rows_loop, row_block, 16)
     row_outer, row_inner = sch.split(rows_loop, row_factors)
     panel, lane = sch.split(cols_loop, [None, width])
     panels = int(sch.get(panel).extent)
-    panel_factors = (sch.sample_perfect_tile(panel, n=2, max_innermost_factor=8) if panel_block is None
-                     else [None, panel_block])
+    panel_factors = factors(panel, panel_block, 8)
     panel_outer, panel_inner = sch.split(panel, panel_factors)
     # the chunk is sized for this block (a sampled decision is read back as its value)
     tile_rows = int(sch.get(row_factors[1])) if row_block is None else row_block
