@@ -138,6 +138,49 @@ def test_searchable_schedule_gives_correct_kernels(seed):
     assert relative_error(got, want) < float32_rtol(16 * 9)
 
 
+@pytest.mark.parametrize("batch, panel_blocks, out_hw, tile_channels, plane", [
+    (1, 8, (14, 14), 32, True),      # ResNet's 14x14 stage: a 25 KiB plane buffer, 8 tasks
+    (1, 16, (7, 7), 32, True),
+    (32, 1, (16, 16), 16, True),     # the zoo at batch 32: the batch gives the tasks
+    (1, 4, (14, 14), 32, False),     # 4 tasks: too few to leave the rows serial
+    (1, 8, (28, 28), 32, False),     # a 100 KiB buffer
+    (8, 8, (1, 1), 32, False),       # one output row: nothing to sweep
+])
+def test_plane_buffered(batch, panel_blocks, out_hw, tile_channels, plane):
+    assert packed_conv2d.plane_buffered(batch, panel_blocks, out_hw, tile_channels) == plane
+
+
+def test_a_plane_buffered_kernel_is_correct():
+    """A batch of 8 small planes: the parallel loop runs over (batch, panel blocks) only, every output row
+    inside it, and the kernel equals numpy."""
+    from tvm import s_tir, te
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
+    from adntn_deploy.compiler.target import tvm_target
+
+    target = tvm_target(resolve_target("host"))
+    width = panel_width(target, 32)
+    xp = int64_placeholder((8, 16, 9, 9), "xp")
+    wp = int64_placeholder((32 // width, 16, 3, 3, width), "wp")
+    func = te.create_prim_func([xp, wp, packed_conv2d.packed_conv2d_te(xp, wp, 32, 1, (7, 7), (1, 1), (1, 1))])
+    sch = s_tir.Schedule(func)
+    packed_conv2d.schedule_default(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), target)
+    loops = sch.get_loops(sch.get_sblock(packed_conv2d.BLOCK_NAME + "_update"))
+    parallel = [loop for loop in loops if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL]
+    _, panel_block = packed_conv2d.default_conv_blocks(target, 8, (7, 7), 32 // width, width)
+    assert [int(sch.get(loop).extent) for loop in parallel] == [8 * (32 // width // panel_block)]
+    ex = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((32 // width, 16, 3, 3, width)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((8, 32, 7, 7), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))  # (N, C, H, W, 3, 3)
+    want = np.einsum("nchwrs,pcrsj->npjhw", windows, w).reshape(8, 32, 7, 7)
+    assert relative_error(out.numpy(), want) < float32_rtol(16 * 9)
+
+
 @pytest.mark.parametrize("target, batch, out_hw, panels, width, blocks", [
     (AVX512, 1, (7, 7), 2, 32, (7, 1)),     # a whole output row of 7 x 2 vectors
     (AVX512, 32, (4, 4), 2, 32, (4, 2)),    # 4 columns x 2 panels x 2 vectors

@@ -26,7 +26,9 @@ are contiguous: with NCHW accumulators every vector access was strided, 40x slow
 A reduction whose weight panel is too big for the cache is K-blocked (:func:`reduce_chunk`): the
 accumulators of an output row live in a row buffer between chunks of input channels. Any output row
 wider than one register block uses the row buffer as well (in one chunk), so that the write-back runs
-along whole NCHW rows. Measured on AVX2 (single kernels, batch 32): a 3x3 conv 1 -> 8 at 32x32 0.22 ->
+along whole NCHW rows. A small output plane keeps all its rows' accumulators in one plane buffer and
+sweeps every row per chunk of input channels (:func:`plane_buffered`), so that a task reads each input
+channel plane in order. Measured on AVX2 (single kernels, batch 32): a 3x3 conv 1 -> 8 at 32x32 0.22 ->
 0.15 ms, 8 -> 8 at 32x32 0.47 -> 0.39 ms, 8 -> 16 at 16x16 0.23 -> 0.18 ms, alexnet's 5x5 stem 1 -> 16 at
 28x28 0.45 -> 0.29 ms (ORT: 0.44); batch 1, ResNet-50's 1x1 64 -> 256 at 56x56 1.85 -> 1.35-1.48 ms (ORT
 1.36). A row one block covers (7 columns in blocks of 7) is scheduled as before; rows of 8 in blocks of 4
@@ -66,10 +68,13 @@ CACHE_LINE_BYTES = 64
 #: the most accumulator floats x unrolled taps a tile's unrolled filter-tap loops may hold (:func:`unrolled_taps`)
 UNROLL_TAP_FLOATS = 1024
 #: block annotation stamping which version of :func:`schedule` made a trace (2: unrolled filter taps; 3: a
-#: row buffer for rows wider than a block). A
+#: row buffer for rows wider than a block; 4: plane buffers, :func:`plane_buffered`). A
 #: tuning record without today's stamp replays an older schedule (:mod:`adntn_deploy.compiler.refresh`).
 RULE_VERSION_KEY = "adntn_rule_version"
-RULE_VERSION = 3
+RULE_VERSION = 4
+#: the most bytes of accumulators a plane buffer holds, and the fewest parallel tasks it needs (:func:`plane_buffered`)
+PLANE_BUFFER_BYTES = 32 * 1024
+MIN_PLANE_TASKS = 8
 
 
 def packed_conv2d_te(xp, wp, out_channels: int, groups: int, out_hw: tuple[int, int],
@@ -222,6 +227,26 @@ def unrolled_taps(kh: int, kw: int, tile_floats: int) -> int:
     return unrolled
 
 
+def plane_buffered(batch: int, panel_blocks: int, out_hw: tuple[int, int], tile_channels: int) -> bool:
+    """Whether a kernel keeps its whole output plane's accumulators (for one block of ``tile_channels``
+    output channels) in a plane buffer and sweeps every output row per chunk of input channels.
+
+    The row-at-a-time order reads, for each output row, a line of every input channel: a stride of one
+    channel plane per reduction step, which the prefetchers do not follow when the previous kernel has
+    just written the input (much of it from the other core). Sweeping the rows inside a chunk of channels
+    reads each channel plane in order. Taken when the plane buffer holds at most
+    :data:`PLANE_BUFFER_BYTES`, the plane has several rows, and batch x panel blocks (the parallel tasks;
+    the rows no longer are) is at least :data:`MIN_PLANE_TASKS`. Measured on AVX-512 (2 cores, one-layer
+    models whose input is rewritten before each call, as in a model): 3x3 256 -> 256 at 14x14 0.86 ->
+    0.72 ms, 3x3 512 -> 512 at 7x7 0.81 -> 0.77, 1x1 1024 -> 256 at 14x14 0.57 -> 0.51, 1x1 2048 -> 512 at
+    7x7 0.45 -> 0.42; buffers of 100 KiB or more were as often slower (a strided 1x1 at 28x28 0.64 -> 0.78,
+    ResNet's 7x7 stem at 112x112 1.11 -> 1.53).
+    """
+    out_h, out_w = out_hw
+    return (out_h > 1 and batch * panel_blocks >= MIN_PLANE_TASKS
+            and out_h * out_w * tile_channels * 4 <= PLANE_BUFFER_BYTES)
+
+
 def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None, decided: bool = False):
     """Register-block the ``packed_conv2d`` ``block`` (see the module doc); None samples each factor.
 
@@ -254,15 +279,23 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     tile_panels = int(sch.get(p_factors[1])) if panel_block is None else panel_block
     tile_columns = int(sch.get(w_factors[1])) if row_block is None else row_block
     chunk = reduce_chunk(group_in, kh, kw, width, tile_panels)
-    if chunk is None and tile_columns < out_w:
-        chunk = group_in  # one chunk: the row buffer only, for its whole-row write-back
-    if chunk is None:
-        sch.reorder(n, p_outer, h, w_outer, rc, rh, rw, p_inner, w_inner, lane)
-        accumulate_at, reduce_from, parallel = w_outer, rc, (n, p_outer, h, w_outer)
+    batch, out_h = (int(sch.get(loop).extent) for loop in (n, h))
+    if plane_buffered(batch, int(sch.get(p_outer).extent), (out_h, out_w), tile_panels * width):
+        # the output plane's accumulators in one buffer: each chunk of input channels is swept over every
+        # output row before the next chunk, so a task reads each channel plane in order
+        rc_outer, rc_inner = sch.split(rc, [None, chunk or group_in])
+        sch.reorder(n, p_outer, rc_outer, h, w_outer, rc_inner, rh, rw, p_inner, w_inner, lane)
+        accumulate_at, reduce_from, parallel = p_outer, rc_outer, (n, p_outer)
     else:
-        rc_outer, rc_inner = sch.split(rc, [None, chunk])
-        sch.reorder(n, p_outer, h, rc_outer, w_outer, rc_inner, rh, rw, p_inner, w_inner, lane)
-        accumulate_at, reduce_from, parallel = h, rc_outer, (n, p_outer, h)
+        if chunk is None and tile_columns < out_w:
+            chunk = group_in  # one chunk: the row buffer only, for its whole-row write-back
+        if chunk is None:
+            sch.reorder(n, p_outer, h, w_outer, rc, rh, rw, p_inner, w_inner, lane)
+            accumulate_at, reduce_from, parallel = w_outer, rc, (n, p_outer, h, w_outer)
+        else:
+            rc_outer, rc_inner = sch.split(rc, [None, chunk])
+            sch.reorder(n, p_outer, h, rc_outer, w_outer, rc_inner, rh, rw, p_inner, w_inner, lane)
+            accumulate_at, reduce_from, parallel = h, rc_outer, (n, p_outer, h)
     writeback = sch.cache_write(block, 0, "local")
     # accumulators channel-last, so that the vector lanes (output channels) are contiguous in them
     sch.transform_layout(block, ("write", 0), lambda b, c, y, x: (b, y, x, c))
