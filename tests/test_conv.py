@@ -195,6 +195,18 @@ def test_default_conv_blocks(target, batch, out_hw, panels, width, blocks):
     assert packed_conv2d.default_conv_blocks(tvm.target.Target(target), batch, out_hw, panels, width) == blocks
 
 
+@pytest.mark.parametrize("target, out_hw, panels, width, blocks", [
+    (AVX512, (14, 14), 8, 32, (14, 1)),   # 28 of 32 registers: one panel, more columns
+    (AVX512, (13, 13), 8, 32, (13, 1)),
+    (AVX512, (7, 7), 64, 32, (7, 1)),     # the row is the limit
+    (AVX512, (28, 28), 4, 32, (14, 1)),
+    (AVX2, (14, 14), 16, 16, (2, 2)),     # 16 registers: the half-register rule stays
+])
+def test_pointwise_blocks_widen_their_rows(target, out_hw, panels, width, blocks):
+    target = tvm.target.Target(target)
+    assert packed_conv2d.default_conv_blocks(target, 1, out_hw, panels, width, pointwise=True) == blocks
+
+
 @pytest.mark.parametrize("target, batch, out_hw, per_group, width", [
     (AVX2, 32, (7, 7), 64, 8),       # 7 columns x one vector beats 1 column x 4 panels of two vectors
     (AVX2, 1, (7, 7), 512, 8),
