@@ -129,6 +129,16 @@ def fuse_epilogue(sch, writeback, loop) -> None:
         try_vectorize(sch, sch.get_loops(follower)[-1])
 
 
+def tile_factors(sch, loop, block_size: int | None, most: int, decided: bool = False):
+    """The two split factors of ``loop`` for a register block of ``block_size``: fixed ``[None, block_size]``;
+    or, when ``block_size`` is None (MetaSchedule samples it, innermost at most ``most``) or ``decided``
+    (the given size recorded as the decision, as a tuning record stores it), a ``sample_perfect_tile``."""
+    if block_size is not None and not decided:
+        return [None, block_size]
+    decision = None if block_size is None else [int(sch.get(loop).extent) // block_size, block_size]
+    return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=most, decision=decision)
+
+
 def vectorize_register_tile(sch, block, writeback, lane, reduce_from, unrolled=()) -> None:
     """The end of a register-blocked schedule: unroll the tile's ``unrolled`` loops, vectorise its
     ``lane`` loop, split the accumulators' initialisation off at ``reduce_from``, and vectorise the

@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
     activation_by_weight, add_kernel, block_rank, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder,
-    panel_width, static_shape,
+    panel_width, static_shape, tile_factors,
 )
 from adntn_deploy.compiler.schedules import pointwise_conv2d
 from adntn_deploy.compiler.target import vector_shape
@@ -291,17 +291,12 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     sch.annotate(block, RULE_VERSION_KEY, RULE_VERSION)
     n, o, h, w, rc, rh, rw = sch.get_loops(block)[-7:]
     group_in, kh, kw = (int(sch.get(loop).extent) for loop in (rc, rh, rw))
-    def factors(loop, block_size, most):
-        if block_size is not None and not decided:
-            return [None, block_size]
-        decision = None if block_size is None else [int(sch.get(loop).extent) // block_size, block_size]
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=most, decision=decision)
 
     out_w = int(sch.get(w).extent)
-    w_factors = factors(w, row_block, 16)
+    w_factors = tile_factors(sch, w, row_block, 16, decided)
     w_outer, w_inner = sch.split(w, w_factors)
     panel, lane = sch.split(o, [None, width])
-    p_factors = factors(panel, panel_block, 8)
+    p_factors = tile_factors(sch, panel, panel_block, 8, decided)
     p_outer, p_inner = sch.split(panel, p_factors)
     # the chunk is sized for the panels of this tile (a sampled decision is read back as its value)
     tile_panels = int(sch.get(p_factors[1])) if panel_block is None else panel_block

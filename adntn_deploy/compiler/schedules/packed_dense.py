@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
     activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width,
-    vectorize_register_tile,
+    tile_factors, vectorize_register_tile,
 )
 
 RULE_NAME = "adntn_packed_dense"
@@ -134,17 +134,12 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     rows_loop, cols_loop, red_loop = sch.get_loops(block)[-3:]
     rows, depth = (int(sch.get(loop).extent) for loop in (rows_loop, red_loop))
 
-    def factors(loop, block_size, most):
-        if block_size is not None and not decided:
-            return [None, block_size]
-        decision = None if block_size is None else [int(sch.get(loop).extent) // block_size, block_size]
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=most, decision=decision)
 
-    row_factors = factors(rows_loop, row_block, 16)
+    row_factors = tile_factors(sch, rows_loop, row_block, 16, decided)
     row_outer, row_inner = sch.split(rows_loop, row_factors)
     panel, lane = sch.split(cols_loop, [None, width])
     panels = int(sch.get(panel).extent)
-    panel_factors = factors(panel, panel_block, 8)
+    panel_factors = tile_factors(sch, panel, panel_block, 8, decided)
     panel_outer, panel_inner = sch.split(panel, panel_factors)
     # the chunk is sized for this block (a sampled decision is read back as its value)
     tile_rows = int(sch.get(row_factors[1])) if row_block is None else row_block

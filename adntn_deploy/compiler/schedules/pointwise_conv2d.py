@@ -33,7 +33,7 @@ was no faster there.
 from __future__ import annotations
 
 from adntn_deploy.compiler.schedules.common import (
-    add_kernel, divisor_at_most, fuse_epilogue, int64_placeholder, vectorize_register_tile,
+    add_kernel, divisor_at_most, fuse_epilogue, int64_placeholder, tile_factors, vectorize_register_tile,
 )
 from adntn_deploy.compiler.target import vector_shape
 
@@ -126,12 +126,7 @@ def schedule(sch, block, vectors: int | None = None, channels_inside: bool | Non
     n, o, p, c = sch.get_loops(block)[-4:]
     o_outer, o_inner = sch.split(o, [None, rows])
     p_vectors, lane = sch.split(p, [None, lanes])
-    if vectors is not None and not decided:
-        factors = [None, vectors]
-    else:
-        decision = None if vectors is None else [int(sch.get(p_vectors).extent) // vectors, vectors]
-        factors = sch.sample_perfect_tile(p_vectors, n=2, max_innermost_factor=MAX_VECTORS, decision=decision)
-    p_outer, p_inner = sch.split(p_vectors, factors)
+    p_outer, p_inner = sch.split(p_vectors, tile_factors(sch, p_vectors, vectors, MAX_VECTORS, decided))
     if channels_inside is not None and not decided:
         inside = channels_inside
     else:
