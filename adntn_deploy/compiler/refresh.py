@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from adntn_deploy.compiler.database import DB_FILES, checked_lines, has_database, lock_database, write_atomically
@@ -37,46 +38,26 @@ class RefreshReport:
     not_best: int = 0
 
 
-def _packed_conv2d_schedule(workload_mod, trace):
-    """The schedule today's packed-conv2d rule gives ``workload_mod`` with the register block ``trace``
-    chose, or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
+def _replay_register_block(rule, workload_mod, trace):
+    """The schedule today's register-blocked ``rule`` module (packed conv2d or packed dense) gives
+    ``workload_mod`` with the (row, panel) block ``trace`` sampled, or None when ``trace`` is not one of
+    that rule's (it samples no row and panel block)."""
     from tvm import s_tir
 
-    block_sizes = _sampled_blocks(trace)
-    if block_sizes is None:
-        return None
-    sch = s_tir.Schedule(workload_mod, error_render_level="none")
-    packed_conv2d.schedule(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), *block_sizes, decided=True)
-    return sch
-
-
-def _packed_dense_schedule(workload_mod, trace):
-    """The schedule today's packed-dense rule gives ``workload_mod`` with the register block ``trace`` chose,
-    or None when ``trace`` is not one of that rule's (it samples no row and panel block)."""
-    from tvm import s_tir
-
-    block_sizes = _sampled_blocks(trace)
-    if block_sizes is None:
-        return None
-    sch = s_tir.Schedule(workload_mod, error_render_level="none")
-    packed_dense.schedule(sch, sch.get_sblock(packed_dense.BLOCK_NAME), *block_sizes, decided=True)
-    return sch
-
-
-def _sampled_blocks(trace) -> tuple[int, int] | None:
-    """The (row, panel) register block a trace of one of our register-blocked rules sampled, or None."""
     sampled = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
     if len(sampled) != 2:
         return None
     row_block, panel_block = (int(decision[-1]) for decision in sampled)
-    return row_block, panel_block
+    sch = s_tir.Schedule(workload_mod, error_render_level="none")
+    rule.schedule(sch, sch.get_sblock(rule.BLOCK_NAME), row_block, panel_block, decided=True)
+    return sch
 
 
 #: first SBlock a rule's trace gets -> (the function that re-derives that rule's schedule, the rule's version
 #: stamp: an annotation every trace of today's rule carries)
 _REFRESHERS = {
-    "packed_conv2d": (_packed_conv2d_schedule, (packed_conv2d.RULE_VERSION_KEY, packed_conv2d.RULE_VERSION)),
-    "packed_dense": (_packed_dense_schedule, (packed_dense.RULE_VERSION_KEY, packed_dense.RULE_VERSION)),
+    rule.BLOCK_NAME: (partial(_replay_register_block, rule), (rule.RULE_VERSION_KEY, rule.RULE_VERSION))
+    for rule in (packed_conv2d, packed_dense)
 }
 
 
