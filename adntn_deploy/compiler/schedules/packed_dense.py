@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
-    activation_by_weight, add_kernel, default_blocks, fuse_epilogue, int64_placeholder, panel_width,
+    activation_by_weight, add_kernel, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder, panel_width,
     tile_factors, vectorize_register_tile,
 )
 
@@ -116,7 +116,7 @@ def reduce_chunk(rows: int, depth: int, row_block: int, panel_block: int, panels
     if (rows <= row_block or depth < 2 * chunk or rows * panel_bytes > ROW_BUFFER_BYTES
             or panels // panel_block < MIN_PARALLEL_PANEL_BLOCKS):
         return None
-    return max(d for d in range(1, chunk + 1) if depth % d == 0)
+    return divisor_at_most(depth, chunk)
 
 
 def schedule(sch, block, row_block: int | None = None, panel_block: int | None = None, decided: bool = False):
