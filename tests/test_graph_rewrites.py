@@ -148,8 +148,39 @@ def _weight_of_unknown_rank():
     return model
 
 
+def _if_reading(name, shape):
+    """An If node whose branches read ``name`` from the enclosing graph, output ``z`` (Identity / Neg of it)."""
+    def branch(op):
+        out = helper.make_tensor_value_info(f"z_{op}", TensorProto.FLOAT, shape)
+        return helper.make_graph([helper.make_node(op, [name], [f"z_{op}"])], f"branch_{op}", [], [out])
+    flag = helper.make_node("Constant", [], ["flag"], value=helper.make_tensor("flag_value", TensorProto.BOOL, [], [True]))
+    return [flag, helper.make_node("If", ["flag"], ["z"], then_branch=branch("Identity"), else_branch=branch("Neg"))]
+
+
+def _conv_output_read_in_a_branch():
+    model = conv_bn()
+    model.graph.node.extend(_if_reading("c", [1, 16, 6, 6]))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16, 6, 6]))
+    return model
+
+
+def test_a_weight_a_branch_reads_is_kept():
+    """Folding replaces the conv's weight ``w``; an If branch that reads ``w`` from the enclosing graph
+    must still find it (the subgraph is not rewritten, so nothing else would notice it is gone)."""
+    model = conv_bn()
+    model.graph.node.extend(_if_reading("w", [16, 8, 3, 3]))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [16, 8, 3, 3]))
+    before, x = _run(model, [1, 8, 6, 6])
+    assert rewrite_graph(model)["fold-batchnorm-into-conv"] == 1
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert relative_error(after[0], before[0]) < float32_rtol(8 * 9)
+    np.testing.assert_array_equal(after[1], before[1])
+
+
 @pytest.mark.parametrize("make, why", [
     (_shared_conv_output, "the conv's output is read by another node too"),
+    (_conv_output_read_in_a_branch, "the conv's output is read inside an If branch too"),
     (_training_mode_bn, "BN in training mode"),
     (_computed_statistics, "statistics computed at run time"),
     (_weight_of_unknown_rank, "a computed weight without kernel_shape"),

@@ -49,7 +49,9 @@ class GraphIndex:
             for name in node.output:
                 if name:
                     index.producer[name] = node
-            for name in node.input:
+            # an If / Loop / Scan body reads names of this graph without listing them as inputs: count the
+            # node holding it as their reader, so no rewrite changes or drops what a body still reads
+            for name in [*node.input, *sorted(outer_reads(node))]:
                 if name:
                     index.consumers.setdefault(name, []).append(node)
         return index
@@ -107,6 +109,23 @@ class GraphIndex:
         """The one node reading ``name``, or None when it has several readers or is a graph output."""
         readers = self.consumers.get(name, [])
         return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+
+def outer_reads(node) -> set[str]:
+    """The names the subgraphs of ``node`` (an If's branches, a Loop's or Scan's body, nested ones too)
+    read from enclosing graphs: read by a subgraph node and defined by none of the subgraph's inputs,
+    initializers or nodes. Empty for a node without graph attributes."""
+    from onnx import AttributeProto
+
+    graphs = [attr.g for attr in node.attribute if attr.type == AttributeProto.GRAPH]
+    graphs += [g for attr in node.attribute if attr.type == AttributeProto.GRAPHS for g in attr.graphs]
+    reads: set[str] = set()
+    for graph in graphs:
+        defined = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+        defined |= {name for inner in graph.node for name in inner.output}
+        for inner in graph.node:
+            reads |= {name for name in [*inner.input, *outer_reads(inner)] if name and name not in defined}
+    return reads
 
 
 def _is_standard(node) -> bool:
@@ -272,7 +291,8 @@ REWRITES = (FoldBatchNormIntoConv(), SumToAdd())
 def rewrite_graph(model) -> dict[str, int]:
     """Run every rewrite of :data:`REWRITES` over ``model.graph`` (in place). Returns {rewrite name: count}.
 
-    Only the main graph is rewritten (subgraphs of If / Loop are left as they are). The model computes
+    Only the main graph is rewritten (subgraphs of If / Loop are left as they are, and what they read from
+    the main graph counts as read by their node: it is neither changed nor dropped). The model computes
     the same function afterwards, up to float rounding (folded weights are computed in float64).
 
     Raises:
@@ -288,7 +308,7 @@ def rewrite_graph(model) -> dict[str, int]:
         counts[rewrite.name] = len(matches)
         orphaned |= index.orphaned
     if orphaned:  # an unread initializer would still become a parameter of the artifact
-        read = {name for node in model.graph.node for name in node.input}
+        read = {name for node in model.graph.node for name in [*node.input, *outer_reads(node)]}
         kept = [init for init in model.graph.initializer if init.name not in orphaned or init.name in read]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
