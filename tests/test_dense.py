@@ -139,6 +139,11 @@ CASES = {
                                                     [("x", [32, 16])], {}, "xxt", [32, 32]), AVX512, 0),
     "3d-input": (lambda p: _onnx(p, [helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 3, 16])],
                                  {"w": np.ones((16, 32), np.float32)}, "nd", [2, 3, 32]), AVX512, 0),
+    "matmul-stored-k-by-n": (lambda p: _onnx(p, [helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [4, 16])],
+                                             {"w": np.ones((16, 32), np.float32)}, "kn", [4, 32]), AVX512, 1),
+    "matmul-of-transposed-weight": (lambda p: _onnx(p, [helper.make_node("Transpose", ["w"], ["t"], perm=[1, 0]),
+                                                        helper.make_node("MatMul", ["x", "t"], ["y"])], [("x", [4, 16])],
+                                                    {"w": np.ones((32, 16), np.float32)}, "nk", [4, 32]), AVX512, 1),
 }
 
 
@@ -149,8 +154,22 @@ def test_which_matmuls_are_packed(tmp_path, case, weights):
     imported = import_model(build(tmp_path), weights, prepack_target=tvm.target.Target(target))
     assert imported.prepacked["adntn_packed_dense"] == expected
     if expected and weights == "load":  # the packing is load-time work, not per call
-        assert "layout_transform" in imported.mod["main_transform_params"].script()
+        load_time = imported.mod["main_transform_params"].script()
+        assert "layout_transform" in load_time
         assert "layout_transform" not in imported.mod["main"].script()
+        # a transposed weight (Gemm transB=1, Transpose) is packed from the stored layout: no transposed copy
+        assert "permute_dims" not in load_time
+
+
+@pytest.mark.parametrize("out_dim", [32, 10, 40])  # whole panels, one padded panel, 8-wide panels
+def test_transposed_weight_packed_from_its_stored_layout_equals_ort(tmp_path, out_dim):
+    w = np.random.default_rng(2).standard_normal((out_dim, 16)).astype(np.float32)
+    path = _onnx(tmp_path, [helper.make_node("Transpose", ["w"], ["t"], perm=[1, 0]), helper.make_node("MatMul", ["x", "t"], ["y"])],
+                 [("x", [4, 16])], {"w": w}, f"nk{out_dim}", [4, out_dim])
+    x = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)}
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["tuning"]["packed_dense"] == 1
+    assert relative_error(load(artifact.path).run(x)["y"], load(path).run(x)["y"]) < float32_rtol(16)
 
 
 def _mixed_model():

@@ -11,7 +11,9 @@ Rewrite (:func:`rewrite`, on the imported Relax module, before weight-only work 
  -> wp = layout_transform(w)    wp[p, k, j] = w[k, p * bn + j]: N cut into panels of bn = 2 vectors
     y = call_tir(packed_dense, x, wp)
 
-``wp`` depends on parameters only, so LiftTransformParams moves the packing into
+A ``w`` that transposes a stored (N, K) tensor (``Gemm(transB=1)``) is packed from that tensor directly
+(:func:`_untransposed`), with no transposed copy at load. ``wp`` depends on parameters only, so
+LiftTransformParams moves the packing into
 ``main_transform_params`` (``--weights load`` / ``stream``: once, on the device, at load) and FoldConstant
 folds it into the library (``--weights fold``). The kernel reads each panel contiguously.
 
@@ -31,7 +33,7 @@ from typing import Any, Callable
 
 from adntn_deploy.compiler.schedules.common import (
     activation_by_weight, add_kernel, default_blocks, divisor_at_most, fuse_epilogue, int64_placeholder, panel_width,
-    tile_factors, vectorize_register_tile,
+    static_shape, tile_factors, vectorize_register_tile,
 )
 
 RULE_NAME = "adntn_packed_dense"
@@ -83,13 +85,36 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     width = panel_width(target, out_dim)
     if width is None or x_shape[1] != depth:
         return None, f"{out_dim} columns fit no vector panel"
-    packed = builder.emit(relax.op.layout_transform(w, lambda k, n: (n // width, k, n % width), pad_value=0.0))
+    source = _untransposed(builder, w)
+    if source is None:
+        packed = builder.emit(relax.op.layout_transform(w, lambda k, n: (n // width, k, n % width), pad_value=0.0))
+    else:  # pack the (N, K) weight directly: its transpose would be one more weight-sized pass and buffer at load
+        packed = builder.emit(relax.op.layout_transform(source, lambda n, k: (n // width, k, n % width), pad_value=0.0))
     panels = -(-out_dim // width)
     x_ph = int64_placeholder(x_shape, "x")
     wp_ph = int64_placeholder((panels, depth, width), "wp")
     func = te.create_prim_func([x_ph, wp_ph, packed_dense_te(x_ph, wp_ph, out_dim)])
     gvar = add_kernel(builder, func, "adntn_packed_dense")
     return relax.call_tir(gvar, [x, packed], relax.TensorType((x_shape[0], out_dim), "float32")), ""
+
+
+def _untransposed(builder, w):
+    """The (N, K) tensor that ``w`` (K, N) transposes when ``w`` is bound to ``permute_dims(source, [1, 0])``
+    in ``builder`` (ONNX ``Gemm(transB=1)`` and torch's ``Linear`` weights import so), else None.
+
+    Packing ``source`` directly saves a transposed copy of the weight at load: with it, loading a stored
+    dense 4096 x 4096 layer held the weight three times at its peak (stored, transposed, packed).
+    """
+    from tvm import relax
+
+    value = builder.lookup_binding(w) if isinstance(w, relax.Var) else None
+    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims"):
+        return None
+    axes = value.attrs.axes
+    if axes is not None and [int(a) for a in axes] != [1, 0]:
+        return None
+    source = value.args[0]
+    return source if static_shape(source, 2) is not None else None
 
 
 def _panel_width_of(sch, block) -> int:
