@@ -38,9 +38,11 @@ def _return_freed_heap() -> None:
     freeing them keeps them resident: a 16 MiB layer stayed at 32 MiB after load without this.
     """
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # None: not glibc (musl, macOS)
+    except OSError:  # no C library to open by name (Windows)
+        return
+    if trim is not None:
+        trim(0)
 
 
 def _load_library(path: Path, sha256: str):
@@ -132,7 +134,8 @@ class TvmPredictor:
 
         path = self.path / self.manifest["params_file"]
         with safe_open(str(path), framework="numpy") as stored:
-            missing = [name for name in self.manifest["params"] if name not in set(stored.keys())]
+            present = set(stored.keys())
+            missing = [name for name in self.manifest["params"] if name not in present]
             if missing:
                 raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
             params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in self.manifest["params"]]

@@ -85,11 +85,11 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     width = panel_width(target, out_dim)
     if width is None or x_shape[1] != depth:
         return None, f"{out_dim} columns fit no vector panel"
+    # a transposed weight is packed from the (N, K) tensor it transposes: no weight-sized transpose at load
     source = _untransposed(builder, w)
-    if source is None:
-        packed = builder.emit(relax.op.layout_transform(w, lambda k, n: (n // width, k, n % width), pad_value=0.0))
-    else:  # pack the (N, K) weight directly: its transpose would be one more weight-sized pass and buffer at load
-        packed = builder.emit(relax.op.layout_transform(source, lambda n, k: (n // width, k, n % width), pad_value=0.0))
+    stored, panel_of = (w, lambda k, n: (n // width, k, n % width)) if source is None else \
+        (source, lambda n, k: (n // width, k, n % width))
+    packed = builder.emit(relax.op.layout_transform(stored, panel_of, pad_value=0.0))
     panels = -(-out_dim // width)
     x_ph = int64_placeholder(x_shape, "x")
     wp_ph = int64_placeholder((panels, depth, width), "wp")
@@ -158,8 +158,6 @@ def schedule(sch, block, row_block: int | None = None, panel_block: int | None =
     sch.annotate(block, RULE_VERSION_KEY, RULE_VERSION)
     rows_loop, cols_loop, red_loop = sch.get_loops(block)[-3:]
     rows, depth = (int(sch.get(loop).extent) for loop in (rows_loop, red_loop))
-
-
     row_factors = tile_factors(sch, rows_loop, row_block, 16, decided)
     row_outer, row_inner = sch.split(rows_loop, row_factors)
     panel, lane = sch.split(cols_loop, [None, width])
