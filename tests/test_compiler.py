@@ -214,6 +214,22 @@ def test_tampered_artifact_is_refused(tmp_path, small_onnx):
         load(artifact.path)
 
 
+def test_unreadable_parameter_file_is_one_clear_error(tmp_path, small_onnx):
+    """A params file whose checksum the manifest records (a broken writer, not tampering) but which is not
+    safetensors: one line naming the file and the fix, not the parser's exception."""
+    import hashlib
+
+    artifact = compile_model(small_onnx, "host", tmp_path / "art")
+    params = artifact.path / "params.safetensors"
+    params.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    manifest["files"]["params.safetensors"] = {"sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+                                               "bytes": params.stat().st_size}
+    (artifact.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not a readable safetensors file.*rebuild the artifact"):
+        load(artifact.path)
+
+
 def test_missing_toolchain_names_the_package(tmp_path, small_onnx):
     with pytest.raises(ProfileError, match="apt-get install g\\+\\+-aarch64-linux-gnu|not found"):
         compile_model(small_onnx, "rpi4", tmp_path / "art", cross_compiler="no-such-g++")

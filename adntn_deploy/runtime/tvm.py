@@ -126,19 +126,24 @@ class TvmPredictor:
         was twice the weights (a 64 MiB VGG-16 fc7, generated or dense: +129 MiB, now +65 MiB).
 
         Raises:
-            ArtifactError: the parameter file lacks a parameter the manifest lists.
+            ArtifactError: the parameter file is not valid safetensors or lacks a parameter the manifest lists.
         """
         import tvm
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from tvm import relax
 
         path = self.path / self.manifest["params_file"]
-        with safe_open(str(path), framework="numpy") as stored:
-            present = set(stored.keys())
-            missing = [name for name in self.manifest["params"] if name not in present]
-            if missing:
-                raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
-            params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in self.manifest["params"]]
+        try:
+            with safe_open(str(path), framework="numpy") as stored:
+                present = set(stored.keys())
+                missing = [name for name in self.manifest["params"] if name not in present]
+                if missing:
+                    raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
+                params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in self.manifest["params"]]
+        except SafetensorError as exc:  # its checksum matched: the writer produced a broken file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{path} is not a readable safetensors file ({first}); rebuild the artifact "
+                                "with adntn-deploy compile") from None
         loader = relax.VirtualMachine(module, self.device, memory_cfg="naive")
         weights = list(loader["main_transform_params"](params))  # generators run here, once
         del params, loader
