@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from tolerance import float32_rtol, relative_error
 from adntn_deploy.compiler.runner import build_runner, run_with_qemu, runtime_libs_dir  # noqa: E402
 from adntn_deploy.errors import CompileError  # noqa: E402
+from adntn_deploy.runtime import load  # noqa: E402
 
 AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 IN_DIM, HIDDEN, OUT_DIM = 16, 32, 10
@@ -121,13 +122,19 @@ def _check_outputs(path: Path, ref: list[np.ndarray]) -> None:
         assert relative_error(got[name], want) < float32_rtol(IN_DIM, HIDDEN), name  # NEON or x86 vs x86
 
 
-def test_runner_x86_native(tmp_path):
+@pytest.fixture(scope="module")
+def x86_runner(tmp_path_factory) -> Path:
+    """The runner built natively for x86 (host g++), once per module."""
     if shutil.which("g++") is None:
         pytest.skip("needs a host C++ compiler: apt-get install g++")
+    return build_runner("x86_64", tmp_path_factory.mktemp("bin"))
+
+
+def test_runner_x86_native(tmp_path, x86_runner):
     rng = np.random.default_rng(0)
     art = tmp_path / "artifact"
     _, x, ref = _make_artifact(art, {"kind": "llvm"}, rng)
-    binary = build_runner("x86_64", tmp_path / "bin")
+    binary = x86_runner
     save_file({"input": x}, str(tmp_path / "in.safetensors"))
 
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
@@ -164,6 +171,44 @@ def test_runner_x86_native(tmp_path):
     shutil.copytree(art, bad)
     (bad / "manifest.json").write_text('{"format": "adntn-artifact", "inputs": [')
     fails([bad, tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "invalid JSON")
+
+
+@pytest.mark.parametrize("generated", [True, False], ids=["generated", "dense"])
+def test_runner_holds_the_weights_once_after_load(tmp_path, x86_runner, generated):
+    """On a board the runner is the whole process: after load it holds the weights once (the params and the
+    generators' and packing's intermediates are released), and loading peaks at twice the weights (the params
+    file was held whole, then hashed from a copy: 3x for stored weights)."""
+    import re
+
+    import torch
+    from torch import nn
+
+    from adntn_deploy.compiler.build import compile_model
+    from adntn_deploy.nn import ADNTNLinear
+    from adntn_deploy.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    layer = ADNTNLinear(2048, 2048, family="ttn", layout="operator", bond_dim=2, max_mode=4, bias=False).eval()
+    export_onnx(nn.Sequential(layer if generated else layer.to_dense()).eval(), [torch.randn(1, 2048)],
+                tmp_path / "m.onnx", input_names=["input"])
+    artifact = compile_model(tmp_path / "m.onnx", "host", tmp_path / "art", weights="load")
+    x = np.random.default_rng(0).standard_normal((1, 2048)).astype(np.float32)
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+    proc = subprocess.run([str(x86_runner), str(artifact.path), str(tmp_path / "in.safetensors"),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = re.search(r"memory: params ([\d.]+) MiB; resident after load \+([\d.]+) MiB, "
+                       r"peak while loading \+([\d.]+) MiB", proc.stdout)
+    assert report, proc.stdout
+    params, resident, peak = (float(v) for v in report.groups())
+    weights = 16.0  # 2048 x 2048 float32, packed
+    assert params == (0.0 if generated else weights)
+    assert resident < 1.4 * weights, proc.stdout
+    assert peak < 2.4 * weights, proc.stdout
+    got = load_file(str(tmp_path / "out.safetensors"))
+    want = load(artifact.path).run({"input": x})
+    (name,) = got
+    assert relative_error(got[name], next(iter(want.values()))) < float32_rtol(2048)
 
 
 def _require_aarch64_tools() -> None:

@@ -432,10 +432,18 @@ def _runner_case(bundle: Path, tmp_path: Path, change) -> subprocess.CompletedPr
                            str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
 
 
-def _tamper(folder: Path, name: str) -> None:
+def _tamper(folder: Path, name: str, at: int = -1) -> None:
     data = bytearray((folder / name).read_bytes())
-    data[-1] ^= 0xFF
+    data[at] ^= 0xFF
     (folder / name).write_bytes(bytes(data))
+
+
+def _truncate_and_rehash(manifest: dict, folder: Path) -> None:
+    """A params file cut short by a broken writer that still recorded its hash: a parse error, not a
+    modification."""
+    path = folder / manifest["params_file"]
+    path.write_bytes(path.read_bytes()[:-4])
+    manifest["files"][manifest["params_file"]]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -446,6 +454,8 @@ def _tamper(folder: Path, name: str) -> None:
     (lambda m, f: (shutil.copy(f / m["library"], f / "other.so"), m.update(library="other.so")), "is not listed"),
     (lambda m, f: _tamper(f, m["library"]), "sha256 mismatch"),
     (lambda m, f: _tamper(f, m["params_file"]), "sha256 mismatch"),
+    (lambda m, f: _tamper(f, m["params_file"], at=0), "sha256 mismatch"),  # the header length: the parse fails first
+    (_truncate_and_rehash, "data_offsets do not match"),
     (lambda m, f: (shutil.move(f / m["library"], f.parent / "outside.so"), os.symlink(f.parent / "outside.so", f / m["library"])),
      "leads outside"),
 ])
