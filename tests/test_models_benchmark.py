@@ -1,0 +1,52 @@
+"""benchmarks/models.py and benchmarks/read_floor.py: the weight-read floor and the verdict lines built on it."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import models  # noqa: E402
+import read_floor  # noqa: E402
+
+
+def _row(**changes) -> dict:
+    row = {"target": "host", "model": "mlp", "batch": 1, "ort_ms": 0.150, "untuned_ms": 0.170, "records_ms": 0.160,
+           "untuned_over_ort": 0.170 / 0.150, "records_over_ort": 0.160 / 0.150, "weights_mib": 7.1,
+           "floor_ms": 0.120, "above_floor": (0.160 - 0.120) / (0.150 - 0.120), "packed": "3 dense + 0 conv",
+           "kernels_from_records": "6/7"}
+    return {**row, **changes}
+
+
+@pytest.mark.parametrize("row, line", [
+    (_row(), "mlp b1: reading its 7.1 MiB of weights takes 80% of ORT's time; 0.9 x ORT leaves 0.015 ms for the "
+             "rest, where ORT spends 0.030 and TVM 0.040"),
+    (_row(floor_ms=0.2, above_floor=None), "mlp b1: the read floor measured above ORT's time: noise, rerun"),
+    (_row(batch=32, ort_ms=0.46, records_ms=0.47, records_over_ort=0.47 / 0.46), None),  # not bound by the weights
+    (_row(records_ms=0.13, records_over_ort=0.13 / 0.150), None),                        # meets the goal
+])
+def test_verdict_explains_rows_bound_by_their_weights(row, line):
+    lines = models.verdicts([row])
+    assert lines[0].startswith("host: worst untuned/ORT")
+    assert lines[1:] == ([f"  {line}"] if line else [])
+
+
+def test_table_shows_the_floor_and_a_dash_when_ort_beat_it():
+    text = models.table([_row(), _row(floor_ms=0.2, above_floor=None)])
+    assert "| 7.1 | 0.120 | 1.33 |" in text and "| 7.1 | 0.200 | - |" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="needs TVM: pip install -e '.[tvm]'")
+def test_read_floor_reads_at_least_the_bytes_asked(monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # read_floor sets it for its process: restored after the test
+    got = read_floor.read_floor(1 << 20, calls=3)
+    assert got["bytes"] >= 1 << 20 and got["floor_ms"] > 0 and got["threads"] >= 1
+    assert got["gb_per_s"] == pytest.approx(got["bytes"] / got["floor_ms"] / 1e6)
+
+
+def test_read_floor_cli_refuses_a_non_positive_size():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "read_floor.py"), "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "BYTES and --calls must be positive" in done.stderr
