@@ -145,6 +145,30 @@ def test_loading_keeps_one_copy_of_the_weights_resident(tmp_path, generated):
     assert grown < 1.4 * weights, f"{grown:.1f} MiB resident after loading {weights:.0f} MiB of weights"
 
 
+_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+import numpy as np
+from adntn_deploy.compiler.build import compile_model
+from adntn_deploy.runtime import load
+artifact = compile_model(Path(sys.argv[1]), "host", Path(sys.argv[2]))
+outputs = load(artifact.path).run({"input": np.ones((1, 64), np.float32)})
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+import torch, tvm
+assert tvm.runtime.from_dlpack(torch.arange(4, dtype=torch.float32)).numpy().tolist() == [0, 1, 2, 3]
+print("torch works after")
+"""
+
+
+def test_compile_and_run_leave_torch_unimported(tmp_path, small_onnx):
+    """Compiling an ONNX file and running the artifact never need torch, and tvm_ffi no longer imports it
+    on the way (it cost 1.4 s and 200 MiB per process); torch imports and hands tensors to TVM after."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(small_onnx), str(tmp_path / "art")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["torch not imported", "torch works after"], done.stdout
+
+
 CROSS = [p.name for p in list_profiles() if p.is_cross and p.device == "cpu"]
 
 

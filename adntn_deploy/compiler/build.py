@@ -26,7 +26,7 @@ from adntn_deploy.compiler.artifact import (
 from adntn_deploy.compiler.errors import CompileError
 from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import host_arch, require_cross_compiler, resolve_target
-from adntn_deploy.compiler.target import tvm_target
+from adntn_deploy.compiler.target import import_tvm, tvm_target
 
 
 def compile_model(
@@ -86,7 +86,7 @@ def compile_model(
     check_replaceable(out, is_artifact_dir, what="an artifact")
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
-    import tvm
+    tvm = import_tvm()  # first: without loading torch into a process that compiles an ONNX file
     from tvm import relax
 
     from adntn_deploy.compiler.database import apply_records, default_records

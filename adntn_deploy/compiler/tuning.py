@@ -28,7 +28,7 @@ from adntn_deploy.compiler.database import copy_database, has_database, lock_dat
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import require_cross_compiler, resolve_target
-from adntn_deploy.compiler.target import configure_threads, tvm_target
+from adntn_deploy.compiler.target import configure_threads, import_tvm, tvm_target
 from adntn_deploy.errors import AdntnError
 
 
@@ -289,7 +289,7 @@ def tune_model(
     Raises:
         TuningError: bad options or an unreachable tracker. ProfileError / CompileError as for compile.
     """
-    import tvm
+    tvm = import_tvm()  # first: without loading torch into a process that tunes an ONNX file
     from tvm.s_tir import meta_schedule as ms
 
     from adntn_deploy.compiler.artifact import LIFTED_MODES
