@@ -20,9 +20,10 @@ from adntn_deploy.compiler.artifact import LIFTED_MODES, read_manifest
 from adntn_deploy.compiler.errors import ArtifactError
 from adntn_deploy.compiler.profiles import host_arch
 from adntn_deploy.compiler.target import configure_threads
+from adntn_deploy.runtime import params_file
 from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
 
-_TVM_ALIGNMENT = 64  # bytes: TVM's kernels assume it and from_dlpack refuses anything less
+_TVM_ALIGNMENT = params_file.ALIGNMENT
 
 
 #: library path -> sha256 of the file first loaded from it in this process
@@ -119,34 +120,50 @@ class TvmPredictor:
     def _generate_weights(self, module) -> list:
         """Run ``main_transform_params`` once on the stored parameters: the weights every call takes.
 
-        Memory: the parameters are copied to the device one file entry at a time (never the whole file
-        twice), and the transform runs on a VM of its own with TVM's naive allocator. On the pooled
-        allocator that ``main`` uses, every intermediate of the generators and the packing (each as big
-        as a weight) stayed cached in the pool for the life of the process: the resident set after load
-        was twice the weights (a 64 MiB VGG-16 fc7, generated or dense: +129 MiB, now +65 MiB).
+        Memory: on CPU the parameters are read from the file straight into aligned buffers that the VM
+        takes without a copy (:mod:`.params_file`; a 64 MiB dense VGG-16 fc7 peaked at +193 MiB while
+        loading through safetensors' mapping and a TVM copy, +129 MiB so); on a GPU they are copied to the
+        device one file entry at a time. The transform runs on a VM of its own with TVM's naive allocator:
+        on the pooled allocator that ``main`` uses, every intermediate of the generators and the packing
+        (each as big as a weight) stayed cached in the pool for the life of the process (the resident set
+        after load was twice the weights: +129 MiB for that fc7, generated or dense, now +65 MiB).
 
         Raises:
             ArtifactError: the parameter file is not valid safetensors or lacks a parameter the manifest lists.
         """
         import tvm
         from safetensors import SafetensorError, safe_open
-        from tvm import relax
 
         path = self.path / self.manifest["params_file"]
+        names = self.manifest["params"]
+        if self._on_cpu and params_file.numpy_readable(path, names):
+            # read into aligned buffers that the VM takes without a copy: a stored dense weight is held
+            # once while loading, not three times (mapped file, numpy copy, TVM copy)
+            params = [tvm.runtime.from_dlpack(array) if array.size else tvm.runtime.tensor(array, self.device)
+                      for array in params_file.read_aligned(path, names)]  # an empty array has any address
+            return self._transform(module, params)
         try:
             with safe_open(str(path), framework="numpy") as stored:
                 present = set(stored.keys())
-                missing = [name for name in self.manifest["params"] if name not in present]
+                missing = [name for name in names if name not in present]
                 if missing:
                     raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
-                params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in self.manifest["params"]]
+                params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in names]
         except SafetensorError as exc:  # its checksum matched: the writer produced a broken file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{path} is not a readable safetensors file ({first}); rebuild the artifact "
                                 "with adntn-deploy compile") from None
+        return self._transform(module, params)
+
+    def _transform(self, module, params: list) -> list:
+        """``main_transform_params(params)`` on a VM of its own (naive allocator); ``params`` is emptied, so
+        that the stored parameters are freed as soon as the weights exist."""
+        from tvm import relax
+
         loader = relax.VirtualMachine(module, self.device, memory_cfg="naive")
         weights = list(loader["main_transform_params"](params))  # generators run here, once
-        del params, loader
+        params.clear()
+        del loader
         _return_freed_heap()
         return weights
 
@@ -194,9 +211,5 @@ def _aligned_buffer(shape: tuple[int, ...], dtype: np.dtype):
     """(numpy array, TVM tensor viewing the same memory) of ``shape`` and ``dtype``, aligned for TVM."""
     import tvm
 
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    raw = np.empty(count * dtype.itemsize + _TVM_ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % _TVM_ALIGNMENT
-    array = raw[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+    array = params_file.aligned_empty(shape, dtype)
     return array, tvm.runtime.from_dlpack(array)
