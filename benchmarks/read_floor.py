@@ -10,7 +10,7 @@ pool on every usable CPU. The kernel is a parallel vector sum with four accumula
 is bound by the reads, not by the add latency. benchmarks/models.py calls :func:`measure`.
 
 Measured on the 2-core AVX-512 Xeon of 2026-12-02: 1-4 MiB (in the two L2s) 124-131 GB/s, 7-64 MiB (L3)
-57-59 GB/s, 256 MiB and more 30-35 GB/s (memory).
+49-61 GB/s (between runs), 256 MiB and more 30-35 GB/s (memory).
 """
 
 from __future__ import annotations
