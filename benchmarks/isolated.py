@@ -44,10 +44,19 @@ def measure(model: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int =
         cmd = [sys.executable, __file__, str(model), "--inputs", str(inputs), "--calls", str(calls)]
         cmd += ["--backend", backend] if backend else []
         cmd += ["--outputs", str(outputs)] if outputs else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        return worker_json(cmd, f"measuring {model}")
+
+
+def worker_json(cmd: list[str], what: str) -> dict:
+    """Run ``cmd`` (a fresh worker process) and return the JSON object its last stdout line prints.
+
+    Raises:
+        RuntimeError: the worker failed; the message is ``what`` and its last stderr line.
+    """
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-        raise RuntimeError(f"measuring {model} failed: {last}")
+        raise RuntimeError(f"{what} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,11 +34,10 @@ def measure(nbytes: int, calls: int = 50) -> dict:
     Raises:
         RuntimeError: the worker failed (its last stderr line is in the message).
     """
-    done = subprocess.run([sys.executable, __file__, str(nbytes), "--calls", str(calls)], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-        raise RuntimeError(f"measuring the read floor of {nbytes} bytes failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from isolated import worker_json
+
+    return worker_json([sys.executable, __file__, str(nbytes), "--calls", str(calls)],
+                       f"measuring the read floor of {nbytes} bytes")
 
 
 def read_floor(nbytes: int, calls: int = 50) -> dict:
