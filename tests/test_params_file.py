@@ -72,10 +72,11 @@ def test_malformed_files_are_one_artifact_error(tmp_path, make, needle):
     assert needle in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_numpy_readable_sends_other_dtypes_to_safetensors(tmp_path):
+def test_dtypes_numpy_lacks_are_left_to_safetensors(tmp_path):
     path = tmp_path / "p.safetensors"
     _raw(path, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                 "b": {"dtype": "BF16", "shape": [2], "data_offsets": [4, 8]}}, bytes(8))
-    assert params_file.numpy_readable(path, ["w"])
-    assert not params_file.numpy_readable(path, ["w", "b"])
-    assert not params_file.numpy_readable(path, ["absent"])
+    assert params_file.read_aligned(path, ["w"]) is not None
+    assert params_file.read_aligned(path, ["w", "b"]) is None
+    with pytest.raises(ArtifactError, match="lacks the parameters"):
+        params_file.read_aligned(path, ["absent"])

@@ -64,29 +64,33 @@ def header(path: str | os.PathLike) -> tuple[dict, int]:
             raise unreadable(str(exc)) from None
 
 
-def numpy_readable(path: str | os.PathLike, names: Sequence[str]) -> bool:
-    """Whether every tensor ``names`` lists has a dtype numpy holds (else use safetensors' own reader).
+def listed_entries(path: str | os.PathLike, names: Sequence[str]) -> tuple[dict, int]:
+    """:func:`header` of the file, after checking that it has every tensor ``names`` lists.
 
     Raises:
-        ArtifactError: as :func:`header`.
-    """
-    entries, _ = header(path)
-    return all(isinstance(entries.get(name), dict) and entries[name].get("dtype") in NUMPY_DTYPES for name in names)
-
-
-def read_aligned(path: str | os.PathLike, names: Sequence[str]) -> list[np.ndarray]:
-    """The tensors ``names`` of the safetensors file ``path``, in that order, each read into its own
-    :func:`aligned_empty` buffer: the file is never mapped and nothing is copied twice.
-
-    Raises:
-        ArtifactError: a name the file lacks, an entry whose dtype, shape and offsets disagree or point past
-            the end of the file, or a file that ends early (the message names the file and the fix).
+        ArtifactError: as :func:`header`, or a listed name the file lacks.
     """
     entries, start = header(path)
-    size = os.path.getsize(path)
     missing = [name for name in names if name not in entries]
     if missing:
         raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
+    return entries, start
+
+
+def read_aligned(path: str | os.PathLike, names: Sequence[str]) -> list[np.ndarray] | None:
+    """The tensors ``names`` of the safetensors file ``path``, in that order, each read into its own
+    :func:`aligned_empty` buffer: the file is never mapped and nothing is copied twice. None when one of
+    them has a dtype numpy does not hold (BF16, 8-bit floats): read those with safetensors.
+
+    Raises:
+        ArtifactError: as :func:`listed_entries`; an entry whose dtype, shape and offsets disagree or point
+            past the end of the file, or a file that ends early (the message names the file and the fix).
+    """
+    entries, start = listed_entries(path, names)
+    if any(isinstance(entries[name], dict) and isinstance(entries[name].get("dtype"), str)
+           and entries[name]["dtype"] not in NUMPY_DTYPES for name in names):
+        return None
+    size = os.path.getsize(path)
     arrays = []
     with open(path, "rb", buffering=0) as stored:
         for name in names:

@@ -23,8 +23,6 @@ from adntn_deploy.compiler.target import configure_threads
 from adntn_deploy.runtime import params_file
 from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
 
-_TVM_ALIGNMENT = params_file.ALIGNMENT
-
 
 #: library path -> sha256 of the file first loaded from it in this process
 _loaded_libraries: dict[str, str] = {}
@@ -136,18 +134,17 @@ class TvmPredictor:
 
         path = self.path / self.manifest["params_file"]
         names = self.manifest["params"]
-        if self._on_cpu and params_file.numpy_readable(path, names):
-            # read into aligned buffers that the VM takes without a copy: a stored dense weight is held
-            # once while loading, not three times (mapped file, numpy copy, TVM copy)
+        # on CPU, read into aligned buffers that the VM takes without a copy: a stored dense weight is held
+        # once while loading, not three times (mapped file, numpy copy, TVM copy)
+        arrays = params_file.read_aligned(path, names) if self._on_cpu else None
+        if arrays is not None:
             params = [tvm.runtime.from_dlpack(array) if array.size else tvm.runtime.tensor(array, self.device)
-                      for array in params_file.read_aligned(path, names)]  # an empty array has any address
+                      for array in arrays]  # an empty array has any address
             return self._transform(module, params)
+        if not self._on_cpu:
+            params_file.listed_entries(path, names)
         try:
             with safe_open(str(path), framework="numpy") as stored:
-                present = set(stored.keys())
-                missing = [name for name in names if name not in present]
-                if missing:
-                    raise ArtifactError(f"{path} lacks the parameters {missing[:3]} that the manifest lists; rebuild the artifact")
                 params = [tvm.runtime.tensor(stored.get_tensor(name), self.device) for name in names]
         except SafetensorError as exc:  # its checksum matched: the writer produced a broken file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -196,7 +193,7 @@ class TvmPredictor:
             array = arrays[info.name]
             if not self._on_cpu or array.size == 0:
                 tensors.append(tvm.runtime.tensor(array, self.device))
-            elif array.ctypes.data % _TVM_ALIGNMENT == 0 and array.flags.writeable:
+            elif array.ctypes.data % params_file.ALIGNMENT == 0 and array.flags.writeable:
                 tensors.append(tvm.runtime.from_dlpack(array))  # a view: ``arrays`` keeps it alive over the call
             else:
                 staged = self._staging.get(info.name)
