@@ -122,13 +122,13 @@ import numpy, tvm, safetensors
 from tvm import relax
 from adntn_deploy.runtime.tvm import TvmPredictor
 try:
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-except OSError:
-    pass
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS, so the peak is the load's own
+    peak_counter_reset = True
+except OSError:  # some kernels and sandboxes refuse it: the peak is then not measurable here
+    peak_counter_reset = False
 before = status("VmRSS")
-peak_before = status("VmHWM")
 predictor = TvmPredictor(sys.argv[1])
-peak = status("VmHWM") - before if status("VmHWM") > peak_before else 0.0
+peak = status("VmHWM") - before if peak_counter_reset else float("nan")
 print(status("VmRSS") - before, peak, predictor.resident_weight_bytes / 2**20)
 """
 
@@ -152,6 +152,9 @@ def test_loading_keeps_one_copy_of_the_weights_resident(tmp_path, generated):
     grown, peak, weights = (float(v) for v in done.stdout.split())
     assert weights == 16.0
     assert grown < 1.4 * weights, f"{grown:.1f} MiB resident after loading {weights:.0f} MiB of weights"
+    if peak != peak:  # nan
+        pytest.skip("this kernel refuses /proc/self/clear_refs, so the load peak cannot be measured; "
+                    "the resident set after load was checked")
     assert peak < 2.4 * weights, f"{peak:.1f} MiB at the peak of loading {weights:.0f} MiB of weights"
 
 
