@@ -158,6 +158,24 @@ def test_loading_keeps_one_copy_of_the_weights_resident(tmp_path, generated):
     assert peak < 2.4 * weights, f"{peak:.1f} MiB at the peak of loading {weights:.0f} MiB of weights"
 
 
+def test_integer_inputs_keep_their_dtype_in_the_manifest(tmp_path):
+    """An embedding lookup's int64 ids: the manifest said float32 for every input, so running the artifact
+    failed inside TVM ("expect Tensor with dtype int64") instead of taking the ids."""
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("Relu", ["rows"], ["out"])], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 3])],
+        [onnx.numpy_helper.from_array(table, "table")])
+    path = tmp_path / "embed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    artifact = compile_model(path, "host", tmp_path / "art")
+    assert artifact.manifest["inputs"] == [{"name": "ids", "shape": [1, 4], "dtype": "int64"}]
+    ids = np.array([[3, 0, 9, 3]], np.int64)
+    (got,) = load(artifact.path).run({"ids": ids}).values()
+    np.testing.assert_array_equal(got, table[ids])
+
+
 _WITHOUT_TORCH = """
 import sys
 from pathlib import Path

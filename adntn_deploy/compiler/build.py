@@ -163,7 +163,7 @@ def compile_model(
             "params": [f"p{k:04d}" for k in range(len(params))],
             "param_sources": imported.param_names,
             "tuning": tuned,
-            "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in shapes.items()],
+            "inputs": [{"name": n, "shape": s, "dtype": imported.input_dtypes.get(n, "float32")} for n, s in shapes.items()],
             "outputs": outputs,
             "generators": imported.generators,
             "streamed": imported.streamed,

@@ -111,23 +111,26 @@ def _graph_inputs(model, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, 
 _ONNX_DTYPES = {1: "float32", 11: "float64", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
 
 
-def _fix_input_shapes(model, shapes: Mapping[str, list[int]]) -> list[dict[str, Any]]:
-    """Set the inputs' shapes in ``model`` (in place) and infer the outputs' shapes and dtypes."""
+def _fix_input_shapes(model, shapes: Mapping[str, list[int]]) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Set the inputs' shapes in ``model`` (in place); returns ({input name: dtype}, the outputs' inferred
+    names, shapes and dtypes)."""
     import onnx
 
+    dtypes = {}
     for inp in model.graph.input:
         if inp.name in shapes:
             dims = inp.type.tensor_type.shape.dim
             for d, value in zip(dims, shapes[inp.name]):
                 d.ClearField("dim_param")
                 d.dim_value = value
+            dtypes[inp.name] = _ONNX_DTYPES.get(inp.type.tensor_type.elem_type, "float32")
     inferred = onnx.shape_inference.infer_shapes(model)
     outputs = []
     for out in inferred.graph.output:
         tensor = out.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         outputs.append({"name": out.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tensor.elem_type, "float32")})
-    return outputs
+    return dtypes, outputs
 
 
 @dataclass
@@ -148,6 +151,8 @@ class ImportedModel:
     notes: list[str] = field(default_factory=list)
     #: {graph rewrite name: times applied} (:mod:`adntn_deploy.compiler.graph_rewrites`), applied ones only
     rewritten: dict[str, int] = field(default_factory=dict)
+    #: {input name: dtype} (numpy names), in the order of ``shapes``
+    input_dtypes: dict[str, str] = field(default_factory=dict)
 
 
 def import_model(
@@ -200,7 +205,7 @@ def import_model(
     _constants_as_tensors(inlined)  # before the rewrites: they read Constant nodes in their tensor form
     rewritten = rewrite_graph(inlined)
     _sanitize_initializer_names(inlined)
-    outputs = _fix_input_shapes(inlined, shapes)
+    input_dtypes, outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES
     try:
         with onnx_streamed_ops():
@@ -236,7 +241,7 @@ def import_model(
     if dump:
         (dump / ("02_lifted.py" if lifted else "02_folded.py")).write_text(mod.script())
     return ImportedModel(mod, params, param_names, shapes, outputs, summary, streamed, prepacked, notes,
-                         {name: count for name, count in rewritten.items() if count})
+                         {name: count for name, count in rewritten.items() if count}, input_dtypes)
 
 
 def _converter_class():
