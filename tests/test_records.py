@@ -146,3 +146,57 @@ def test_records_apply_by_the_kernels_own_hashes(tmp_path, mlp):
     assert mine & shipped
     _, scheduled, _ = apply_records(fused, target, schedules_dir() / "x86-64-avx512")
     assert scheduled == len(mine & shipped)
+
+
+@pytest.mark.parametrize("profile", ["x86-64-avx2", "x86-64-avx512"])
+def test_shipped_databases_hold_each_kernel_once(profile):
+    """No two workload lines of a shipped database share a structural hash: MetaSchedule would file the
+    records of every workload tuned into it later under the wrong index (see merge_equal_workloads)."""
+    lines = (schedules_dir() / profile / "database_workload.json").read_text().splitlines()
+    hashes = [json.loads(line)[0] for line in lines if line.strip()]
+    assert len(hashes) == len(set(hashes))
+
+
+def _adds(n, name):
+    """A PrimFunc y = x + 1 over n floats, its buffers named after ``name`` (same TIR, other names)."""
+    from tvm import te
+
+    x = te.placeholder((n,), name=f"x_{name}")
+    return te.create_prim_func([x, te.compute((n,), lambda i: x[i] + 1.0, name=f"y_{name}")])
+
+
+def test_tuning_into_a_database_with_a_kernel_twice_files_new_records_right(tmp_path):
+    """A database holding one kernel under two serialisations (other buffer names) is merged to one line
+    before new workloads are added: the record of a kernel added afterwards names that kernel, and TVM
+    reads the database back. Unmerged, TVM files the new record under an earlier line's index."""
+    import tvm_ffi
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from adntn_deploy.compiler.database import DB_FILES, merge_equal_workloads
+    from adntn_deploy.compiler.tuning import same_kernel
+
+    def workload_line(func, folder):
+        folder.mkdir()
+        db = ms.database.JSONDatabase(str(folder / DB_FILES[0]), str(folder / DB_FILES[1]))
+        db.commit_workload(tvm.IRModule({"main": func}))
+        return (folder / DB_FILES[0]).read_text()
+
+    first = workload_line(_adds(16, "a"), tmp_path / "a")
+    second = workload_line(_adds(16, "b"), tmp_path / "b")
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    (db_dir / DB_FILES[0]).write_text(first + second)
+    (db_dir / DB_FILES[1]).write_text("")
+    assert json.loads(first)[0] == json.loads(second)[0] and first != second  # one hash, two lines
+    assert merge_equal_workloads(db_dir, same_kernel) == 1
+    assert len((db_dir / DB_FILES[0]).read_text().splitlines()) == 1
+
+    other = tvm.IRModule({"main": _adds(32, "c")})
+    db = ms.database.JSONDatabase(str(db_dir / DB_FILES[0]), str(db_dir / DB_FILES[1]))
+    target = tvm.target.Target("llvm")
+    db.commit_tuning_record(ms.database.TuningRecord(s_tir.Schedule(other).trace, db.commit_workload(other), [1e-6],
+                                                     target, ms.arg_info.ArgInfo.from_prim_func(other["main"])))
+    reread = ms.database.JSONDatabase(str(db_dir / DB_FILES[0]), str(db_dir / DB_FILES[1]), allow_missing=False)
+    (record,) = reread.get_all_tuning_records()
+    assert tvm_ffi.structural_equal(record.workload.mod, other)

@@ -294,6 +294,47 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
     return len(workloads)
 
 
+def merge_equal_workloads(folder: Path, equal: Callable[[bytes, bytes], bool]) -> int:
+    """Merge the workload lines of the database in ``folder`` that MetaSchedule holds as one workload;
+    returns the number of lines merged away (0 leaves both files untouched).
+
+    MetaSchedule's JSON database keeps one workload per structurally equal kernel in memory but numbers
+    a workload it adds by that in-memory count, while appending it as the next line of the file. A file
+    with two lines of one kernel (the same TIR with other buffer names: one structural hash, two
+    serialisations) thus gets every later workload's records filed under the index of an earlier line:
+    tuning into the shipped AVX-512 database (12 such pairs) wrote 40 records that named a dense kernel's
+    workload for conv traces, and TVM then refused to read the whole database. Lines of one structural
+    hash that ``equal(line, other)`` says are the same kernel become the first of them; their records
+    are renumbered to it. Both files are rewritten atomically.
+
+    Raises:
+        TuningError: a file is missing or a line is malformed (:func:`checked_lines`).
+    """
+    folder = Path(folder)
+    workloads = checked_lines(folder / DB_FILES[0], None)
+    first_of: dict[bytes, list[int]] = {}
+    renumber: list[int] = []
+    kept: list[bytes] = []
+    for line in workloads:
+        match = _WORKLOAD_HASH.match(line)
+        key = match.group(1) if match else line
+        same = next((kept_index for kept_index in first_of.get(key, []) if equal(kept[kept_index], line)), None)
+        if same is None:
+            first_of.setdefault(key, []).append(len(kept))
+            same = len(kept)
+            kept.append(line)
+        renumber.append(same)
+    merged = len(workloads) - len(kept)
+    if merged:
+        records = []
+        for line in checked_lines(folder / DB_FILES[1], len(workloads)):
+            match = _RECORD_INDEX.match(line)
+            records.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
+        write_atomically(folder / DB_FILES[1], b"".join(line + b"\n" for line in records))
+        write_atomically(folder / DB_FILES[0], b"".join(line + b"\n" for line in kept))
+    return merged
+
+
 def workload_hashes(mod) -> set[str]:
     """The structural hashes under which MetaSchedule files the kernels (PrimFuncs) of ``mod``."""
     import tvm

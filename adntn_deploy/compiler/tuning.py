@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from adntn_deploy.compiler.database import copy_database, has_database, lock_database, publish
+from adntn_deploy.compiler.database import copy_database, has_database, lock_database, merge_equal_workloads, publish
 from adntn_deploy.compiler.errors import TuningError
 from adntn_deploy.compiler.native_log import NativeLog
 from adntn_deploy.compiler.profiles import require_cross_compiler, resolve_target
@@ -250,6 +250,16 @@ class TuneReport:
     defaults: int = 0
 
 
+def same_kernel(workload_line: bytes, other_line: bytes) -> bool:
+    """Whether two workload lines of a MetaSchedule database hold structurally equal kernels (what TVM's
+    database holds as one workload: buffer and variable names do not count)."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    first, second = (ms.database.Workload.from_json(json.loads(line)) for line in (workload_line, other_line))
+    return bool(tvm_ffi.structural_equal(first.mod, second.mod))
+
+
 def tune_model(
     onnx_path: str | os.PathLike,
     target: str,
@@ -325,6 +335,8 @@ def tune_model(
         staging = Path(tempfile.mkdtemp(prefix="adntn-tune-"))
         if has_database(records):  # resume: start from what was published, checked
             copy_database(records, staging)
+            # else TVM files the records of every workload this run adds under the wrong index
+            merge_equal_workloads(staging, same_kernel)
         builder = persistent_builder(timeout, build_candidate, partial(_export_with, compiler) if compiler else None)
         if rpc_tracker:
             config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
