@@ -181,6 +181,59 @@ def test_a_plane_buffered_kernel_is_correct():
     assert relative_error(out.numpy(), want) < float32_rtol(16 * 9)
 
 
+@pytest.mark.parametrize("batch, blocks", [
+    (8, None),     # 8 images: the plane-buffered order, each chunk of channel planes padded whole
+    (1, (7, 1)),   # one tile spans an output row, no K-blocking: each tile pads its own input lines
+    (1, (1, 1)),   # tiles narrower than the row (a row buffer, one chunk): each output row pads its lines
+])
+def test_padding_runs_inside_the_kernel_per_task(batch, blocks):
+    """A padded convolution pads in a stage of its own kernel, into a task-local buffer under the parallel
+    loop (no padded copy of the whole input), with asymmetric padding, and equals numpy in each schedule."""
+    from tvm import s_tir, te
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.schedules.common import int64_placeholder, panel_width
+    from adntn_deploy.compiler.target import tvm_target
+
+    target = tvm_target(resolve_target("host"))
+    width = panel_width(target, 32)
+    top, left, bottom, right = 1, 2, 0, 1
+    x_ph = int64_placeholder((batch, 16, 7, 6), "x")  # padded to 8 x 9: a 3x3 output of 6 x 7
+    wp_ph = int64_placeholder((32 // width, 16, 3, 3, width), "wp")
+    out = packed_conv2d.packed_conv2d_te(x_ph, wp_ph, 32, 1, (6, 7), (1, 1), (1, 1), (top, left, bottom, right))
+    sch = s_tir.Schedule(te.create_prim_func([x_ph, wp_ph, out]))
+    block = sch.get_sblock(packed_conv2d.BLOCK_NAME)
+    if blocks is None:
+        packed_conv2d.schedule_default(sch, block, target)
+    else:
+        packed_conv2d.schedule(sch, block, *blocks)
+    pad = sch.get_sblock(packed_conv2d.PAD_BLOCK_NAME)
+    assert sch.get(pad).writes[0].source.scope() == "local"
+    assert sch.get(sch.get_loops(pad)[0]).kind == tvm.tirx.ForKind.PARALLEL
+    ex = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 16, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((32 // width, 16, 3, 3, width)).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros((batch, 32, 6, 7), np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), got)
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # (N, C, H, W, 3, 3)
+    want = np.einsum("nchwrs,pcrsj->npjhw", windows, w).reshape(batch, 32, 6, 7)
+    assert relative_error(got.numpy(), want) < float32_rtol(16 * 9)
+
+
+def test_a_padded_conv_compiles_to_one_kernel(tmp_path):
+    """The model's padded conv, bias and ReLU are one kernel: no pad kernel before it."""
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.target import tvm_target
+
+    path, _ = _export(tmp_path, "3x3-pad1-relu")
+    target = tvm_target(resolve_target("host"))
+    mod = fuse_kernels(import_model(path, "load", prepack_target=target).mod, target)
+    kernels = [str(gvar.name_hint) for gvar, f in mod.functions_items() if type(f).__name__ == "PrimFunc"]
+    assert len([k for k in kernels if "packed_conv2d" in k]) == 1 and not [k for k in kernels if "pad" in k], kernels
+
+
 @pytest.mark.parametrize("target, batch, out_hw, panels, width, blocks", [
     (AVX512, 1, (7, 7), 2, 32, (7, 1)),     # a whole output row of 7 x 2 vectors
     (AVX512, 32, (4, 4), 2, 32, (4, 2)),    # 4 columns x 2 panels x 2 vectors
