@@ -334,6 +334,32 @@ def test_tvm_thread_pool_size(small_onnx, small_artifact, asked, env, expected):
         configure_threads()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 or more usable CPUs (pinning is moot on one)")
+@pytest.mark.parametrize("env, bind, pinned", [(None, "0", False), ("1", "1", True)])
+def test_tvm_workers_are_not_pinned_on_identical_cores(small_artifact, env, bind, pinned):
+    """On a machine whose cores are alike, a predictor's process leaves TVM's workers unpinned (a pinned
+    worker and the unpinned calling thread could share one core for the process's life); a
+    TVM_BIND_THREADS the user set is kept. Read from the kernel: each thread's allowed CPUs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, numpy as np\n"
+        "from adntn_deploy.runtime import load\n"
+        "p = load(sys.argv[1]); x = np.zeros(p.inputs[0].shape, np.float32)\n"
+        "for _ in range(20): p.run({p.inputs[0].name: x})\n"
+        "usable = os.sched_getaffinity(0)\n"
+        "pinned = [t for t in os.listdir('/proc/self/task') if os.sched_getaffinity(int(t)) < usable]\n"
+        "print(os.environ.get('TVM_BIND_THREADS'), len(pinned))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"} | ({"TVM_BIND_THREADS": env} if env else {})
+    done = subprocess.run([sys.executable, "-c", code, str(small_artifact)], capture_output=True, text=True,
+                          timeout=300, env=environ)
+    assert done.returncode == 0, done.stderr
+    seen_bind, seen_pinned = done.stdout.split()
+    assert seen_bind == bind and (int(seen_pinned) > 0) == pinned
+
+
 def _unaligned(array):
     """A C-contiguous copy of ``array`` whose data starts 4 bytes past a 64-byte boundary."""
     raw = np.empty(array.nbytes + 128, np.uint8)

@@ -14,6 +14,8 @@ from adntn_deploy.compiler.profiles import DeviceProfile, ProfileError, host_arc
 
 #: TVM's CPU thread pool reads its size from this variable (at each parallel launch)
 THREADS_ENV = "TVM_NUM_THREADS"
+#: "0" keeps TVM from pinning its worker threads to cores (read when the pool is configured)
+BIND_ENV = "TVM_BIND_THREADS"
 _BIG_CORES = 1  # TVM's AffinityMode kBig, its default: on big.LITTLE boards, the big cores first
 
 
@@ -48,7 +50,9 @@ def configure_threads(threads: int | None = None) -> int:
     note on stderr (thousands of threads hung the pool). Why: TVM's own default on x86 is half the logical CPUs
     (it assumes two hyper-threads per core), which on a VM or container without SMT leaves half the cores
     idle -- measured 2.0x slower on a 32x4096x4096 dense layer on the 2-core host. The pool is
-    process-wide, so the last call wins for every predictor in the process.
+    process-wide, so the last call wins for every predictor in the process. Where all usable cores are
+    alike, the workers are not pinned to cores (``TVM_BIND_THREADS=0``, unless the user set it): see the
+    comment in the body.
 
     Raises:
         ValueError: ``threads`` below 1.
@@ -65,6 +69,13 @@ def configure_threads(threads: int | None = None) -> int:
         usable = given.isascii() and given.isdigit() and len(given) <= 9 and int(given) >= 1
         os.environ[THREADS_ENV] = str(cap_threads(int(given), THREADS_ENV) if usable else usable_cpus())
     count = int(os.environ[THREADS_ENV])
+    if BIND_ENV not in os.environ and _identical_cores():
+        # TVM pins each worker to a core but leaves the calling thread (task 0) free to run anywhere; when the
+        # OS puts it on a worker's core, both share that core for the life of the process. Measured on the
+        # 2-core host, cnn32 at batch 1 in fresh processes: a third of them ran at 0.11 ms (one core's speed)
+        # instead of 0.08 pinned; 12 of 12 at 0.075-0.081 unpinned. Boards with big and little cores keep
+        # the pinning, which is what puts the threads on the big cores.
+        os.environ[BIND_ENV] = "0"
     import_tvm()  # loads the runtime library that registers the function below
     import tvm_ffi
 
@@ -72,6 +83,20 @@ def configure_threads(threads: int | None = None) -> int:
     # tvm.runtime.num_threads() reports) is fixed when it is first used unless reconfigured here
     tvm_ffi.get_global_func("runtime.config_threadpool")(_BIG_CORES, count)
     return count
+
+
+def _identical_cores() -> bool:
+    """Whether every CPU this process may use has the same top frequency (what TVM tells big cores from
+    little ones by); a CPU without cpufreq counts as like the others (VMs and containers show none)."""
+    from pathlib import Path
+
+    frequencies = set()
+    for cpu in os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ():
+        try:
+            frequencies.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq").read_text().strip())
+        except OSError:
+            continue
+    return len(frequencies) <= 1
 
 
 def tvm_target(profile: DeviceProfile):
