@@ -251,6 +251,16 @@ def checked_lines(path: Path, workloads: int | None, keep: Callable[[bytes], boo
     return kept
 
 
+def _renumbered(records: list[bytes], renumber) -> list[bytes]:
+    """Checked record lines with each workload index ``i`` replaced by ``renumber[i]`` (the rest kept byte
+    for byte)."""
+    out = []
+    for line in records:
+        match = _RECORD_INDEX.match(line)
+        out.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
+    return out
+
+
 def copy_database(source: Path, destination: Path, workloads_of: set[str] | None = None) -> int:
     """Copy the database in ``source`` into the folder ``destination``, checked line by line; returns the
     number of workloads copied.
@@ -284,10 +294,7 @@ def copy_database(source: Path, destination: Path, workloads_of: set[str] | None
             match = _RECORD_INDEX.match(line)
             return match is None or int(match.group(1)) in renumber
 
-        records = []
-        for line in checked_lines(source / DB_FILES[1], len(all_workloads), keep=record_wanted):
-            match = _RECORD_INDEX.match(line)
-            records.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
+        records = _renumbered(checked_lines(source / DB_FILES[1], len(all_workloads), keep=record_wanted), renumber)
     destination.mkdir(parents=True, exist_ok=True)
     for name, lines in zip(DB_FILES, (workloads, records)):
         (destination / name).write_bytes(b"".join(line + b"\n" for line in lines))
@@ -326,10 +333,7 @@ def merge_equal_workloads(folder: Path, equal: Callable[[bytes, bytes], bool]) -
         renumber.append(same)
     merged = len(workloads) - len(kept)
     if merged:
-        records = []
-        for line in checked_lines(folder / DB_FILES[1], len(workloads)):
-            match = _RECORD_INDEX.match(line)
-            records.append(b"[%d," % renumber[int(match.group(1))] + line[match.end():])
+        records = _renumbered(checked_lines(folder / DB_FILES[1], len(workloads)), renumber)
         write_atomically(folder / DB_FILES[1], b"".join(line + b"\n" for line in records))
         write_atomically(folder / DB_FILES[0], b"".join(line + b"\n" for line in kept))
     return merged
