@@ -49,6 +49,31 @@ def test_output_channels_are_padded_to_whole_vectors(target, groups, per_group, 
     assert packed_conv2d.padded_group_width(tvm.target.Target(target), groups, per_group) == computed
 
 
+@pytest.mark.parametrize("kernel, strides, padding, subsampled", [
+    ((1, 1), (2, 2), (0, 0, 0, 0), True), ((1, 1), (2, 1), (0, 0, 0, 0), True),
+    ((1, 1), (1, 1), (0, 0, 0, 0), False),  # nothing to skip
+    ((1, 1), (2, 2), (1, 1, 1, 1), False),  # the padding would have to be subsampled too
+    ((3, 3), (2, 2), (1, 1, 1, 1), False),  # neighbouring taps read the skipped pixels
+])
+def test_which_convolutions_subsample_first(kernel, strides, padding, subsampled):
+    assert packed_conv2d.subsampled_first(kernel, strides, padding) == subsampled
+
+
+def test_strided_pointwise_convolution_runs_stride_1_on_a_subsampled_input(tmp_path):
+    """A 1x1 stride-2 conv becomes a subsampling kernel and a stride-1 conv kernel; results equal ORT's."""
+    path = export_seeded(lambda: nn.Sequential(nn.Conv2d(16, 32, 1, stride=2), nn.ReLU()), (1, 16, 14, 14),
+                         tmp_path / "strided.onnx")
+    target = tvm.target.Target(AVX512)
+    mod = fuse_kernels(import_model(path, "load", prepack_target=target).mod, target)
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if type(f).__name__ == "PrimFunc"]
+    assert any("adntn_subsample" in name for name in kernels), kernels
+    (conv,) = [f for gv, f in mod.functions_items() if "packed_conv2d" in gv.name_hint]
+    assert not re.search(r"\* T\.int64\(2\) \+ v_r", conv.script())  # its input read at stride 1 (h + rh)
+    artifact, error = _compile_against_ort(tmp_path, path, (1, 16, 14, 14))
+    assert artifact.manifest["tuning"]["packed_conv2d"] == 1
+    assert error < float32_rtol(16, 16)
+
+
 def _export(tmp_path, name):
     make, shape, _, _ = CASES[name]
     return export_seeded(make, shape, tmp_path / f"{name}.onnx"), shape

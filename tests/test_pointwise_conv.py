@@ -36,8 +36,10 @@ CASES = {
     "residual": (lambda: Residual(32), (1, 32, 4, 16), 1),                        # rows of 16, a 64-pixel plane
     "six-output-channels": (lambda: nn.Conv2d(16, 6, 1), (1, 16, 8, 8), 1),
     # forms the packed conv kernel keeps
+    # strided: subsampled first, then stride 1 (an 8x8 plane here, one of 7x7 in the next case)
+    "stride-2": (lambda: nn.Conv2d(16, 32, 1, stride=2), (1, 16, 16, 16), 1),
     "plane-of-49": (lambda: nn.Conv2d(16, 32, 1), (1, 16, 7, 7), 0),
-    "stride-2": (lambda: nn.Conv2d(16, 32, 1, stride=2), (1, 16, 16, 16), 0),
+    "stride-2-to-7x7": (lambda: nn.Conv2d(16, 32, 1, stride=2), (1, 16, 13, 13), 0),
     "three-output-channels": (lambda: nn.Conv2d(16, 3, 1), (1, 16, 8, 8), 0),
     "3x3": (lambda: nn.Conv2d(16, 32, 3, padding=1), (1, 16, 8, 8), 0),
 }
@@ -103,10 +105,34 @@ def test_searchable_schedule_gives_correct_kernels(seed):
     assert relative_error(out.numpy(), want) < float32_rtol(24)
 
 
+@pytest.mark.parametrize("vectors, channels_inside", [(2, False), (2, True), (3, True)])
+def test_blocks_that_do_not_divide_the_plane_give_correct_kernels(vectors, channels_inside):
+    """A plane of 5 vectors in blocks of 2 or 3 (the untuned kernel's blocks need not divide the plane):
+    the last, short block computes its pixels: every output element is written, with the right value."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.target import tvm_target, vector_shape
+
+    target = tvm_target(resolve_target("host"))
+    lanes = vector_shape(target)[0]
+    func = _kernel(lanes, hw=(5, lanes))
+    sch = s_tir.Schedule(func)
+    pointwise_conv2d.schedule(sch, sch.get_sblock(pointwise_conv2d.BLOCK_NAME), vectors, channels_inside)
+    ex = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(vectors)
+    x = rng.standard_normal((1, 24, 5 * lanes)).astype(np.float32)
+    wp = rng.standard_normal((2, 24, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((1, 16, 5, lanes), np.nan, np.float32))
+    ex.mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
+    want = (wp.transpose(0, 2, 1).reshape(16, 24) @ x[0]).reshape(1, 16, 5, lanes)
+    assert relative_error(out.numpy(), want) < float32_rtol(24)
+
+
 @pytest.mark.parametrize("pixel_vectors, registers, rows, vectors", [
-    (196, 32, 8, 2), (49, 32, 8, 1), (15, 32, 8, 1), (2, 32, 8, 2), (1, 32, 8, 1),  # AVX-512, NEON: 16 accumulators
+    (196, 32, 8, 2), (49, 32, 8, 2), (15, 32, 8, 2), (2, 32, 8, 2), (1, 32, 8, 1),  # AVX-512, NEON: 16 accumulators
     (196, 16, 8, 1), (196, 16, 4, 2),                                               # AVX2: 8 accumulators
-    (196, 32, 4, 4), (15, 32, 4, 3), (64, 32, 5, 2),
+    (196, 32, 4, 4), (15, 32, 4, 4), (3, 32, 4, 3), (64, 32, 5, 3),  # blocks that do not divide the plane too
 ])
 def test_default_vectors(pixel_vectors, registers, rows, vectors):
     assert pointwise_conv2d.default_vectors(pixel_vectors, registers, rows) == vectors
