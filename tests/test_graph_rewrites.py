@@ -70,6 +70,33 @@ def sum_of(count, broadcast=False):
     return _model(nodes, inputs, [1, 4, 3, 3], [1, 4, 3, 3])
 
 
+def conv_scale_shift(ops=("Mul", "Add"), shapes=((16, 1, 1), (16, 1, 1)), bn=False, weight="stored", unsqueezed=False):
+    """x (1, 8, 6, 6) -> Conv 3x3 (16 out) [-> BN] -> ``ops`` by constants of ``shapes`` -> y. ``unsqueezed``:
+    each constant is a vector made (16, 1, 1) by an opset-13 Unsqueeze, as onnx's Inception v2 writes them."""
+    model = conv_bn(weight=weight)
+    nodes = [n for n in model.graph.node if n.op_type != "BatchNormalization"] if not bn else list(model.graph.node)
+    current = "y" if bn else "c"
+    inits = list(model.graph.initializer)
+    if unsqueezed:
+        inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "unsqueeze_axes"))
+    for k, (op, shape) in enumerate(zip(ops, shapes)):
+        value = RNG.uniform(0.5, 2, shape) if op == "Mul" else RNG.standard_normal(shape)
+        name = f"k{k}"
+        if unsqueezed:
+            inits.append(_init(f"{name}_vector", value.reshape(-1)))
+            nodes.append(helper.make_node("Unsqueeze", [f"{name}_vector", "unsqueeze_axes"], [name]))
+        else:
+            inits.append(_init(name, value))
+        out = "out" if k == len(ops) - 1 else f"t{k}"
+        nodes.append(helper.make_node(op, [current, name], [out], name=f"{op.lower()}{k}"))
+        current = out
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    model.graph.output[0].name = "out"
+    return model
+
+
 def _run(model, shape):
     x = RNG.standard_normal(shape).astype(np.float32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -90,6 +117,13 @@ CASES = {
     "conv-bn-filled-weight": (lambda: conv_bn(weight="fill"), [1, 8, 6, 6], {"fold-batchnorm-into-conv": 1},
                               ["ConstantOfShape", "Mul", "Conv"]),
     "conv1d-bn": (conv1d_bn, [2, 3, 9], {"fold-batchnorm-into-conv": 1}, ["Conv"]),
+    "conv-bn-mul-add-unsqueezed": (lambda: conv_scale_shift(bn=True, unsqueezed=True), [1, 8, 6, 6],
+                                   {"fold-batchnorm-into-conv": 1, "fold-scale-shift-into-conv": 1}, ["Conv"]),
+    "conv-bn-mul-add-filled-weight": (lambda: conv_scale_shift(bn=True, weight="fill"), [1, 8, 6, 6],
+                                      {"fold-batchnorm-into-conv": 1, "fold-scale-shift-into-conv": 1},
+                                      ["ConstantOfShape", "Mul", "Mul", "Conv"]),
+    "conv-add-scalar-mul-sub": (lambda: conv_scale_shift(("Add", "Mul", "Sub"), ((1,), (1, 16, 1, 1), (16, 1, 1))),
+                                [1, 8, 6, 6], {"fold-scale-shift-into-conv": 1}, ["Conv"]),
     "sum-of-two": (lambda: sum_of(2), [1, 4, 3, 3], {"sum-to-add": 1}, ["Relu", "Add"]),
     "sum-of-four-broadcast": (lambda: sum_of(4, broadcast=True), [1, 4, 3, 3], {"sum-to-add": 1}, ["Relu", "Add", "Add", "Add"]),
 }
@@ -115,6 +149,13 @@ def test_folding_drops_the_tensors_it_replaced():
     model = conv_bn()
     rewrite_graph(model)
     assert sorted(init.name for init in model.graph.initializer) == ["b_bn_bias", "w_bn"]
+
+
+def test_folding_scale_and_shift_drops_their_constants_and_the_nodes_making_them():
+    model = conv_scale_shift(bn=True, unsqueezed=True)
+    rewrite_graph(model)
+    assert _ops(model) == ["Conv"]
+    assert sorted(init.name for init in model.graph.initializer) == ["b_bn_bias_affine_bias", "w_bn_affine"]
 
 
 def _shared_conv_output():
@@ -189,6 +230,35 @@ def test_batchnorm_left_alone(make, why):
     model = make()
     before = copy.deepcopy(model)
     assert rewrite_graph(model)["fold-batchnorm-into-conv"] == 0, why
+    assert model == before
+
+
+def _constant_first_sub():
+    model = conv_scale_shift(("Sub",), ((16, 1, 1),))
+    sub = model.graph.node[-1]
+    sub.input[0], sub.input[1] = sub.input[1], sub.input[0]  # k0 - conv: the conv's sign flips, not folded here
+    return model
+
+
+def _scale_read_at_run_time():
+    model = conv_scale_shift(("Mul",), ((16, 1, 1),))
+    model.graph.node.insert(0, helper.make_node("Identity", ["x"], ["x_copy"]))
+    model.graph.node.insert(1, helper.make_node("ReduceMean", ["x_copy"], ["k0_live"], axes=[0, 1, 2, 3], keepdims=1))
+    model.graph.node[-1].input[1] = "k0_live"
+    return model
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: conv_scale_shift(("Mul",), ((1, 1, 6, 6),)), "the scale varies along the pixels"),
+    (lambda: conv_scale_shift(("Add",), ((2, 16, 1, 1),)), "the constant broadcasts the output to a batch of 2"),
+    (lambda: conv_scale_shift(("Add",), ((1, 1, 16, 1, 1),)), "the constant adds a dimension"),
+    (_constant_first_sub, "a Sub with the conv's output second"),
+    (_scale_read_at_run_time, "a scale computed from the input"),
+])
+def test_scale_and_shift_left_alone(make, why):
+    model = make()
+    before = copy.deepcopy(model)
+    assert rewrite_graph(model)["fold-scale-shift-into-conv"] == 0, why
     assert model == before
 
 

@@ -1,11 +1,13 @@
 """ONNX graph rewrites run on the compiler's private copy of a model before TVM imports it.
 
 TVM's ONNX importer translates operator by operator, and Relax does not fold what ONNX Runtime's graph
-optimiser folds. Two forms common in models from other tools cost our kernels time:
+optimiser folds. Three forms common in models from other tools cost our kernels time:
 
 * a ``BatchNormalization`` after a ``Conv`` becomes four elementwise ops (a subtraction, a division by
   ``sqrt(var + eps)``, a multiplication, an addition) in every output element's epilogue; the division
   alone costs about as much as 8 vector FMAs. Folded into the convolution's weight and bias, it is a bias.
+* a per-channel ``Mul`` / ``Add`` after a ``Conv`` (how Caffe2's exports write a batch norm's scale and
+  shift) is one more operation per output element; folded into the weight and bias, it is free.
 * ``Sum`` (n-ary addition, ResNet's residual joins in Caffe2 exports) imports as broadcast + stack + sum,
   which copies every input once more; a chain of ``Add`` fuses into the producer's kernel instead.
 
@@ -59,8 +61,9 @@ class GraphIndex:
     def constant(self, name: str) -> np.ndarray | None:
         """The value of ``name`` when it is known without running the model, else None.
 
-        Known: an initializer, a ``Constant`` node's tensor, or a ``ConstantOfShape`` of a known shape
-        (how some exporters, and onnx's own light test models, write filled tensors).
+        Known: an initializer, a ``Constant`` node's tensor, a ``ConstantOfShape`` of a known shape
+        (how some exporters, and onnx's own light test models, write filled tensors), or an ``Unsqueeze``
+        of a known value (a per-channel vector shaped to broadcast).
         """
         from onnx import numpy_helper
 
@@ -79,6 +82,18 @@ class GraphIndex:
             fill = node_attribute(node, "value", None)
             value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
             return np.full(tuple(int(d) for d in shape), value.reshape(-1)[0], dtype=value.dtype)
+        if node.op_type == "Unsqueeze":  # a per-channel vector made (C, 1, 1) for broadcasting
+            value = self.constant(node.input[0])
+            axes = node_attribute(node, "axes", None)  # an attribute before opset 13, an input since
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = self.constant(node.input[1])
+            if value is None or axes is None:
+                return None
+            rank = value.ndim + len(axes)
+            try:
+                return np.expand_dims(value, tuple(sorted(int(a) % rank for a in axes)))
+            except ValueError:  # repeated or out-of-range axes: a malformed node, left to the importer
+                return None
         return None
 
     def is_initializer(self, name: str) -> bool:
@@ -200,63 +215,179 @@ class FoldBatchNormIntoConv:
 
     def apply(self, index: GraphIndex, conv, bn, stats: list[np.ndarray]) -> None:
         """Fold ``bn`` into ``conv`` (in place): the Conv takes over the BatchNormalization's output name."""
-        from onnx import helper, numpy_helper
-
         scale, shift, mean, var = (s.astype(np.float64) for s in stats)
-        eps = float(node_attribute(bn, "epsilon", 1e-5))
-        factor = scale / np.sqrt(var + eps)
-        graph = index.graph
-        new_inits, before_conv = [], []
+        factor = scale / np.sqrt(var + float(node_attribute(bn, "epsilon", 1e-5)))
+        _fold_affine_into_conv(index, conv, factor, shift - mean * factor, [bn], bn.name or bn.output[0], "_bn")
+        for name in bn.input[1:]:
+            _drop_if_unread(index, name, bn)
 
-        weight_name = conv.input[1]
-        weight = index.constant(weight_name) if index.is_initializer(weight_name) else None
-        # only a stored weight is folded here; a computed one (generated, or a ConstantOfShape) would
-        # become a stored tensor, so it gets a Mul that runs where the weight is computed
-        if weight is not None and len(index.consumers.get(weight_name, [])) == 1:
-            index.orphaned.add(weight_name)
-            folded = (weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
-            new_weight = _fresh_name(index, f"{weight_name}_bn")
-            new_inits.append(numpy_helper.from_array(folded, new_weight))
-        else:
-            rank = self._weight_rank(index, conv)
-            factor_name = _fresh_name(index, f"{bn.name or bn.output[0]}_factor")
-            new_inits.append(numpy_helper.from_array(
-                factor.astype(np.float32).reshape((-1,) + (1,) * (rank - 1)), factor_name))
-            new_weight = _fresh_name(index, f"{weight_name}_bn")
-            mul = helper.make_node("Mul", [weight_name, factor_name], [new_weight], name=f"{new_weight}_mul")
-            before_conv.append(mul)
-            index.producer[new_weight] = mul
 
-        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        bias = (index.constant(bias_name) if index.is_initializer(bias_name) else None) if bias_name else np.zeros_like(mean)
-        if bias is None:  # a computed bias: fold it with nodes as well
-            factor_name = _fresh_name(index, f"{bn.name or bn.output[0]}_bias_factor")
-            offset_name = _fresh_name(index, f"{bn.name or bn.output[0]}_bias_offset")
-            new_inits += [numpy_helper.from_array(factor.astype(np.float32), factor_name),
-                          numpy_helper.from_array((shift - mean * factor).astype(np.float32), offset_name)]
-            scaled, new_bias = _fresh_name(index, f"{bias_name}_bn_scaled"), _fresh_name(index, f"{bias_name}_bn")
-            nodes = [helper.make_node("Mul", [bias_name, factor_name], [scaled], name=f"{scaled}_mul"),
-                     helper.make_node("Add", [scaled, offset_name], [new_bias], name=f"{new_bias}_add")]
-            before_conv += nodes
-            index.producer.update({scaled: nodes[0], new_bias: nodes[1]})
-        else:
-            new_bias = _fresh_name(index, f"{bias_name or conv.output[0]}_bn_bias")
-            if bias_name and len(index.consumers.get(bias_name, [])) == 1:
-                index.orphaned.add(bias_name)
-            folded_bias = (bias.astype(np.float64) - mean) * factor + shift
-            new_inits.append(numpy_helper.from_array(folded_bias.astype(np.float32), new_bias))
+def _fold_affine_into_conv(index: GraphIndex, conv, factor: np.ndarray, offset: np.ndarray, folded: list[Any],
+                           label: str, suffix: str) -> None:
+    """Make ``conv`` compute ``conv(x) * factor + offset`` (per output channel, float64 vectors) in place of
+    the nodes ``folded`` (the chain after it, in order), whose last output name the Conv takes over.
+    New tensors are named after the ones they replace, plus ``suffix``.
 
-        graph.initializer.extend(new_inits)
-        index.initializers.update({init.name: init for init in new_inits})
-        data = conv.input[0]
-        del conv.input[:]
-        conv.input.extend([data, new_weight, new_bias])
-        index.replace(bn, [])  # keyed before the conv takes over its output name: (op type, name) stays unique
-        conv.output[0] = bn.output[0]
-        index.producer[bn.output[0]] = conv
-        index.replace(conv, [*before_conv, conv])
-        index.orphaned.update(name for name in bn.input[1:]
-                              if index.is_initializer(name) and len(index.consumers.get(name, [])) == 1)
+    ``W' = W * factor`` per output channel and ``b' = b * factor + offset``. A weight that is an initializer
+    read by nothing else is folded here; any other weight (a generated one) gets a ``Mul`` node, which the
+    compiler lifts to load time with the other weight work; a computed bias likewise.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = index.graph
+    new_inits, before_conv = [], []
+    weight_name = conv.input[1]
+    weight = index.constant(weight_name) if index.is_initializer(weight_name) else None
+    # only a stored weight is folded here; a computed one (generated, or a ConstantOfShape) would
+    # become a stored tensor, so it gets a Mul that runs where the weight is computed
+    if weight is not None and len(index.consumers.get(weight_name, [])) == 1:
+        index.orphaned.add(weight_name)
+        folded_weight = (weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
+        new_weight = _fresh_name(index, f"{weight_name}{suffix}")
+        new_inits.append(numpy_helper.from_array(folded_weight, new_weight))
+    else:
+        rank = FoldBatchNormIntoConv._weight_rank(index, conv)
+        factor_name = _fresh_name(index, f"{label}_factor")
+        new_inits.append(numpy_helper.from_array(factor.astype(np.float32).reshape((-1,) + (1,) * (rank - 1)), factor_name))
+        new_weight = _fresh_name(index, f"{weight_name}{suffix}")
+        mul = helper.make_node("Mul", [weight_name, factor_name], [new_weight], name=f"{new_weight}_mul")
+        before_conv.append(mul)
+        index.producer[new_weight] = mul
+
+    bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    bias = (index.constant(bias_name) if index.is_initializer(bias_name) else None) if bias_name else np.zeros_like(factor)
+    if bias is None:  # a computed bias: fold it with nodes as well
+        factor_name = _fresh_name(index, f"{label}_bias_factor")
+        offset_name = _fresh_name(index, f"{label}_bias_offset")
+        new_inits += [numpy_helper.from_array(factor.astype(np.float32), factor_name),
+                      numpy_helper.from_array(offset.astype(np.float32), offset_name)]
+        scaled, new_bias = _fresh_name(index, f"{bias_name}{suffix}_scaled"), _fresh_name(index, f"{bias_name}{suffix}")
+        nodes = [helper.make_node("Mul", [bias_name, factor_name], [scaled], name=f"{scaled}_mul"),
+                 helper.make_node("Add", [scaled, offset_name], [new_bias], name=f"{new_bias}_add")]
+        before_conv += nodes
+        index.producer.update({scaled: nodes[0], new_bias: nodes[1]})
+    else:
+        new_bias = _fresh_name(index, f"{bias_name or conv.output[0]}{suffix}_bias")
+        if bias_name and len(index.consumers.get(bias_name, [])) == 1:
+            index.orphaned.add(bias_name)
+        new_inits.append(numpy_helper.from_array((bias.astype(np.float64) * factor + offset).astype(np.float32), new_bias))
+
+    graph.initializer.extend(new_inits)
+    index.initializers.update({init.name: init for init in new_inits})
+    data = conv.input[0]
+    del conv.input[:]
+    conv.input.extend([data, new_weight, new_bias])
+    for node in folded:  # keyed before the conv takes over the last output name: (op type, name) stays unique
+        index.replace(node, [])
+    conv.output[0] = folded[-1].output[0]
+    index.producer[conv.output[0]] = conv
+    index.replace(conv, [*before_conv, conv])
+
+
+class FoldScaleShiftIntoConv:
+    """``Conv(x, W[, b])`` followed by ``Mul`` / ``Add`` / ``Sub`` by constants of one value per output
+    channel (or one value in all) becomes ``Conv(x, W', b')``.
+
+    Some exporters write a batch norm's affine part as such nodes: onnx's Inception v2 has ``Conv ->
+    BatchNormalization -> Mul -> Add -> Relu`` 69 times (Caffe2's SpatialBN with a separate scale and
+    shift). Left in place, each is one more operation per output element in the kernel's write-back. The
+    chain is composed into one ``factor, offset`` pair and folded as a batch norm is
+    (:class:`FoldBatchNormIntoConv`, which runs first). Applies to each node of the chain whose input is
+    read by it alone; a ``Sub`` only with the constant second. The constants must be float32 and broadcast
+    along the output channels only (shape ``(O, 1, 1)``, ``(1, O, 1, 1)``, ``(1,)``...).
+    """
+
+    name = "fold-scale-shift-into-conv"
+    OPS = ("Mul", "Add", "Sub")
+
+    def find(self, index: GraphIndex) -> list[tuple[Any, list[Any], np.ndarray, np.ndarray]]:
+        """Every (Conv, the nodes folded into it, factor, offset) this rewrite folds."""
+        matches = []
+        for conv in index.graph.node:
+            if conv.op_type != "Conv" or not _is_standard(conv):
+                continue
+            rank, channels = self._output_form(index, conv)
+            if rank is None:
+                continue
+            factor, offset, chain = np.ones(channels), np.zeros(channels), []
+            current = conv.output[0]
+            while (node := index.only_consumer(current)) is not None:
+                step = self._step(index, node, current, rank, channels)
+                if step is None:
+                    break
+                scale, shift = step
+                factor, offset = factor * scale, offset * scale + shift
+                chain.append(node)
+                current = node.output[0]
+            if chain:
+                matches.append((conv, chain, factor, offset))
+        return matches
+
+    @staticmethod
+    def _output_form(index: GraphIndex, conv) -> tuple[int | None, int]:
+        """(rank of the Conv's output, its channels) when both are known, else (None, 0): the rank from the
+        weight or ``kernel_shape``, the channels from a float32 weight or bias known without running the
+        model (a generated weight is computed, but its bias, or the one a folded batch norm left, is known)."""
+        rank = FoldBatchNormIntoConv._weight_rank(index, conv)
+        lengths = set()
+        for name in conv.input[1:3]:
+            stored = index.initializers.get(name) if name else None
+            if stored is not None:  # its dims, without converting a large weight to an array
+                if stored.data_type == 1 and stored.dims:  # 1: FLOAT
+                    lengths.add(int(stored.dims[0]))
+                continue
+            value = index.constant(name) if name else None
+            if value is not None and value.dtype == np.float32 and value.ndim >= 1:
+                lengths.add(int(value.shape[0]))
+        if rank is None or rank < 3 or len(lengths) != 1:
+            return None, 0
+        return rank, lengths.pop()
+
+    def _step(self, index: GraphIndex, node, current: str, rank: int, channels: int) -> tuple[Any, Any] | None:
+        """(scale, shift) per channel of ``node`` applied to ``current``, or None when it does not fold."""
+        if node.op_type not in self.OPS or not _is_standard(node) or len(node.input) != 2 or len(node.output) != 1:
+            return None
+        if list(node.input).count(current) != 1 or (node.op_type == "Sub" and node.input[0] != current):
+            return None
+        other = node.input[1] if node.input[0] == current else node.input[0]
+        value = index.constant(other)
+        if value is None or value.dtype != np.float32 or value.ndim > rank:
+            return None
+        shape = (1,) * (rank - value.ndim) + value.shape
+        if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
+            return None  # it varies along the pixels, or broadcasts the output to more dimensions
+        per_channel = np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,))
+        if node.op_type == "Mul":
+            return per_channel, 0.0
+        return 1.0, per_channel if node.op_type == "Add" else -per_channel
+
+    def apply(self, index: GraphIndex, conv, chain: list[Any], factor: np.ndarray, offset: np.ndarray) -> None:
+        """Fold ``chain`` into ``conv`` (in place)."""
+        _fold_affine_into_conv(index, conv, factor, offset, chain, chain[0].name or chain[0].output[0], "_affine")
+        for node in chain:
+            for name in node.input:
+                _drop_if_unread(index, name, node)
+
+
+#: the nodes that compute a constant and that a fold may drop once it no longer reads their output
+CONSTANT_MAKERS = ("Constant", "ConstantOfShape", "Unsqueeze")
+
+
+def _drop_if_unread(index: GraphIndex, name: str, reader) -> None:
+    """Forget ``name`` when ``reader`` (a node being removed) was its only reader: an initializer is
+    orphaned; a constant made by nodes (:data:`CONSTANT_MAKERS`) loses them, and so on up the chain."""
+    readers = index.consumers.get(name, [])
+    if not name or name in index.outputs or len(readers) != 1 or readers[0] is not reader:
+        return
+    if index.is_initializer(name):
+        index.orphaned.add(name)
+        return
+    maker = index.producer.get(name)
+    if maker is None or maker.op_type not in CONSTANT_MAKERS or not _is_standard(maker) or len(maker.output) != 1:
+        return
+    index.replace(maker, [])
+    for source in maker.input:
+        _drop_if_unread(index, source, maker)
 
 
 class SumToAdd:
@@ -285,7 +416,7 @@ class SumToAdd:
 
 
 #: the rewrites, in the order they run
-REWRITES = (FoldBatchNormIntoConv(), SumToAdd())
+REWRITES = (FoldBatchNormIntoConv(), FoldScaleShiftIntoConv(), SumToAdd())
 
 
 def rewrite_graph(model) -> dict[str, int]:
@@ -299,6 +430,7 @@ def rewrite_graph(model) -> dict[str, int]:
         OnnxModelError: a BatchNormalization whose statistics do not match its Conv's channels.
     """
     counts, orphaned = {}, set()
+    was_read = {name for node in model.graph.node for name in [*node.input, *outer_reads(node)]}
     for rewrite in REWRITES:
         index = GraphIndex.of(model.graph)
         matches = rewrite.find(index)
@@ -307,8 +439,11 @@ def rewrite_graph(model) -> dict[str, int]:
         index.commit()
         counts[rewrite.name] = len(matches)
         orphaned |= index.orphaned
-    if orphaned:  # an unread initializer would still become a parameter of the artifact
-        read = {name for node in model.graph.node for name in [*node.input, *outer_reads(node)]}
+    # an unread initializer would still become a parameter of the artifact: drop those the rewrites
+    # stopped reading (a shape two dropped Unsqueeze nodes shared is no one's orphan)
+    read = {name for node in model.graph.node for name in [*node.input, *outer_reads(node)]}
+    orphaned |= {init.name for init in model.graph.initializer if init.name in was_read and init.name not in read}
+    if orphaned:
         kept = [init for init in model.graph.initializer if init.name not in orphaned or init.name in read]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
