@@ -74,6 +74,29 @@ def test_strided_pointwise_convolution_runs_stride_1_on_a_subsampled_input(tmp_p
     assert error < float32_rtol(16, 16)
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(8, 1100, 1), (1, 8, 2, 2)),            # padded to 1,120 for two-vector panels...
+    (lambda: nn.Conv2d(4, 1000, 3, padding=1), (1, 4, 13, 13)),  # ...or to 1,024; both packed in one-vector panels
+])
+def test_channels_padded_for_two_vector_panels_but_packed_in_one_vector_panels(tmp_path, make, shape):
+    """AVX-512: the output channels are rounded up to whole two-vector panels (1,000 -> 1,024), but the
+    untuned kernel's panel width can then be one vector: the packed weight and the kernel must agree on
+    the panels (63 of 16 channels, not 64). Compiling failed with a Relax type mismatch."""
+    from adntn_deploy.compiler.profiles import host_arch
+    from test_records import host_isa
+
+    if host_arch() != "x86_64":
+        pytest.skip("x86-64 targets compile only on an x86-64 host here")
+    path = export_seeded(make, shape, tmp_path / "wide.onnx")
+    artifact = compile_model(path, "x86-64-avx512", tmp_path / "art")
+    assert artifact.manifest["tuning"]["packed_conv2d"] == 1
+    if host_isa() != "x86-64-avx512":
+        pytest.skip("running AVX-512 code needs an AVX-512 CPU (compiled only)")
+    x = {"input": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    (name, want), = load(path).run(x).items()
+    assert relative_error(load(artifact.path).run(x)[name], want) < float32_rtol(36, 36)
+
+
 def _export(tmp_path, name):
     make, shape, _, _ = CASES[name]
     return export_seeded(make, shape, tmp_path / f"{name}.onnx"), shape

@@ -435,7 +435,11 @@ def rewrite(builder, call, target, weight_only: Callable[[Any], bool]) -> tuple[
     padded = padded_group_width(target, groups, per_group)  # per_group, or whole vectors (then cropped)
     width = default_conv_width(target, out_shape[0], (out_shape[2], out_shape[3]), padded, _threads(target),
                                pointwise=(kh, kw) == (1, 1))
-    panels = -(-padded // width)
+    panels = -(-per_group // width)
+    # the channels the packed weight holds: padded to whole panels of the width chosen, which may be
+    # narrower than the two-vector panels ``padded`` was rounded up for (1,000 -> 1,024 channels, then
+    # one-vector panels: 63 of them, not 64)
+    padded = panels * width
 
     if groups == 1:
         packed = builder.emit(relax.op.layout_transform(w, lambda o, c, r, s: (o // width, c, r, s, o % width), pad_value=0.0))
