@@ -31,7 +31,8 @@ DEFAULT_CASES: dict[str, set[str]] = {
     "tests/test_streaming.py::test_operator_layout_streams_as_kronecker_products_in_tvm": {"stream-conv", "auto-linear"},
     # profile
     "tests/test_compiler.py::test_gpu_profiles_compile_and_export": {"cuda-sm80", "jetson-orin", "opencl-adreno"},
-    "tests/test_compiler.py::test_cross_compile_links_for_the_board": {"aarch64", "armv7-neon-hf", "riscv64"},
+    "tests/test_compiler.py::test_cross_compile_links_for_the_board": {"aarch64", "armv7-neon-hf", "riscv64",
+                                                                      "riscv64-rvv"},
     # family
     "tests/test_nn.py::test_a_4096_square_layer_trains_towards_a_target_weight": set(),
     # weights-batch

@@ -353,6 +353,24 @@ def test_neon_conv_loop_is_vectorised():
     assert len(vector_fmas) >= row_block * panel_block * width // 4
 
 
+def test_rvv_conv_loop_uses_vector_fmas():
+    """RISC-V with the vector extension (the riscv64-rvv profile, VLEN 256): the conv kernel's FMAs are
+    RVV vector instructions (vfmacc), one per filter tap and panel of the register block. TVM turns each
+    fixed-length vector loop into a predicated scalable one on RVV (docs/tvm.md), so this checks the
+    instructions only, not a register-blocked loop."""
+    from tvm import s_tir
+
+    from adntn_deploy.compiler.profiles import resolve_target
+    from adntn_deploy.compiler.target import tvm_target
+
+    target = tvm_target(resolve_target("riscv64-rvv"))
+    func, width = _conv_kernel(target)
+    sch = s_tir.Schedule(func)
+    packed_conv2d.schedule_default(sch, sch.get_sblock(packed_conv2d.BLOCK_NAME), target)
+    assembly = tvm.compile(sch.mod, target=target).mod.inspect_source("s")
+    assert len(re.findall(r"\bvfmacc\.v[vf]\s", assembly)) >= 9 * 32 // width  # 3x3 taps x panels
+
+
 @pytest.mark.parametrize("module, shape", [
     (lambda: nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU()), (1, 128, 6, 6)),  # 3x3 over 128 channels
     (lambda: nn.Conv2d(2048, 16, 1), (1, 2048, 3, 3)),                                    # 1x1 over 2048 channels

@@ -26,7 +26,16 @@ AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "
 CUDA = {"kind": "cuda", "arch": "sm_80"}
 
 
-@pytest.mark.parametrize("target, lanes, registers", [(AVX512, 16, 32), (AVX2, 8, 16), (AARCH64, 4, 32)])
+RISCV = {"kind": "llvm", "mtriple": "riscv64-unknown-linux-gnu", "mabi": "lp64d"}
+
+
+@pytest.mark.parametrize("target, lanes, registers", [
+    (AVX512, 16, 32), (AVX2, 8, 16), (AARCH64, 4, 32),
+    ({**RISCV, "mcpu": "sifive-u74"}, 4, 16),                           # rv64gc: no vector unit (scalar code)
+    ({**RISCV, "mattr": ["+64bit", "+m", "+a", "+f", "+d", "+c", "+v"]}, 4, 32),  # RVV: VLEN >= 128
+    ({**RISCV, "mcpu": "spacemit-x60"}, 8, 32),                         # zvl256b
+    ({**RISCV, "mcpu": "sifive-x280"}, 16, 32),                         # zvl512b
+])
 def test_vector_shape(target, lanes, registers):
     assert vector_shape(tvm.target.Target(target)) == (lanes, registers)
 

@@ -135,4 +135,10 @@ def vector_shape(target) -> tuple[int, int]:
         return 4, 16
     if triple.startswith("aarch64"):
         return 4, 32
+    if triple.startswith("riscv64") and codegen.target_has_features("v", target):
+        # RVV: 32 vector registers of VLEN bits, VLEN at least the largest zvl<N>b the CPU guarantees; a
+        # fixed-length vector of that many floats fills one register (LMUL 1)
+        vlen = max([bits for bits in (128, 256, 512, 1024) if codegen.target_has_features(f"zvl{bits}b", target)],
+                   default=128)
+        return vlen // 32, 32
     return 4, 16  # armv7 NEON (16 q registers); riscv64 without V falls back to scalar code either way
