@@ -33,6 +33,7 @@ CASES = {
     # groups whose width is not whole vectors are padded to them in the kernel and cropped after it
     "groups-of-20-padded": (lambda: nn.Sequential(nn.Conv2d(40, 40, 3, groups=2, padding=1), nn.ReLU()), (1, 40, 6, 6), 1, None),
     "groups-of-34-padded": (lambda: nn.Conv2d(68, 68, 1, groups=2), (2, 68, 5, 5), 1, None),
+    "1x1-stride2-grouped-batch2": (lambda: nn.Conv2d(16, 32, 1, stride=(2, 1), groups=2), (2, 16, 9, 7), 1, None),
     "depthwise": (lambda: nn.Conv2d(16, 16, 3, groups=16, padding=1), (1, 16, 6, 6), 0, "depthwise"),
     # and so are output channels that are not whole vectors (70 -> 72 on AVX2, 80 on AVX-512)
     "channels-padded": (lambda: nn.Sequential(nn.Conv2d(3, 70, 3), nn.ReLU()), (1, 3, 6, 6), 1, None),

@@ -480,12 +480,12 @@ def _subsample(builder, x, out_shape: list[int], strides: tuple[int, int]):
     reshape of its input into one copy whose index divides the flattened pixel (measured 0.12 ms for
     ResNet's 256 x 28 x 28; as this kernel, on the generic schedule's strided form, 0.02 ms).
     """
-    from tvm import relax, te
+    from tvm import relax, te, tirx
 
     x_ph = int64_placeholder(static_shape(x, 4), "x")
     sh, sw = strides
-    y = te.compute([int64_placeholder(out_shape, "y").shape[i] for i in range(4)],
-                   lambda n, c, h, w: x_ph[n, c, h * sh, w * sw], name="subsample")
+    y = te.compute([tirx.IntImm("int64", d) for d in out_shape], lambda n, c, h, w: x_ph[n, c, h * sh, w * sw],
+                   name="subsample")
     gvar = add_kernel(builder, te.create_prim_func([x_ph, y]), "adntn_subsample")
     return relax.call_tir(gvar, [x], relax.TensorType(out_shape, "float32"))
 
