@@ -107,3 +107,30 @@ def test_verbose_compile_shows_tvm_warnings_and_names_generic_kernels(tmp_path):
     assert loud.returncode == 0, loud.stderr
     assert "Fast mode" in loud.stderr and not (tmp_path / "loud" / "build.log").exists()
     assert any("relax.nn.conv2d" in line and "depthwise" in line for line in loud.stderr.splitlines())
+
+
+def test_failed_import_is_one_line_and_leaves_stdout_clean(tmp_path):
+    """TVM's importer prints "Error converting operator ..." to stdout (which would break --json) and its
+    abandoned BlockBuilder warns on stderr when garbage-collected: the user sees our one error line only, and
+    it names the operator."""
+    pytest.importorskip("tvm", reason="install the TVM extra: pip install -e '.[tvm]' (scripts/bootstrap.sh does)")
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Unsqueeze", ["s", "axes"], ["s3"]),  # repeated axes: TVM refuses them
+             helper.make_node("Mul", ["c", "s3"], ["y"])]
+    inits = [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"),
+             numpy_helper.from_array(np.ones(4, np.float32), "s"),
+             numpy_helper.from_array(np.array([1, 1], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = _cli("compile", path, "--target", "host", "-o", tmp_path / "art", "--json")
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: TVM cannot import the model (converting Unsqueeze): ValueError")
+    assert not (tmp_path / "art").exists()

@@ -15,7 +15,10 @@ constant-folded at compile time. The result is one :class:`ImportedModel`, which
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -207,15 +210,9 @@ def import_model(
     _sanitize_initializer_names(inlined)
     input_dtypes, outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES
-    try:
-        with onnx_streamed_ops():
-            mod = from_onnx(inlined, shape_dict=shapes, keep_params_in_input=lifted)
-    except AdntnError:  # our own converters' errors (StreamCompileError, ...) pass through as they are
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = "; run it with ONNX Runtime (--backend ort) or re-export without that op" if "not supported" in first else ""
-        raise CompileError(f"TVM cannot import the model: {type(exc).__name__}: {first}{hint}") from None
+    mod, failure = _convert(from_onnx, inlined, shapes, lifted)
+    if failure is not None:
+        raise failure
     params: list[np.ndarray] = []
     param_names: list[str] = []
     if lifted:
@@ -276,6 +273,38 @@ def _converter_class():
             return call
 
     return StreamedDense
+
+
+def _convert(from_onnx, model, shapes: dict, lifted: bool) -> tuple[Any, Exception | None]:
+    """Run TVM's ONNX importer: (Relax module, None), or (None, the error to raise) when it fails.
+
+    Why not just raise: TVM prints "Error converting operator ..." to stdout (which would corrupt ``--json``
+    output), and the failed import's BlockBuilder prints a warning to stderr when it is destroyed, which happens
+    whenever the traceback holding it dies. Both are kept out of the user's terminal: stdout is captured here
+    (the operator it names goes into the error), and the builder is destroyed before returning, inside the
+    caller's capture of native messages (:class:`~adntn_deploy.compiler.native_log.NativeLog`)."""
+    printed = io.StringIO()
+    failure: Exception | None = None
+    try:
+        with onnx_streamed_ops(), contextlib.redirect_stdout(printed):
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=lifted), None
+    except AdntnError as exc:  # our own converters' errors (StreamCompileError, ...) pass through as they are
+        failure = exc.with_traceback(None)
+    except Exception as exc:
+        failure = CompileError(_import_failure(exc, printed.getvalue()))
+    failure.__context__ = None
+    gc.collect()
+    return None, failure
+
+
+def _import_failure(exc: Exception, printed: str) -> str:
+    """The one-line message for a TVM import failure ``exc``; ``printed`` is what the importer printed, which
+    names the operator it was converting."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    operator = re.search(r"Error converting operator (\S+?),", printed)
+    where = f" (converting {operator.group(1)})" if operator else ""
+    hint = "; run it with ONNX Runtime (--backend ort) or re-export without that op" if "not supported" in first else ""
+    return f"TVM cannot import the model{where}: {type(exc).__name__}: {first}{hint}"
 
 
 @contextlib.contextmanager
