@@ -154,15 +154,26 @@ def test_concurrent_grpc_and_http_requests_are_batched_and_answered_right(served
     assert 'adntn_requests_total{model="clf",route="grpc",status="OK"}' in metrics
 
 
-def test_serve_refuses_a_grpc_port_it_cannot_use(cli_runner, onnx_model):
-    import socket
-
+def test_serve_refuses_a_grpc_port_that_is_the_http_port(cli_runner, onnx_model):
     same = cli_runner("serve", onnx_model, "--port", 8123, "--grpc-port", 8123)
     assert same.returncode == 2 and "--grpc-port 8123 is the HTTP --port too" in same.stderr
+
+
+@pytest.mark.parametrize("args, fix", [
+    (("--port", "{taken}"), "pick another --port"),
+    (("--port", "{taken}", "--workers", 2), "pick another --port"),
+    (("--port", 0, "--grpc-port", "{taken}"), "pick another --grpc-port"),
+    (("--host", "256.1.1.1", "--port", 0), "--host must be an address of this machine"),
+    (("--host", "192.0.2.1", "--port", 0), "--host must be an address of this machine"),  # TEST-NET-1: not ours
+])
+def test_serve_refuses_an_address_it_cannot_use_before_announcing_it(cli_runner, onnx_model, args, fix):
+    """One usage error naming the address and the flag to change, and no "serving ... on" line before it."""
+    import socket
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = cli_runner("serve", onnx_model, "--grpc-port", port)
-    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
-    assert "pick another --grpc-port" in busy.stderr and "Traceback" not in busy.stderr
+        result = cli_runner("serve", onnx_model, *(str(a).format(taken=port) for a in args))
+    assert result.returncode == 2 and "cannot listen on " in result.stderr and fix in result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr

@@ -57,6 +57,7 @@ def serve_command(model, backend, host, port, workers, max_request_bytes, max_co
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(message)s", stream=sys.stderr)
     if grpc_port is not None and grpc_port == port:
         raise click.UsageError(f"--grpc-port {grpc_port} is the HTTP --port too; give them different ports")
+    check_port_free(host, port, "--port")  # before loading models, and before announcing the address
     if grpc_port is not None and workers == 1:
         check_port_free(host, grpc_port, "--grpc-port")
     config = ServeConfig(str(model.resolve()), backend, max_request_bytes, max_concurrency=max_concurrency,
@@ -68,8 +69,9 @@ def serve_command(model, backend, host, port, workers, max_request_bytes, max_co
                           timeout_keep_alive=keep_alive_timeout)
     if workers == 1:
         app = create_app(config)  # load now: a bad model fails here, with one line, before binding
-        grpc = f" and grpc://{host}:{grpc_port}" if grpc_port is not None else ""
-        click.echo(f"serving {sorted(app.inner.state.models)} on http://{host}:{port}/v2{grpc}", err=True)
+        where = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a URL
+        grpc = f" and grpc://{where}:{grpc_port}" if grpc_port is not None else ""
+        click.echo(f"serving {sorted(app.inner.state.models)} on http://{where}:{port}/v2{grpc}", err=True)
         uvicorn.run(app, **server_options)
         return
     from adntn_deploy.serving.app import load_models
@@ -80,7 +82,9 @@ def serve_command(model, backend, host, port, workers, max_request_bytes, max_co
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
-    """Fail with a one-line usage error when ``host:port`` cannot be bound now (in use, or not our address)."""
+    """Fail with a one-line usage error when ``host:port`` cannot be bound now: the port is in use or not ours
+    to take (the fix names ``flag``), or the host is no address of this machine (the fix names --host)."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -89,7 +93,11 @@ def check_port_free(host: str, port: int, flag: str) -> None:
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as exc:
-            raise click.UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another {flag}") from None
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                raise click.UsageError(f"cannot listen on {host}:{port} ({reason}): --host must be an address of "
+                                       f"this machine (127.0.0.1, or 0.0.0.0 for all)") from None
+            raise click.UsageError(f"cannot listen on {host}:{port} ({reason}); pick another {flag}") from None
 
 
 @click.command("package")
