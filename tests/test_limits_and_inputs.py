@@ -406,6 +406,14 @@ def _make(kind: str, files: dict, folder: Path) -> Path:
             path.write_bytes(b"")
         elif kind == "notzip.npz":
             path.write_text("hello")
+    elif kind.endswith(".npy"):  # numpy.save's single-array files are read with the same checks
+        if kind == "objects.npy":
+            np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        elif kind == "f64.npy":
+            np.save(path, np.zeros((1, 64)))
+        elif kind == "bomb.npy":  # a header declaring 256 TB, and no data
+            with path.open("wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 64)})
     elif kind.endswith(".safetensors"):
         tensors = load_file(str(files["ckpt"]))
         with safe_open(str(files["ckpt"]), framework="pt") as f:
@@ -449,6 +457,9 @@ MALFORMED = [  # (command line with {} for the file, file kind, text the one lin
     ("run {onnx} --inputs {}", "shape.npz", "has shape (3,)"),
     ("run {onnx} --inputs {}", "empty.npz", "cannot read inputs"),
     ("run {onnx} --inputs {}", "notzip.npz", "cannot read inputs"),
+    ("run {onnx} --inputs {}", "objects.npy", "holds Python objects"),
+    ("run {onnx} --inputs {}", "f64.npy", "dtype float64"),
+    ("run {onnx} --inputs {}", "bomb.npy", "array 'arr_0' in"),
     ("export {} -o {dir}/x.onnx", "empty.safetensors", "not a readable safetensors checkpoint"),
     ("export {} -o {dir}/x.onnx", "deep-meta.safetensors", "deeper than 64 levels"),
     ("export {} -o {dir}/x.onnx", "list-arch.safetensors", "adntn.architecture must be an object"),

@@ -157,6 +157,8 @@ def test_load_feeds_random_and_from_npz(tmp_path):
     np.testing.assert_array_equal(feeds["x"], load_feeds(FakePredictor(), seed=3)["x"])
     np.savez(tmp_path / "one.npz", np.ones((2, 3), np.float32))  # a single unnamed array feeds the only input
     assert load_feeds(FakePredictor(), tmp_path / "one.npz")["x"].shape == (2, 3)
+    np.save(tmp_path / "one.npy", np.ones((2, 3), np.float32))  # so does numpy.save's single array
+    assert load_feeds(FakePredictor(), tmp_path / "one.npy")["x"].shape == (2, 3)
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(InputError, match="holds Python objects"):
         read_npz(tmp_path / "obj.npz")

@@ -99,7 +99,7 @@ def stream_decision_line(layer: dict) -> str:
 @click.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path),
-              help=".npz with one array per input name (default: random normal inputs, batch 1).")
+              help=".npz with one array per input name, or a .npy for a model with one input (default: random normal inputs, batch 1).")
 @click.option("--outputs", "outputs_path", type=click.Path(dir_okay=False, path_type=Path), help="Write outputs to this .npz.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default=None,
               help="Runtime (default: ort for .onnx files, tvm for compiled artifact folders).")
