@@ -95,7 +95,17 @@ def test_a_farm_of_two_rpc_servers_under_one_key_shares_the_measurements(tmp_pat
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     servers, logs = [], [tmp_path / f"server{k}.log" for k in range(2)]
     try:
-        time.sleep(2)
+        import socket
+
+        deadline = time.time() + 60  # rpc server refuses to start before its tracker listens
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", tracker_port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("the RPC tracker never listened")
+                time.sleep(0.2)
         for log in logs:
             with open(log, "w") as sink:
                 servers.append(subprocess.Popen(
@@ -136,6 +146,27 @@ def test_a_farm_of_two_rpc_servers_under_one_key_shares_the_measurements(tmp_pat
 def test_bad_tuning_options(tmp_path, tiny, kwargs, message):
     with pytest.raises(TuningError, match=message):
         tune_model(tiny, "host", tmp_path / "r", **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["server", "--tracker", "127.0.0.1:{closed}", "--key", "k"], "cannot reach the RPC tracker at 127.0.0.1:"),
+    (["server", "--tracker", "nohost", "--key", "k"], "--tracker must be HOST:PORT"),
+    (["server", "--tracker", "127.0.0.1:{taken}", "--key", "k", "--port", "{taken}"], "pick another --port"),
+    (["tracker", "--port", "{taken}"], "pick another --port"),
+])
+def test_rpc_commands_refuse_what_they_cannot_use_at_once(args, message):
+    """A real process: one usage error (exit 2) in seconds, where TVM's server retried an absent tracker for a
+    minute and then hung with a traceback, and its tracker printed one for a taken port."""
+    import socket
+
+    with socket.socket() as taken, socket.socket() as closed:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections to it are refused
+        ports = {"taken": taken.getsockname()[1], "closed": closed.getsockname()[1]}
+        proc = subprocess.run([*CLI, "rpc", *(a.format(**ports) for a in args)], capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_cross_target_needs_a_board(tmp_path, tiny):

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from adntn_deploy.cli.onnx_commands import max_weight_bytes_option
+from adntn_deploy.cli.sockets import check_port_free
 
 
 def max_queue_delay_option(help_text: str):
@@ -79,25 +80,6 @@ def serve_command(model, backend, host, port, workers, max_request_bytes, max_co
     load_models(config)  # validate before forking workers
     os.environ[CONFIG_ENV] = json.dumps(config.__dict__)
     uvicorn.run("adntn_deploy.serving.app:create_app_from_env", factory=True, workers=workers, **server_options)
-
-
-def check_port_free(host: str, port: int, flag: str) -> None:
-    """Fail with a one-line usage error when ``host:port`` cannot be bound now: the port is in use or not ours
-    to take (the fix names ``flag``), or the host is no address of this machine (the fix names --host)."""
-    import errno
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host.strip("[]"), port))
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-                raise click.UsageError(f"cannot listen on {host}:{port} ({reason}): --host must be an address of "
-                                       f"this machine (127.0.0.1, or 0.0.0.0 for all)") from None
-            raise click.UsageError(f"cannot listen on {host}:{port} ({reason}); pick another {flag}") from None
 
 
 @click.command("package")

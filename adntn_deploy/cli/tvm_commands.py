@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from adntn_deploy.cli.onnx_commands import max_weight_bytes_option, parse_input_shape
+from adntn_deploy.cli.sockets import check_port_free, check_tracker_reachable
 
 
 @click.command("targets")
@@ -253,6 +254,7 @@ def rpc_tracker_command(host, port):
     import sys
 
     _warn_if_exposed(host, "RPC tracker")
+    check_port_free(host, port, "--port")  # TVM's own message for a taken port is a traceback
 
     # TVM searches [port, port-end) and its default end (9199) is below most chosen ports: give the end
     os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
@@ -272,8 +274,11 @@ def rpc_server_command(tracker, key, host, port):
     from adntn_deploy.compiler.target import configure_threads
 
     _warn_if_exposed(host, "RPC server")
+    check_port_free(host, port, "--port")
+    check_tracker_reachable(tracker)
 
     configure_threads()  # candidates are timed in this process: with the board's cores, as inference runs
 
     os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
                               "--host", host, "--port", str(port), "--port-end", str(port + 1)])
+
