@@ -88,6 +88,7 @@ def test_demo_runs_the_pipeline_and_reports_json(tmp_path):
     for stage in ("ONNX", "TVM host", "server"):
         assert rows[stage]["max_rel_diff"] < float32_rtol(784, 1024, 1024), stage
     assert rows["ONNX"]["accuracy"] == pytest.approx(rows["compressed"]["accuracy"], abs=2e-3)
+    assert rows["server"]["latency_ms"] > 0 and rows["server"]["note"].startswith("median of 20 requests")
     assert rows["compressed"]["bytes"] < rows["dense model"]["bytes"] / 20
     for name in ("dense.ckpt", "compressed.ckpt", "model.onnx", "model-host/manifest.json", "model-rpi4/manifest.json"):
         assert (out / name).exists(), name
