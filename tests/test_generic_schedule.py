@@ -37,7 +37,10 @@ CASES = {
     # name: (module, input shape)
     "depthwise-3x3-bn-relu": (lambda: nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24).eval(),
                                                     nn.ReLU()), (1, 24, 14, 14)),
+    "depthwise-5x5-bn-relu": (lambda: nn.Sequential(nn.Conv2d(24, 24, 5, padding=2, groups=24), nn.BatchNorm2d(24).eval(),
+                                                    nn.ReLU()), (1, 24, 14, 14)),
     "depthwise-stride2": (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), (2, 16, 28, 28)),
+    "depthwise-stride2-unpadded": (lambda: nn.Conv2d(16, 16, 3, stride=2, groups=16), (2, 16, 29, 29)),
     "odd-grouped-1x1": (lambda: nn.Conv2d(102, 102, 1, groups=3), (1, 102, 7, 7)),
     "maxpool-pad-shuffle": (lambda: nn.Sequential(nn.MaxPool2d(3, 2, padding=1), ChannelShuffle(3)), (1, 12, 58, 58)),
     "maxpool-stride2": (lambda: nn.MaxPool2d(3, 2), (1, 16, 27, 27)),
@@ -83,10 +86,11 @@ def _loops(func_or_stmt):
 
 
 def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
-    """Each tap of a depthwise convolution is one vector multiply-add over a row's output columns."""
+    """Each tap of a depthwise convolution is one vector multiply-add over a row's output columns (a 5x5
+    filter: 3x3 ones read their input in place, test_padded_windows_test_bounds_only_at_the_border)."""
     from tvm import tirx
 
-    path, _ = _export(tmp_path, "depthwise-3x3-bn-relu")
+    path, _ = _export(tmp_path, "depthwise-5x5-bn-relu")
     target = tvm.target.Target(AVX2)
     imported = import_model(path, "load", prepack_target=target)
     mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
@@ -96,15 +100,15 @@ def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
     kinds = [loop.kind for loop in _loops(conv)]
     assert tirx.ForKind.PARALLEL in kinds
     vectors = [loop for loop in _loops(conv) if loop.kind == tirx.ForKind.VECTORIZED]
-    # the padded input (16 wide) in whole vectors; a 14-wide output row as one vector (no gathers), under the taps
-    assert sorted({int(loop.extent) for loop in vectors}) == [8, 14]
+    # the padded input row (18 wide) and a 14-wide output row each as one vector (no gathers), under the taps
+    assert sorted({int(loop.extent) for loop in vectors}) == [14, 18]
     update = [loop for loop in vectors if int(loop.extent) == 14 and "update" in str(loop.body)]
     assert update, "the taps' update is not vectorised over the output row"
 
 
 @pytest.mark.parametrize("case, kernel, block, unrolled", [
     ("maxpool-stride2", "max_pool2d", "pool_max", 2),  # 3x3 window, stride 2: both tap loops unrolled
-    ("depthwise-stride2", "conv2d", "group_conv2d", 2),
+    ("depthwise-stride2-unpadded", "conv2d", "group_conv2d", 2),
     ("big-window-avgpool-stride2", "avg_pool2d", "pool_sum", 0),
     ("strided-slice", "strided_slice", "compute", 0),  # no reduction; the slice is inlined into the ReLU
 ])
@@ -157,8 +161,11 @@ def test_a_form_the_schedule_refuses_keeps_tvm_loops(tmp_path, monkeypatch):
     ("avgpool-pad-exclusive", "avg_pool2d", 5),  # 3x3 / 1, pad 1: a border on both sides of each axis
     ("maxpool-ceil-mode", "max_pool2d", 3),  # padded after only: a last border row and column
     ("maxpool-pad-no-interior", "max_pool2d", 0),  # no window fits: the pad stays a kernel stage of its own
+    ("depthwise-3x3-bn-relu", "conv2d", 5),  # a 3x3 depthwise convolution, padding 1 at stride 1
+    ("depthwise-stride2", "conv2d", 3),
+    ("depthwise-5x5-bn-relu", "conv2d", 0),  # 25 taps: keeps its pad (faster so, MAX_BORDERED_CONV_TAPS)
 ])
-def test_padded_pools_test_bounds_only_at_the_border(tmp_path, case, kernel, blocks):
+def test_padded_windows_test_bounds_only_at_the_border(tmp_path, case, kernel, blocks):
     """A padded pool reads its input directly (no padded copy first): its rows and columns are split into
     border and interior loops, and only the border blocks keep the bounds test. ResNet-50's max pool, 3x3 / 2
     over 64 x 112 x 112: 170 -> 64 us on AVX-512 (the equality with ORT is test_generic_kernels_equal_ort)."""
@@ -175,7 +182,7 @@ def test_padded_pools_test_bounds_only_at_the_border(tmp_path, case, kernel, blo
     found = []
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)], order="post")
     names = [str(b.name_hint) for b in found]
-    pools = [n for n in names if n.startswith("pool_") and not n.endswith(("_common", "_partition", "_avg"))]
+    pools = [n for n in names if n.startswith(("pool_", "group_conv2d")) and not n.endswith(("_common", "_partition", "_avg"))]
     assert any("pad" in n for n in names) == (blocks == 0), names
     if blocks:
         assert len(pools) == blocks, names
@@ -184,6 +191,6 @@ def test_padded_pools_test_bounds_only_at_the_border(tmp_path, case, kernel, blo
             s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
             s_tir.transform.LowerOpaqueBlock(), tvm.tirx.transform.StmtSimplify()])(tvm.IRModule({"main": func}))
         updates = [str(loop.body) for loop in _loops(lowered["main"])
-                   if not _loops(loop.body) and ("pool_max[" in str(loop.body) or "pool_sum[" in str(loop.body))]
-        assert updates and any("if_then_else" not in text for text in updates), "every pool loop tests bounds"
+                   if not _loops(loop.body) and any(out in str(loop.body) for out in ("pool_max", "pool_sum", "group_conv2d"))]
+        assert updates and any("if_then_else" not in text for text in updates), "every window loop tests bounds"
 
