@@ -82,6 +82,28 @@ def test_bad_targets(spec, message):
         resolve_target(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ('{"kind": "llvm", "mcpu": "nosuchcpu"}', "LLVM knows no CPU 'nosuchcpu' for x86_64"),
+    ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a27"}', "did you mean cortex-a78, cortex-a77"),
+    ('{"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm", "mcpu": "znver9"}}', "no CPU 'znver9'"),
+])
+def test_an_unknown_cpu_is_refused_not_built_generic(spec, message, capfd):
+    """LLVM took an unknown -mcpu with an error line per kernel and built for its generic CPU: a typo gave a
+    slow artifact and exit 0. Now one error, with the closest names; LLVM's own lines stay off the terminal."""
+    from adntn_deploy.compiler.target import tvm_target
+
+    with pytest.raises(ProfileError, match=message):
+        tvm_target(resolve_target(spec))
+    assert "llvm_instance" not in capfd.readouterr().err
+
+
+def test_every_shipped_profile_names_a_cpu_llvm_knows():
+    from adntn_deploy.compiler.target import tvm_target
+
+    for profile in list_profiles():
+        tvm_target(profile)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("weights, layout", [("load", "split"), ("fold", "split"), ("load", "operator"), ("fold", "operator")])

@@ -116,10 +116,42 @@ def tvm_target(profile: DeviceProfile):
             target["host"] = fill(target["host"])
         return target
 
-    try:
-        return tvm.target.Target(fill(profile.target))
-    except Exception as exc:
-        raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {str(exc).splitlines()[0]}") from None
+    from adntn_deploy.compiler.native_log import NativeLog
+
+    # LLVM prints an error line of its own for an unknown CPU on each query: ours says it once, with the fix
+    with NativeLog().capture():
+        try:
+            target = tvm.target.Target(fill(profile.target))
+        except Exception as exc:
+            raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {str(exc).splitlines()[0]}") from None
+        for llvm in (target, target.host):
+            if llvm is not None and llvm.kind.name == "llvm":
+                _check_cpu_name(llvm, profile.name)
+    return target
+
+
+def _check_cpu_name(target, profile_name: str) -> None:
+    """Refuse an ``mcpu`` LLVM does not know for the target's triple: LLVM would print an error per kernel
+    and build for its generic CPU, so a typo gave a slow artifact and no failure.
+
+    Raises:
+        ProfileError: naming the CPU, the closest names LLVM knows, and how to list them all.
+    """
+    import difflib
+
+    from tvm.target import codegen
+
+    cpu = str(target.attrs.get("mcpu", "")) if target.attrs else ""
+    if not cpu:
+        return
+    known = [str(name) for name in codegen.llvm_get_cpu_archlist(target)]
+    if not known or cpu in known:
+        return
+    triple = str(target.attrs.get("mtriple", "")) or host_arch()
+    close = difflib.get_close_matches(cpu, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ProfileError(f"LLVM knows no CPU {cpu!r} for {triple} (target of {profile_name!r}): {hint}"
+                       f"list them with: llc -mtriple={triple} -mcpu=help")
 
 
 def vector_shape(target) -> tuple[int, int]:
