@@ -44,4 +44,4 @@ def check_tracker_reachable(tracker: str) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise click.UsageError(f"cannot reach the RPC tracker at {tracker} ({reason}): start it first (adntn-deploy "
-                               f"rpc tracker on the host, and the ssh tunnel of docs/tuning.md), or fix --tracker") from None
+                               "rpc tracker on the host, and the ssh tunnel of docs/tuning.md), or fix --tracker") from None

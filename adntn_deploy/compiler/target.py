@@ -123,7 +123,8 @@ def tvm_target(profile: DeviceProfile):
         try:
             target = tvm.target.Target(fill(profile.target))
         except Exception as exc:
-            raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {str(exc).splitlines()[0]}") from None
+            reason = str(exc).splitlines()[0]
+            raise ProfileError(f"target of profile {profile.name!r} is not valid for TVM: {reason}") from None
         for llvm in (target, target.host):
             if llvm is not None and llvm.kind.name == "llvm":
                 _check_cpu_name(llvm, profile.name)

@@ -225,8 +225,9 @@ def pool_window(sch, pad_block) -> tuple[str, tuple[Span, Span]] | None:
     if not pool.name_hint.startswith(("pool_", "group_conv2d")) or not kinds.endswith("RR") or "RS" in kinds:
         return None
     spatial = kinds.index("R")
-    filter_taps = _constant(pool.iter_vars[-2].dom.extent), _constant(pool.iter_vars[-1].dom.extent)
-    if pool.name_hint.startswith("group_conv2d") and (None in filter_taps or filter_taps[0] * filter_taps[1] > MAX_BORDERED_CONV_TAPS):
+    filter_taps = [_constant(v.dom.extent) for v in pool.iter_vars[-2:]]
+    too_big = None in filter_taps or filter_taps[0] * filter_taps[1] > MAX_BORDERED_CONV_TAPS
+    if pool.name_hint.startswith("group_conv2d") and too_big:
         return None
     if spatial < 2 or any(_constant(v.dom.extent) != 1 for v in pool.iter_vars[spatial:-2]):
         return None  # a reduction other than the window's two taps must be a unit loop (a depthwise conv's)
@@ -243,9 +244,9 @@ def pool_window(sch, pad_block) -> tuple[str, tuple[Span, Span]] | None:
         stride, dilation, offset = (_constant(v) for v in found) if len(found) == 3 else (None,) * 3
         found = sym.detect_linear_equation(source.region[axis].min, [pad.iter_vars[axis].var])
         unit, shift = (_constant(v) for v in found) if len(found) == 2 else (None,) * 2
-        size, outputs, taps = (_constant(source.source.shape[axis]), _constant(pool.iter_vars[spatial + axis].dom.extent),
-                               _constant(pool.iter_vars[axis].dom.extent))
-        if None in (stride, dilation, offset, unit, shift, size, outputs, taps) or unit != 1 or offset != 0 or stride < 1:
+        size = _constant(source.source.shape[axis])
+        outputs, taps = (_constant(pool.iter_vars[k].dom.extent) for k in (spatial + axis, axis))
+        if None in (stride, dilation, offset, unit, shift, size, outputs, taps) or (unit, offset) != (1, 0) or stride < 1:
             return None
         before = -shift
         if before < 0:  # a "pad" that crops
