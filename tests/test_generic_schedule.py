@@ -85,18 +85,25 @@ def _loops(func_or_stmt):
     return found
 
 
+def _scheduled_kernel(tmp_path, case, kernel):
+    """The one PrimFunc whose name holds ``kernel`` in CASES[``case``] imported and scheduled untuned for AVX2
+    code, asserted scheduled, and the counts of kernels per schedule."""
+    path, _ = _export(tmp_path, case)
+    target = tvm.target.Target(AVX2)
+    imported = import_model(path, "load", prepack_target=target)
+    mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
+    (func,) = [f for gv, f in mod.functions_items() if kernel in gv.name_hint and type(f).__name__ == "PrimFunc"]
+    assert is_scheduled(func)
+    return func, counts
+
+
 def test_depthwise_runs_parallel_with_vector_lanes_under_the_taps(tmp_path):
     """Each tap of a depthwise convolution is one vector multiply-add over a row's output columns (a 5x5
     filter: 3x3 ones read their input in place, test_padded_windows_test_bounds_only_at_the_border)."""
     from tvm import tirx
 
-    path, _ = _export(tmp_path, "depthwise-5x5-bn-relu")
-    target = tvm.target.Target(AVX2)
-    imported = import_model(path, "load", prepack_target=target)
-    mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
+    conv, counts = _scheduled_kernel(tmp_path, "depthwise-5x5-bn-relu", "conv2d")
     assert counts[GENERIC] >= 1
-    (conv,) = [f for gv, f in mod.functions_items() if "conv2d" in gv.name_hint and type(f).__name__ == "PrimFunc"]
-    assert is_scheduled(conv)
     kinds = [loop.kind for loop in _loops(conv)]
     assert tirx.ForKind.PARALLEL in kinds
     vectors = [loop for loop in _loops(conv) if loop.kind == tirx.ForKind.VECTORIZED]
@@ -117,12 +124,7 @@ def test_strided_reads_are_left_to_llvm(tmp_path, case, kernel, block, unrolled)
     vector lane by lane): its outer loops run in parallel, a short window's taps are unrolled."""
     from tvm import s_tir, tirx
 
-    path, _ = _export(tmp_path, case)
-    target = tvm.target.Target(AVX2)
-    imported = import_model(path, "load", prepack_target=target)
-    mod, counts = schedule_untuned(fuse_kernels(imported.mod, target), target)
-    (func,) = [f for gv, f in mod.functions_items() if kernel in gv.name_hint and type(f).__name__ == "PrimFunc"]
-    assert is_scheduled(func)
+    func, _ = _scheduled_kernel(tmp_path, case, kernel)
     sch = s_tir.Schedule(func)
     (strided,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if block in sch.get(b).name_hint]
     kinds = [sch.get(loop).kind for loop in sch.get_loops(strided)]
@@ -173,12 +175,7 @@ def test_padded_windows_test_bounds_only_at_the_border(tmp_path, case, kernel, b
 
     import tvm_ffi
 
-    path, _ = _export(tmp_path, case)
-    target = tvm.target.Target(AVX2)
-    imported = import_model(path, "load", prepack_target=target)
-    mod, _ = schedule_untuned(fuse_kernels(imported.mod, target), target)
-    (func,) = [f for gv, f in mod.functions_items() if kernel in gv.name_hint and type(f).__name__ == "PrimFunc"]
-    assert is_scheduled(func)
+    func, _ = _scheduled_kernel(tmp_path, case, kernel)
     found = []
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)], order="post")
     names = [str(b.name_hint) for b in found]

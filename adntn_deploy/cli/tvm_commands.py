@@ -281,4 +281,3 @@ def rpc_server_command(tracker, key, host, port):
 
     os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
                               "--host", host, "--port", str(port), "--port-end", str(port + 1)])
-

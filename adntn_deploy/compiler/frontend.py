@@ -210,9 +210,7 @@ def import_model(
     _sanitize_initializer_names(inlined)
     input_dtypes, outputs = _fix_input_shapes(inlined, shapes)
     lifted = weights in LIFTED_MODES
-    mod, failure = _convert(from_onnx, inlined, shapes, lifted)
-    if failure is not None:
-        raise failure
+    mod = _convert(from_onnx, inlined, shapes, lifted)
     params: list[np.ndarray] = []
     param_names: list[str] = []
     if lifted:
@@ -275,26 +273,31 @@ def _converter_class():
     return StreamedDense
 
 
-def _convert(from_onnx, model, shapes: dict, lifted: bool) -> tuple[Any, Exception | None]:
-    """Run TVM's ONNX importer: (Relax module, None), or (None, the error to raise) when it fails.
+def _convert(from_onnx, model, shapes: dict, lifted: bool):
+    """Run TVM's ONNX importer; returns the Relax module.
 
-    Why not just raise: TVM prints "Error converting operator ..." to stdout (which would corrupt ``--json``
-    output), and the failed import's BlockBuilder prints a warning to stderr when it is destroyed, which happens
-    whenever the traceback holding it dies. Both are kept out of the user's terminal: stdout is captured here
-    (the operator it names goes into the error), and the builder is destroyed before returning, inside the
-    caller's capture of native messages (:class:`~adntn_deploy.compiler.native_log.NativeLog`)."""
+    Raises:
+        CompileError: TVM cannot import the model (one line, naming the operator it was converting); our own
+        converters' errors (StreamCompileError, ...) as they are.
+
+    Why the error is raised after the handler: TVM prints "Error converting operator ..." to stdout (which
+    would corrupt ``--json`` output), and the failed import's BlockBuilder prints a warning to stderr when it
+    is destroyed, which happens whenever the traceback holding it dies. Both are kept out of the user's
+    terminal: stdout is captured here (the operator it names goes into the error), and the builder is
+    destroyed before the raise, inside the caller's capture of native messages
+    (:class:`~adntn_deploy.compiler.native_log.NativeLog`)."""
     printed = io.StringIO()
     failure: Exception | None = None
     try:
         with onnx_streamed_ops(), contextlib.redirect_stdout(printed):
-            return from_onnx(model, shape_dict=shapes, keep_params_in_input=lifted), None
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=lifted)
     except AdntnError as exc:  # our own converters' errors (StreamCompileError, ...) pass through as they are
         failure = exc.with_traceback(None)
     except Exception as exc:
         failure = CompileError(_import_failure(exc, printed.getvalue()))
     failure.__context__ = None
-    gc.collect()
-    return None, failure
+    gc.collect()  # the traceback is gone: the failed import's BlockBuilder dies here, its warning captured
+    raise failure
 
 
 def _import_failure(exc: Exception, printed: str) -> str:
