@@ -403,7 +403,12 @@ def _read_only(array):
     _read_only,  # DLPack refuses read-only arrays: staged
     np.asfortranarray,  # made C-contiguous by the input check
 ])
-def test_tvm_inputs_in_any_layout(small_onnx, small_artifact, layout):
+@pytest.mark.parametrize("staged_up_to", [0, None])  # None: the default (this small input is always staged)
+def test_tvm_inputs_in_any_layout(small_onnx, small_artifact, layout, staged_up_to, monkeypatch):
+    from adntn_deploy.runtime import tvm as tvm_runtime
+
+    if staged_up_to is not None:
+        monkeypatch.setattr(tvm_runtime, "ALWAYS_STAGED_BYTES", staged_up_to)
     predictor, ort = load(small_artifact), load(small_onnx)
     rng = np.random.default_rng(1)
     for _ in range(3):  # new values each call: a reused staging buffer must not serve stale ones

@@ -16,7 +16,7 @@ from adntn_deploy.models import build_sequential
 from adntn_deploy.nn import ADNTNLinear
 from adntn_deploy.onnx_export import DOMAIN, export_onnx
 from adntn_deploy.onnx_export.reader import OnnxModelError
-from adntn_deploy.runtime import InputError, load
+from adntn_deploy.runtime import InputError, TensorInfo, load
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,31 @@ def test_bad_runtime_inputs(good_model, feeds, message):
     predictor = load(good_model)
     with pytest.raises(InputError, match=message):
         predictor.run(feeds)
+
+
+_INFO = (TensorInfo("x", (2, 3), np.dtype(np.float32)), TensorInfo("n", (), np.dtype(np.int64)))
+
+
+@pytest.mark.parametrize("x, n, passed_as_is, message", [
+    (np.ones((2, 3), np.float32), np.array(5), True, None),  # what a serving loop passes: no check beyond a glance
+    (np.asfortranarray(np.ones((2, 3), np.float32)), np.array(5), False, None),  # made C-contiguous
+    (np.ones((2, 3), np.float64), np.array(5), False, "dtype float64"),
+    (np.ones((3, 2), np.float32), np.array(5), False, "expects \\(2, 3\\)"),
+    (np.ones((2, 3), np.float32), np.array([5]), False, "rank 0"),
+    ([[1.0] * 3] * 2, np.array(5), False, "dtype float64"),  # a list is converted, then checked
+])
+def test_exact_feeds_pass_through_and_the_rest_get_the_full_check(x, n, passed_as_is, message):
+    from adntn_deploy.runtime.base import validate_feeds
+
+    feeds = {"x": x, "n": n}
+    if message:
+        with pytest.raises(InputError, match=message):
+            validate_feeds(_INFO, feeds)
+        return
+    got = validate_feeds(_INFO, feeds)
+    assert (got["x"] is x) == passed_as_is and got["x"].flags.c_contiguous and got["n"] is n
+    with pytest.raises(InputError, match="unknown \\['y'\\]"):  # an extra name is never passed through
+        validate_feeds(_INFO, {**feeds, "y": x})
 
 
 def test_cli_run_with_bad_inputs_file(tmp_path, good_model, cli_runner):

@@ -24,6 +24,10 @@ from adntn_deploy.runtime import params_file
 from adntn_deploy.runtime.base import TensorInfo, requested_outputs, validate_feeds
 
 
+#: inputs up to this size are always copied into their staging buffer: the copy costs less than asking numpy
+#: for the address (``ndarray.ctypes``, about 1 us, several times that right after a call's kernels)
+ALWAYS_STAGED_BYTES = 16 * 1024
+
 #: library path -> sha256 of the file first loaded from it in this process
 _loaded_libraries: dict[str, str] = {}
 _load_lock = threading.Lock()
@@ -171,14 +175,14 @@ class TvmPredictor:
             InputError: names, shapes or dtypes that do not match :attr:`inputs`, or unknown output names.
         """
         arrays = validate_feeds(self.inputs, feeds)
-        names = [o.name for o in self.outputs]
-        wanted = requested_outputs(self.outputs, outputs)
+        wanted = requested_outputs(self.outputs, outputs) if outputs else None
         with self._lock:
             result = self._main(*self._device_inputs(arrays), *self._weights)
         values = [result] if hasattr(result, "numpy") else list(result)
         # on CPU, a copy through a DLPack view: 0.5 us against 4 us for Tensor.numpy()
-        produced = {name: np.from_dlpack(v).copy() if self._on_cpu else v.numpy() for name, v in zip(names, values)}
-        return {name: produced[name] for name in wanted}
+        produced = {info.name: np.from_dlpack(v).copy() if self._on_cpu else v.numpy()
+                    for info, v in zip(self.outputs, values)}
+        return produced if wanted is None else {name: produced[name] for name in wanted}
 
     def _device_inputs(self, arrays: dict[str, np.ndarray]) -> list:
         """TVM tensors holding the validated inputs; the caller holds the lock (staging buffers are shared).
@@ -193,7 +197,8 @@ class TvmPredictor:
             array = arrays[info.name]
             if not self._on_cpu or array.size == 0:
                 tensors.append(tvm.runtime.tensor(array, self.device))
-            elif array.ctypes.data % params_file.ALIGNMENT == 0 and array.flags.writeable:
+            elif (array.nbytes > ALWAYS_STAGED_BYTES and array.flags.writeable
+                    and array.ctypes.data % params_file.ALIGNMENT == 0):
                 tensors.append(tvm.runtime.from_dlpack(array))  # a view: ``arrays`` keeps it alive over the call
             else:
                 staged = self._staging.get(info.name)
