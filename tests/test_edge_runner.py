@@ -173,6 +173,23 @@ def test_runner_x86_native(tmp_path, x86_runner):
     fails([bad, tmp_path / "in.safetensors", tmp_path / "o.safetensors"], "invalid JSON")
 
 
+@pytest.mark.parametrize("bind_env", [None, "1", "0"])
+def test_runner_leaves_workers_unpinned_on_identical_cores(tmp_path, x86_runner, bind_env):
+    """As the Python predictor does (compiler/target.py configure_threads): TVM's workers are not pinned where
+    every usable core is alike, and a TVM_BIND_THREADS the user set is kept. The runner says which."""
+    from adntn_deploy.compiler.target import _identical_cores
+
+    art = tmp_path / "artifact"
+    _, x, _ = _make_artifact(art, {"kind": "llvm"}, np.random.default_rng(0))
+    save_file({"input": x}, str(tmp_path / "in.safetensors"))
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"} | ({"TVM_BIND_THREADS": bind_env} if bind_env else {})
+    proc = subprocess.run([str(x86_runner), str(art), str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    pinned = bind_env == "1" or (bind_env is None and not _identical_cores())
+    assert ("workers pinned to cores" if pinned else "workers not pinned") in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("generated", [True, False], ids=["generated", "dense"])
 def test_runner_holds_the_weights_once_after_load(tmp_path, x86_runner, generated):
     """On a board the runner is the whole process: after load it holds the weights once (the params and the

@@ -8,7 +8,8 @@
 // the memory the weights took while loading and after (Linux), one the mean wall-clock latency of main over N
 // calls. Any error: one line on stderr, exit 1.
 // --threads N sizes TVM's CPU thread pool; the default is TVM_NUM_THREADS when set, else every CPU this process
-// may use (TVM's own default on x86 is half of them, assuming two hyper-threads per core).
+// may use (TVM's own default on x86 is half of them, assuming two hyper-threads per core). Where those CPUs are
+// alike, TVM's workers are not pinned to cores (TVM_BIND_THREADS=0) unless TVM_BIND_THREADS is set.
 // Depends only on libtvm_runtime + libtvm_ffi (link with -Wl,--no-as-needed so the VM loader is kept).
 // The library and params file must be plain names listed in the manifest's "files" with their sha256, which
 // is checked before use (it detects accidents, it does not authenticate the publisher: SECURITY.md).
@@ -433,6 +434,21 @@ void ReturnFreedHeap() {
 #endif
 }
 
+// Whether every CPU in `usable` has the same top frequency (what TVM tells big cores from little ones by); a CPU
+// without cpufreq counts as like the others (VMs and containers show none). Mirrors the Python predictor.
+bool IdenticalCores(const cpu_set_t& usable) {
+  std::string first;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &usable)) continue;
+    std::ifstream f("/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpufreq/cpuinfo_max_freq");
+    std::string khz;
+    if (!(f >> khz)) continue;
+    if (first.empty()) first = khz;
+    else if (khz != first) return false;
+  }
+  return true;
+}
+
 ffi::Function GetFunc(const ffi::Module& m, const char* name, const std::string& where) {
   ffi::Optional<ffi::Function> f = m->GetFunction(ffi::String(name), false);
   if (!f.has_value()) Fail(where + " has no function '" + name + "'");
@@ -473,6 +489,12 @@ int Run(int argc, char** argv) {
   } else if (std::getenv("TVM_NUM_THREADS") == nullptr) {
     if (cpus > 0) setenv("TVM_NUM_THREADS", std::to_string(cpus).c_str(), 1);
   }
+  // TVM pins each worker to a core but leaves the calling thread free to run anywhere; when the OS puts it on a
+  // worker's core, the two share that core for the whole run (a third of fresh processes ran a small CNN at one
+  // core's speed on a 2-core host). Where all usable cores are alike the workers stay unpinned, unless the user
+  // set TVM_BIND_THREADS; boards with big and little cores keep the pinning that puts the threads on big cores.
+  const bool pinned = std::getenv("TVM_BIND_THREADS") != nullptr || cpus == 0 || !IdenticalCores(usable);
+  if (!pinned) setenv("TVM_BIND_THREADS", "0", 1);
 
   // Manifest.
   const std::string mpath = dir + "/manifest.json";
@@ -588,7 +610,10 @@ int Run(int argc, char** argv) {
   if (base_kib >= 0 && loaded_kib >= 0 && peak_kib >= 0)
     std::printf("memory: params %.1f MiB; resident after load +%.1f MiB, peak while loading +%.1f MiB\n",
                 param_bytes / 1048576.0, (loaded_kib - base_kib) / 1024.0, (peak_kib - base_kib) / 1024.0);
-  std::printf("mean latency of main: %.4f ms over %ld run(s) on %ld thread(s)\n", mean_ms, repeat, pool);
+  const char* bind = std::getenv("TVM_BIND_THREADS");
+  const bool bound = bind == nullptr || std::atoi(bind) == 1;  // how TVM's thread pool reads the variable
+  std::printf("mean latency of main: %.4f ms over %ld run(s) on %ld thread(s), %s\n", mean_ms, repeat, pool,
+              bound ? "workers pinned to cores" : "workers not pinned");
   return 0;
 }
 
