@@ -108,14 +108,16 @@ def test_bad_runtime_inputs(good_model, feeds, message):
         predictor.run(feeds)
 
 
-_INFO = (TensorInfo("x", (2, 3), np.dtype(np.float32)), TensorInfo("n", (), np.dtype(np.int64)))
+_INFO = (TensorInfo("x", ("batch", 3), np.dtype(np.float32)), TensorInfo("n", (), np.dtype(np.int64)))
 
 
 @pytest.mark.parametrize("x, n, passed_as_is, message", [
     (np.ones((2, 3), np.float32), np.array(5), True, None),  # what a serving loop passes: no check beyond a glance
+    (np.ones((7, 3), np.float32), np.array(5), True, None),  # any length on the symbolic axis
+    (np.ones((2, 4), np.float32), np.array(5), False, "expects \\(batch, 3\\) \\(axis 1\\)"),
+    (np.ones((2, 3, 1), np.float32), np.array(5), False, "rank 2"),
     (np.asfortranarray(np.ones((2, 3), np.float32)), np.array(5), False, None),  # made C-contiguous
     (np.ones((2, 3), np.float64), np.array(5), False, "dtype float64"),
-    (np.ones((3, 2), np.float32), np.array(5), False, "expects \\(2, 3\\)"),
     (np.ones((2, 3), np.float32), np.array([5]), False, "rank 0"),
     ([[1.0] * 3] * 2, np.array(5), False, "dtype float64"),  # a list is converted, then checked
 ])
