@@ -213,6 +213,29 @@ def test_best_only_refreshes_the_record_a_compile_applies(tmp_path):
     assert after[0] == before[0] and after[1] != before[1]  # the slower (1 x 4) record is left as it was
 
 
+def test_prune_keeps_the_record_a_compile_applies(tmp_path):
+    """refresh-records --prune: each kernel keeps only its fastest record; the workloads stay; a second prune
+    removes nothing."""
+    import json
+    import subprocess
+    import sys
+
+    func, other = _conv_func(), _conv_func(width=16)
+    _database(tmp_path, [(func, _old_rule_trace(func, 1, 4), 3e-5), (func, _old_rule_trace(func, 7, 1), 1e-5),
+                         (other, _old_rule_trace(other, 7, 1), 2e-5)])
+    workloads = (tmp_path / DB_FILES[0]).read_bytes()
+    cli = [sys.executable, "-m", "adntn_deploy.cli.main", "refresh-records", str(tmp_path), "--prune", "--json"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pruned"] == 1
+    kept = [json.loads(line) for line in (tmp_path / DB_FILES[1]).read_text().splitlines()]
+    assert sorted((index, float(record[1][0])) for index, record in kept) == [(0, 1e-5), (1, 2e-5)]
+    assert (tmp_path / DB_FILES[0]).read_bytes() == workloads
+    from adntn_deploy.compiler.refresh import prune_records
+
+    assert prune_records(tmp_path) == 0
+
+
 def test_a_record_of_todays_rule_stays_as_tuned(tmp_path):
     """A stamped record is left byte for byte, even where it differs from what a refresh would derive
     (MetaSchedule mutates a tuned trace's block without re-deriving the unroll or the K-blocking chunk)."""

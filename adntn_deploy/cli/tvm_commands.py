@@ -203,24 +203,29 @@ def schedules_command(as_json):
 
 @click.command("refresh-records")
 @click.argument("records", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--prune", is_flag=True,
+              help="Then keep only each kernel's fastest record (what compile applies): for databases you ship.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
-def refresh_records_command(records, as_json):
+def refresh_records_command(records, prune, as_json):
     """Bring a tuning database's records up to today's schedule rules, keeping each record's tuned choices.
 
     Records tuned with an older adntn-deploy replay the schedule of that version (e.g. packed convolutions
     without unrolled filter taps), which can be slower than today's untuned default. This replays each
     record's decisions through today's rule and rewrites the file atomically; other records are untouched.
     """
-    from adntn_deploy.compiler.refresh import refresh_records
+    from adntn_deploy.compiler.refresh import prune_records, refresh_records
 
     report = refresh_records(records)
     summary = {"records": str(records), "refreshed": report.refreshed, "unchanged": report.unchanged,
                "other_rules": report.other}
+    if prune:
+        summary["pruned"] = prune_records(records)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(f"{records}: {report.refreshed} record(s) refreshed, {report.unchanged} already current, "
-                   f"{report.other} of other rules left as they were")
+                   f"{report.other} of other rules left as they were"
+                   + (f"; {summary['pruned']} slower record(s) of the same kernels removed" if prune else ""))
 
 
 @click.group("rpc")

@@ -102,6 +102,39 @@ def _mean_seconds(record_json) -> float:
         return float("inf")
 
 
+def _fastest_records(record_lines: list[bytes]) -> set[int]:
+    """The line numbers (from 1) of each kernel's fastest record: the one a compile applies (lowest mean run
+    time; the first of equals)."""
+    fastest: dict[int, tuple[float, int]] = {}  # workload index -> (seconds, line number)
+    for number, line in enumerate(record_lines, 1):
+        index, record_json = json.loads(line)
+        seconds = _mean_seconds(record_json)
+        if index not in fastest or seconds < fastest[index][0]:
+            fastest[index] = (seconds, number)
+    return {number for _, number in fastest.values()}
+
+
+def prune_records(folder: str | Path) -> int:
+    """Keep only each kernel's fastest record in the database ``folder`` (what a compile applies; a tune
+    keeps every measured candidate, dozens per kernel); the workloads stay as they are. The records file is
+    replaced atomically. Returns the number of records removed.
+
+    Raises:
+        TuningError: ``folder`` is not a tuning database, a line is malformed, or a ``tune`` is writing to it.
+    """
+    folder = Path(folder)
+    if not has_database(folder):
+        raise TuningError(f"{folder} is not a tuning database (needs {' and '.join(DB_FILES)}); run adntn-deploy tune")
+    with lock_database(folder, "prune a copy of the folder"):
+        workloads = len(checked_lines(folder / DB_FILES[0], None))
+        record_lines = checked_lines(folder / DB_FILES[1], workloads)
+        kept = _fastest_records(record_lines)
+        if len(kept) < len(record_lines):
+            write_atomically(folder / DB_FILES[1],
+                             b"".join(line + b"\n" for number, line in enumerate(record_lines, 1) if number in kept))
+        return len(record_lines) - len(kept)
+
+
 def refresh_records(folder: str | Path, best_only: bool = False) -> RefreshReport:
     """Rewrite the records in the database ``folder`` whose kernels today's rules schedule differently.
 
@@ -131,17 +164,11 @@ def _refresh_locked(folder: Path, best_only: bool) -> RefreshReport:
     workloads: dict[int, object] = {}
     refreshed = unchanged = other = not_best = 0
     out = []
-    fastest: dict[int, tuple[float, int]] = {}  # workload index -> (seconds, line number) of its fastest record
-    if best_only:
-        for number, line in enumerate(record_lines, 1):
-            index, record_json = json.loads(line)
-            seconds = _mean_seconds(record_json)
-            if index not in fastest or seconds < fastest[index][0]:
-                fastest[index] = (seconds, number)
+    fastest = _fastest_records(record_lines) if best_only else set()
     for number, line in enumerate(record_lines, 1):
         index, record_json = json.loads(line)
         refresher = None
-        if best_only and fastest[index][1] != number:
+        if best_only and number not in fastest:
             not_best += 1
             out.append(line)
             continue
