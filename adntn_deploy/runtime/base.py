@@ -52,9 +52,9 @@ def validate_feeds(inputs: tuple[TensorInfo, ...], feeds: Mapping[str, np.ndarra
             raise InputError(f"input {name!r} has dtype {array.dtype}, the model expects {np.dtype(info.dtype)}")
         if array.ndim != len(info.shape):
             raise InputError(f"input {name!r} has shape {array.shape}, the model expects rank {len(info.shape)} {_fmt(info.shape)}")
-        for axis, (got, want) in enumerate(zip(array.shape, info.shape)):
-            if isinstance(want, int) and got != want:
-                raise InputError(f"input {name!r} has shape {array.shape}, the model expects {_fmt(info.shape)} (axis {axis})")
+        axis = _mismatched_axis(array.shape, info.shape)
+        if axis is not None:
+            raise InputError(f"input {name!r} has shape {array.shape}, the model expects {_fmt(info.shape)} (axis {axis})")
         out[name] = array
     return out
 
@@ -76,11 +76,18 @@ def _exact_feeds(inputs: tuple[TensorInfo, ...], feeds: Mapping[str, np.ndarray]
         if type(value) is not np.ndarray or value.dtype != info.dtype or not value.flags.c_contiguous:
             return None
         if value.shape != info.shape and (  # a symbolic axis (a dynamic batch) takes any length
-                len(value.shape) != len(info.shape)
-                or any(isinstance(want, int) and got != want for got, want in zip(value.shape, info.shape))):
+                len(value.shape) != len(info.shape) or _mismatched_axis(value.shape, info.shape) is not None):
             return None
         exact[info.name] = value
     return exact
+
+
+def _mismatched_axis(shape: tuple[int, ...], want: tuple[int | str | None, ...]) -> int | None:
+    """The first axis whose length differs from a static length of ``want`` (same rank assumed), else None."""
+    for axis, (got, expected) in enumerate(zip(shape, want)):
+        if isinstance(expected, int) and got != expected:
+            return axis
+    return None
 
 
 def requested_outputs(outputs: tuple[TensorInfo, ...], wanted: Sequence[str] | None) -> list[str]:

@@ -493,8 +493,9 @@ int Run(int argc, char** argv) {
   // worker's core, the two share that core for the whole run (a third of fresh processes ran a small CNN at one
   // core's speed on a 2-core host). Where all usable cores are alike the workers stay unpinned, unless the user
   // set TVM_BIND_THREADS; boards with big and little cores keep the pinning that puts the threads on big cores.
-  const bool pinned = std::getenv("TVM_BIND_THREADS") != nullptr || cpus == 0 || !IdenticalCores(usable);
-  if (!pinned) setenv("TVM_BIND_THREADS", "0", 1);
+  if (std::getenv("TVM_BIND_THREADS") == nullptr && cpus > 0 && IdenticalCores(usable)) setenv("TVM_BIND_THREADS", "0", 1);
+  const char* bind = std::getenv("TVM_BIND_THREADS");
+  const bool workers_pinned = bind == nullptr || std::atoi(bind) == 1;  // how TVM's thread pool reads it
 
   // Manifest.
   const std::string mpath = dir + "/manifest.json";
@@ -610,10 +611,8 @@ int Run(int argc, char** argv) {
   if (base_kib >= 0 && loaded_kib >= 0 && peak_kib >= 0)
     std::printf("memory: params %.1f MiB; resident after load +%.1f MiB, peak while loading +%.1f MiB\n",
                 param_bytes / 1048576.0, (loaded_kib - base_kib) / 1024.0, (peak_kib - base_kib) / 1024.0);
-  const char* bind = std::getenv("TVM_BIND_THREADS");
-  const bool bound = bind == nullptr || std::atoi(bind) == 1;  // how TVM's thread pool reads the variable
   std::printf("mean latency of main: %.4f ms over %ld run(s) on %ld thread(s), %s\n", mean_ms, repeat, pool,
-              bound ? "workers pinned to cores" : "workers not pinned");
+              workers_pinned ? "workers pinned to cores" : "workers not pinned");
   return 0;
 }
 

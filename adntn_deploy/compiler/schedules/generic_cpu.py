@@ -232,7 +232,7 @@ def pool_window(sch, pad_block) -> tuple[str, tuple[Span, Span]] | None:
     if spatial < 2 or any(_constant(v.dom.extent) != 1 for v in pool.iter_vars[spatial:-2]):
         return None  # a reduction other than the window's two taps must be a unit loop (a depthwise conv's)
     padded = pad.writes[0].source
-    (source,) = [r for r in pad.reads]
+    (source,) = pad.reads
     reads = [r for r in pool.reads if r.source.same_as(padded)]
     if len(reads) != 1 or len(pad.iter_vars) < 2:
         return None
