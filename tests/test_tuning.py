@@ -141,11 +141,30 @@ def test_a_farm_of_two_rpc_servers_under_one_key_shares_the_measurements(tmp_pat
     ({"trials": 0}, "at least 1"),
     ({"rpc_tracker": "127.0.0.1:9190"}, "go together"),
     ({"rpc_tracker": "nohost", "rpc_key": "k"}, "HOST:PORT"),
+    ({"rpc_tracker": "127.0.0.1:70000", "rpc_key": "k"}, "HOST:PORT"),
     ({"rpc_tracker": "127.0.0.1:1", "rpc_key": "k"}, "cannot reach the RPC tracker at 127.0.0.1:1"),
 ])
 def test_bad_tuning_options(tmp_path, tiny, kwargs, message):
     with pytest.raises(TuningError, match=message):
         tune_model(tiny, "host", tmp_path / "r", **kwargs)
+
+
+@pytest.mark.parametrize("address, parsed", [
+    ("127.0.0.1:9190", ("127.0.0.1", 9190)),
+    ("[::1]:9190", ("::1", 9190)),
+    ("board.local:1", ("board.local", 1)),
+    ("nohost", None),
+    (":9190", None),
+    ("host:", None),
+    ("host:0", None),
+    ("host:65536", None),
+    ("host:-1", None),
+])
+def test_split_host_port(address, parsed):
+    """One parser for tune's rpc_tracker= and the rpc server's --tracker (before, two with different rules)."""
+    from adntn_deploy.compiler.tuning import split_host_port
+
+    assert split_host_port(address) == parsed
 
 
 @pytest.mark.parametrize("args, message", [

@@ -36,11 +36,13 @@ def check_tracker_reachable(tracker: str) -> None:
     """
     import socket
 
-    host, _, port = tracker.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    from adntn_deploy.compiler.tuning import split_host_port
+
+    address = split_host_port(tracker)
+    if address is None:
         raise click.UsageError(f"--tracker must be HOST:PORT, not {tracker!r}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        socket.create_connection(address, timeout=10).close()
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise click.UsageError(f"cannot reach the RPC tracker at {tracker} ({reason}): start it first (adntn-deploy "

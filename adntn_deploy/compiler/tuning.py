@@ -147,6 +147,15 @@ def persistent_builder(timeout: float, f_build, f_export=None, workers: int | No
     return PersistentBuilder()
 
 
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` address (an IPv6 host in brackets, ``[::1]:9190``, loses them), or
+    None when ``address`` has no host or its port is not a number from 1 to 65535."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def rpc_boards(host: str, port: int, key: str) -> int:
     """How many RPC servers are registered (and free) under ``key`` on the tracker at ``host:port``; at least 1.
 
@@ -311,10 +320,10 @@ def tune_model(
     if bool(rpc_tracker) != bool(rpc_key):
         raise TuningError("rpc_tracker= and rpc_key= go together")
     if rpc_tracker:  # checked before the import: a typo should not cost a minute of work
-        host, _, port = rpc_tracker.rpartition(":")
-        if not host or not port.isdigit():
+        address = split_host_port(rpc_tracker)
+        if address is None:
             raise TuningError(f"rpc_tracker= must be HOST:PORT, not {rpc_tracker!r}")
-        boards = rpc_boards(host, int(port), rpc_key)
+        boards = rpc_boards(*address, rpc_key)
     profile = resolve_target(target)
     compiler = require_cross_compiler(profile, cross_compiler)
     if compiler and not rpc_tracker:
@@ -339,7 +348,7 @@ def tune_model(
             merge_equal_workloads(staging, same_kernel)
         builder = persistent_builder(timeout, build_candidate, partial(_export_with, compiler) if compiler else None)
         if rpc_tracker:
-            config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+            config = ms.runner.RPCConfig(tracker_host=address[0], tracker_port=address[1], tracker_key=rpc_key,
                                          session_timeout_sec=int(timeout))
             # one server serves one session at a time: one runner worker per board the key has (a farm)
             runner = ms.runner.RPCRunner(config, max_workers=boards)
