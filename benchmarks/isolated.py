@@ -77,7 +77,17 @@ def _status_bytes(key: str) -> int:
 
 def interleaved_medians(models: dict[str, str | os.PathLike], feeds: dict[str, np.ndarray], calls: int | dict[str, int] = 50,
                         rounds: int = 3, reference: str = "ort", tolerance: float = 1e-4) -> dict[str, float]:
-    """Median latency in ms per model name over ``rounds`` interleaved rounds, each call in a fresh process.
+    """Median latency in ms per model name over ``rounds`` interleaved rounds (:func:`interleaved_samples`)."""
+    samples = interleaved_samples(models, feeds, calls, rounds, reference, tolerance)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(models: dict[str, str | os.PathLike], feeds: dict[str, np.ndarray],
+                        calls: int | dict[str, int] = 50, rounds: int = 3, reference: str = "ort",
+                        tolerance: float = 1e-4) -> dict[str, list[float]]:
+    """Latency in ms per model name and round, over ``rounds`` interleaved rounds: in each round every model
+    runs once, in a fresh process (:func:`latency_ms`), so ``samples[a][i] / samples[b][i]`` is a ratio
+    measured under the same machine conditions.
 
     The first round also checks every model's outputs against those of ``models[reference]``: the largest
     error relative to the reference's largest magnitude must stay under ``tolerance``. ``calls`` may be
@@ -101,7 +111,7 @@ def interleaved_medians(models: dict[str, str | os.PathLike], feeds: dict[str, n
                         for key, expected in want.items():
                             error = float(np.abs(got[key] - expected).max() / np.abs(expected).max())
                             assert error < tolerance, f"{name} output {key} is off by {error:.2e} (relative) from {reference}"
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def main() -> None:

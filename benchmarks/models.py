@@ -12,7 +12,9 @@ CNN for 32x32 RGB inputs (three 5x5 convolutions, 16-32-64 channels, each follow
 max-pooling, then a 1024 -> 10 classifier). Goals (docs/tvm.md#convolutions): untuned / ORT <= 1.25 and
 records / ORT <= 0.9 on the host. Results: benchmarks/results/models.{json,md}.
 
-Each row also gives the model's weight-read floor (benchmarks/read_floor.py: the time this machine takes to
+Each row also gives its records/ORT ratio round by round (min-max of each round's own ratio, both runtimes
+measured under the same machine conditions): on a shared 2-core VM one run's ratio moves by several
+percent, and the median alone hides by how much. Each row also gives the model's weight-read floor (benchmarks/read_floor.py: the time this machine takes to
 read the model's initializers once on all its cores, a bound no schedule can beat at batch 1) and
 "above floor": (TVM records - floor) / (ORT - floor), the ratio of the two runtimes' time over that bound,
 which is the part a schedule controls.
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -69,7 +72,7 @@ def measure_one(name: str, batch: int, target: str, folder: Path, rounds: int, f
 
     from adntn_deploy.compiler.build import compile_model
     from adntn_deploy.onnx_export import export_onnx
-    from isolated import interleaved_medians
+    from isolated import interleaved_samples
 
     model, shape = build(name)
     path = folder / f"{name}-b{batch}.onnx"
@@ -88,7 +91,10 @@ def measure_one(name: str, batch: int, target: str, folder: Path, rounds: int, f
         models[variant] = artifact.path
         tuning[variant] = artifact.manifest["tuning"]
     calls = 100 if name == "mlp" or batch == 1 else 20
-    med = interleaved_medians(models, feeds, calls=calls, rounds=rounds)
+    samples = interleaved_samples(models, feeds, calls=calls, rounds=rounds)
+    med = {variant: statistics.median(values) for variant, values in samples.items()}
+    # each round's own ratio: the spread says how far one run's ratio can be from the median's
+    by_round = {variant: [t / o for t, o in zip(samples[variant], samples["ort"])] for variant in ("untuned", "records")}
     records = tuning["records"]
     nbytes = weight_bytes(path)
     if nbytes not in floors:  # cached per size: the floor depends on nothing else
@@ -98,21 +104,28 @@ def measure_one(name: str, batch: int, target: str, folder: Path, rounds: int, f
     floor = floors[nbytes]
     return {"target": target, "model": name, "batch": batch, "ort_ms": med["ort"], "untuned_ms": med["untuned"],
             "records_ms": med["records"], "untuned_over_ort": med["untuned"] / med["ort"],
-            "records_over_ort": med["records"] / med["ort"], "weights_mib": nbytes / 2**20, "floor_ms": floor,
+            "records_over_ort": med["records"] / med["ort"], "untuned_over_ort_by_round": by_round["untuned"],
+            "records_over_ort_by_round": by_round["records"], "weights_mib": nbytes / 2**20, "floor_ms": floor,
             "above_floor": (med["records"] - floor) / (med["ort"] - floor) if med["ort"] > floor else None,
             "packed": f"{records['packed_dense']} dense + {records['packed_conv2d']} conv",
             "kernels_from_records": f"{records['scheduled_kernels']}/{records['kernels']}",
             "records_profile": records["records_profile"]}
 
 
+def spread(ratios: list[float] | None) -> str:
+    """``min-max`` of one row's per-round ratios (``-`` for a row measured before they were kept)."""
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+
+
 def table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     head = ("| target | model | batch | ORT ms | TVM untuned ms | TVM records ms | untuned/ORT | records/ORT | "
-            "weights MiB | read floor ms | above floor | packed layers | kernels from records |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n")
+            "records/ORT by round | weights MiB | read floor ms | above floor | packed layers | kernels from records |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n")
     return head + "\n".join(
         f"| {r['target']} | {r['model']} | {r['batch']} | {r['ort_ms']:.3f} | {r['untuned_ms']:.3f} | {r['records_ms']:.3f} | "
-        f"{r['untuned_over_ort']:.2f} | {r['records_over_ort']:.2f} | {r['weights_mib']:.1f} | {r['floor_ms']:.3f} | "
+        f"{r['untuned_over_ort']:.2f} | {r['records_over_ort']:.2f} | {spread(r.get('records_over_ort_by_round'))} | "
+        f"{r['weights_mib']:.1f} | {r['floor_ms']:.3f} | "
         f"{'-' if r['above_floor'] is None else format(r['above_floor'], '.2f')} | {r['packed']} | "
         f"{r['kernels_from_records']} |"
         for r in rows)

@@ -39,6 +39,16 @@ def test_table_shows_the_floor_and_a_dash_when_ort_beat_it():
     assert "| 7.1 | 0.120 | 1.33 |" in text and "| 7.1 | 0.200 | - |" in text
 
 
+@pytest.mark.parametrize("by_round, cell", [
+    ([1.04, 0.95, 0.99], "| 1.07 | 0.95-1.04 | 7.1 |"),
+    ([0.9], "| 1.07 | 0.90-0.90 | 7.1 |"),
+    (None, "| 1.07 | - | 7.1 |"),  # a row of a results file written before the rounds were kept
+])
+def test_table_shows_the_records_ratio_of_each_round(by_round, cell):
+    row = _row() if by_round is None else _row(records_over_ort_by_round=by_round)
+    assert cell in models.table([row])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="needs TVM: pip install -e '.[tvm]'")
 def test_read_floor_reads_at_least_the_bytes_asked(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # read_floor sets it for its process: restored after the test
