@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -60,3 +61,20 @@ def test_read_floor_reads_at_least_the_bytes_asked(monkeypatch):
 def test_read_floor_cli_refuses_a_non_positive_size():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "read_floor.py"), "0"], capture_output=True, text=True)
     assert done.returncode == 2 and "BYTES and --calls must be positive" in done.stderr
+
+
+def test_interleaved_samples_time_every_model_once_per_round_in_fresh_processes(tmp_path):
+    """Real worker processes: one latency per model and round (what the per-round ratios divide), and a model
+    whose outputs differ from the reference's is refused."""
+    from torch import nn
+
+    from exporting import export_seeded
+    from isolated import interleaved_medians, interleaved_samples
+
+    good = export_seeded(lambda: nn.Linear(8, 4), (1, 8), tmp_path / "good.onnx")
+    other = export_seeded(lambda: nn.Linear(8, 4, bias=False), (1, 8), tmp_path / "other.onnx")  # same output name
+    feeds = {"input": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
+    samples = interleaved_samples({"ort": good, "again": good}, feeds, calls=3, rounds=2)
+    assert set(samples) == {"ort", "again"} and all(len(v) == 2 and min(v) > 0 for v in samples.values())
+    with pytest.raises(AssertionError, match="other output .* is off by"):
+        interleaved_medians({"ort": good, "other": other}, feeds, calls=3, rounds=1)
